@@ -1,0 +1,427 @@
+"""A small OpenAI-compatible chat-completions server for tests.
+
+It runs a stdlib ``ThreadingHTTPServer`` in a background thread, so it works
+whatever event loop (or none) the test uses, and the real ``openai`` SDK can
+talk HTTP to it::
+
+    with FakeLLM() as fake:
+        fake.script(Fault.status(429, retry_after=0.2), Fault.truncated())
+        settings = Settings(openai_api_key="test-key", openai_base_url=fake.base_url)
+        ...
+        assert fake.calls == 3
+
+How a request is answered, first match wins:
+
+1. a persistent rule added with :meth:`FakeLLM.fail_when` whose predicate matches the body;
+2. the next scripted fault queued with :meth:`FakeLLM.script` (consumed one per request);
+3. a normal reply whose content comes from ``responder`` (default: :func:`default_responder`).
+
+``latency`` is slept before every answer, faults included.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+__all__ = ["FakeLLM", "Fault", "count_tokens", "default_responder"]
+
+SCHEMA_NAME_RE = re.compile(r"schema name:\s*([A-Za-z_][A-Za-z0-9_]*)", re.IGNORECASE)
+PROJECT_RE = re.compile(r"^\s*Project:\s*(.+?)\s*$", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One way of misbehaving. Build with the class methods."""
+
+    kind: str
+    status_code: int = 200
+    retry_after: float | str | None = None
+    retry_after_ms: float | None = None
+    seconds: float = 0.0
+    text: str = ""
+    error_code: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def status(
+        cls,
+        code: int,
+        *,
+        retry_after: float | str | None = None,
+        retry_after_ms: float | None = None,
+        message: str | None = None,
+        error_code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Fault:
+        """An HTTP error with an OpenAI-style ``{"error": {...}}`` body.
+
+        ``retry_after`` is sent as ``Retry-After`` (a number of seconds, or a string
+        such as an HTTP date, sent verbatim); ``retry_after_ms`` as ``retry-after-ms``.
+        ``error_code`` becomes ``error.code`` in the body (e.g. ``"insufficient_quota"`` with 429).
+        """
+        return cls(
+            "status",
+            status_code=code,
+            retry_after=retry_after,
+            retry_after_ms=retry_after_ms,
+            text=message or "",
+            error_code=error_code,
+            headers=dict(headers or {}),
+        )
+
+    @classmethod
+    def delay(cls, seconds: float) -> Fault:
+        """Sleep ``seconds`` (on top of ``latency``), then answer normally."""
+        return cls("delay", seconds=seconds)
+
+    @classmethod
+    def truncated(cls) -> Fault:
+        """A 200 ``application/json`` response whose body is cut off half-way.
+
+        ``Content-Length`` matches the bytes sent, so the HTTP exchange itself is
+        fine and only the JSON is broken.
+        """
+        return cls("truncated")
+
+    @classmethod
+    def disconnect(cls) -> Fault:
+        """Close the connection without sending any response."""
+        return cls("disconnect")
+
+    @classmethod
+    def content(cls, text: str) -> Fault:
+        """A valid chat.completion envelope whose message content is ``text``."""
+        return cls("content", text=text)
+
+    @classmethod
+    def schema_breaking(cls) -> Fault:
+        """Valid JSON content that matches neither ``ProjectBrief`` nor ``ExecutiveSummary``."""
+        return cls("content", text=json.dumps({"summary": 42, "highlights": "not a list", "risks": {}}))
+
+
+def count_tokens(text: str) -> int:
+    """Deterministic stand-in for a tokenizer: whitespace-separated words."""
+    return len(text.split())
+
+
+def _message_text(message: dict[str, Any]) -> str:
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # content parts
+        return " ".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
+    return ""
+
+
+def default_responder(body: dict[str, Any]) -> str:
+    """A deterministic, schema-valid JSON reply derived from the request.
+
+    The schema is found as ``schema name: <Name>`` in the last system message
+    (falling back to any message). ``ProjectBrief`` echoes the name after
+    ``Project:`` in the prompt; ``ExecutiveSummary`` lists every project named.
+    Anything else gets ``{"text": "ok"}``.
+    """
+    messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
+    systems = [_message_text(m) for m in messages if m.get("role") in ("system", "developer")]
+    everything = "\n".join(_message_text(m) for m in messages)
+    match = SCHEMA_NAME_RE.search(systems[-1]) if systems else None
+    match = match or SCHEMA_NAME_RE.search(everything)
+    schema = match.group(1) if match else ""
+    users = [_message_text(m) for m in messages if m.get("role") == "user"]
+    prompt = users[-1] if users else everything
+    projects = PROJECT_RE.findall(prompt) or PROJECT_RE.findall(everything)
+
+    if schema == "ProjectBrief":
+        name = projects[0] if projects else "Unnamed project"
+        return json.dumps(
+            {
+                "summary": f"{name}: steady progress since the last brief.",
+                "highlights": [f"{name} shipped its latest milestone"],
+                "risks": [f"{name} has open items without an owner"],
+                "next_steps": [f"Review {name} priorities"],
+            }
+        )
+    if schema == "ExecutiveSummary":
+        names = projects or ["all projects"]
+        return json.dumps(
+            {
+                "summary": "Overview of " + ", ".join(names) + ".",
+                "priority_actions": [f"Follow up on {n}" for n in names[:10]],
+            }
+        )
+    return json.dumps({"text": "ok"})
+
+
+def _error_body(message: str, error_type: str = "invalid_request_error", code: str | None = None) -> bytes:
+    error = {"message": message, "type": error_type, "param": None, "code": code}
+    return json.dumps({"error": error}).encode()
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    fake: FakeLLM
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:  # silence stderr access log
+        pass
+
+    def _send(self, status: int, payload: bytes, headers: dict[str, str] | None = None) -> None:
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(payload)
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
+            # The client gave up (e.g. its timeout fired) before we answered.
+            self.close_connection = True
+
+    def do_GET(self) -> None:
+        if self.path.rstrip("/") in ("/v1/models", "/models"):
+            self._send(200, json.dumps({"object": "list", "data": []}).encode())
+        else:
+            self._send(404, _error_body("not found"))
+
+    def do_POST(self) -> None:
+        fake = self.server.fake
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        path = self.path.split("?", 1)[0].rstrip("/")
+        if path not in ("/v1/chat/completions", "/chat/completions"):
+            self._send(404, _error_body(f"no route {path}"))
+            return
+        try:
+            body = json.loads(raw or b"{}")
+        except ValueError:
+            self._send(400, _error_body("body is not JSON"))
+            return
+        fake._handle(self, body)
+
+
+class FakeLLM:
+    """An OpenAI-compatible ``/v1/chat/completions`` endpoint on 127.0.0.1 for tests."""
+
+    def __init__(self, *, model: str = "fake-model") -> None:
+        self.model = model
+        self.latency: float = 0.0
+        self.responder: Callable[[dict[str, Any]], str] | None = None
+        self.expected_key: str | None = None  # if set, other bearer tokens get 401
+        self.requests: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []  # request headers, parallel to ``requests``
+        self.max_in_flight = 0
+        self._in_flight = 0
+        self._faults: deque[Fault] = deque()
+        self._rules: list[tuple[Callable[[dict[str, Any]], bool], Fault]] = []
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self.base_url = ""
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> FakeLLM:
+        if self._server is not None:
+            return self
+        self._stopping.clear()
+        server = _Server(("127.0.0.1", 0), _Handler)
+        server.fake = self
+        self._server = server
+        host, port = server.server_address[:2]
+        self.base_url = f"http://{host}:{port}/v1"
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.02}, name="FakeLLM", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        self._stopping.set()  # wake handlers sleeping in latency/delay
+        server.shutdown()
+        server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def __enter__(self) -> FakeLLM:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- configuration -----------------------------------------------------------------------
+
+    def script(self, *faults: Fault) -> None:
+        """Queue faults, consumed one per request in order, before normal replies resume."""
+        with self._lock:
+            self._faults.extend(faults)
+
+    def fail_when(self, predicate: Callable[[dict[str, Any]], bool], fault: Fault) -> None:
+        """Every request whose body matches ``predicate`` gets ``fault`` (checked before the script)."""
+        with self._lock:
+            self._rules.append((predicate, fault))
+
+    def reset(self) -> None:
+        with self._lock:
+            self._faults.clear()
+            self._rules.clear()
+            self.requests.clear()
+            self.headers.clear()
+            self.max_in_flight = 0
+
+    @property
+    def calls(self) -> int:
+        with self._lock:
+            return len(self.requests)
+
+    @property
+    def in_flight(self) -> int:
+        with self._lock:
+            return self._in_flight
+
+    # -- request handling (runs in server threads) -----------------------------------------------
+
+    @staticmethod
+    def _matches(predicate: Callable[[dict[str, Any]], bool], body: dict[str, Any]) -> bool:
+        try:
+            return bool(predicate(body))
+        except Exception:
+            return False
+
+    def _pick_fault(self, body: dict[str, Any]) -> Fault | None:
+        with self._lock:
+            rules = list(self._rules)
+        for predicate, fault in rules:
+            if self._matches(predicate, body):
+                return fault
+        with self._lock:
+            return self._faults.popleft() if self._faults else None
+
+    def _handle(self, handler: _Handler, body: dict[str, Any]) -> None:
+        with self._lock:
+            self.requests.append(body)
+            self.headers.append({k.lower(): v for k, v in handler.headers.items()})
+            self._in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self._in_flight)
+        try:
+            self._answer(handler, body)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+    def _sleep(self, seconds: float) -> bool:
+        """Sleep unless the server is stopping; False if interrupted."""
+        return seconds <= 0 or not self._stopping.wait(seconds)
+
+    def _answer(self, handler: _Handler, body: dict[str, Any]) -> None:
+        if not self._sleep(self.latency):
+            handler.close_connection = True
+            return
+
+        if self.expected_key is not None:
+            auth = handler.headers.get("Authorization", "")
+            if auth != f"Bearer {self.expected_key}":
+                self._send_error(handler, Fault.status(401))
+                return
+
+        fault = self._pick_fault(body)
+        if fault is None:
+            self._send_completion(handler, body, self._content(body))
+        elif fault.kind == "status":
+            self._send_error(handler, fault)
+        elif fault.kind == "delay":
+            if self._sleep(fault.seconds):
+                self._send_completion(handler, body, self._content(body))
+            else:
+                handler.close_connection = True
+        elif fault.kind == "truncated":
+            payload = self._completion_payload(body, self._content(body))
+            handler._send(200, payload[: max(1, len(payload) // 2)])
+        elif fault.kind == "disconnect":
+            handler.close_connection = True
+        elif fault.kind == "content":
+            self._send_completion(handler, body, fault.text)
+        else:  # pragma: no cover - programming error in a test
+            raise ValueError(f"unknown fault kind {fault.kind!r}")
+
+    def _content(self, body: dict[str, Any]) -> str:
+        responder = self.responder or default_responder
+        return responder(body)
+
+    def _completion_payload(self, body: dict[str, Any], content: str) -> bytes:
+        messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
+        prompt_tokens = sum(count_tokens(_message_text(m)) for m in messages)
+        completion_tokens = count_tokens(content)
+        with self._lock:
+            number = len(self.requests)
+        reply = {
+            "id": f"chatcmpl-fake-{number}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": str(body.get("model") or self.model),
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": content, "refusal": None},
+                    "logprobs": None,
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
+        return json.dumps(reply).encode()
+
+    def _send_completion(self, handler: _Handler, body: dict[str, Any], content: str) -> None:
+        handler._send(200, self._completion_payload(body, content), {"x-request-id": "req-fake"})
+
+    def _send_error(self, handler: _Handler, fault: Fault) -> None:
+        code = fault.status_code
+        auth = handler.headers.get("Authorization", "")
+        key = auth.removeprefix("Bearer ").strip()
+        if fault.text:
+            message = fault.text
+        elif code == 401:
+            # Like the real API, echo the key back: clients must not leak this into their errors.
+            message = f"Incorrect API key provided: {key}. You can find your API key in your dashboard."
+        else:
+            try:
+                message = HTTPStatus(code).phrase
+            except ValueError:
+                message = f"HTTP {code}"
+        error_type = {
+            400: "invalid_request_error",
+            401: "invalid_request_error",
+            403: "permission_denied",
+            404: "invalid_request_error",
+            429: "rate_limit_exceeded",
+        }.get(code, "server_error" if code >= 500 else "error")
+        headers = dict(fault.headers)
+        if fault.retry_after is not None:
+            headers["Retry-After"] = str(fault.retry_after)
+        if fault.retry_after_ms is not None:
+            headers["retry-after-ms"] = str(fault.retry_after_ms)
+        handler._send(code, _error_body(message, error_type, fault.error_code), headers)

@@ -1,0 +1,347 @@
+"""LLMClient against the real openai SDK talking HTTP to tests.fakellm.FakeLLM."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import time
+import traceback
+from collections.abc import Iterator
+from typing import Any
+
+import httpx2
+import pytest
+
+from briefs import llm
+from briefs.llm import (
+    ExecutiveSummary,
+    LLMClient,
+    LLMError,
+    ProjectBrief,
+    TokenBucket,
+    parse_retry_after,
+)
+from briefs.settings import Settings
+from tests.fakellm import FakeLLM, Fault, count_tokens, default_responder
+
+KEY = "test-key"
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeLLM]:
+    with FakeLLM() as server:
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def _fresh_stats() -> None:
+    llm.reset_stats()
+
+
+def make_settings(fake: FakeLLM | None, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "openai_api_key": KEY,
+        "openai_base_url": fake.base_url if fake else None,
+        "llm_max_retries": 3,
+        "llm_timeout": 5.0,
+        "llm_concurrency": 8,
+        "llm_rpm": 0,
+        "model": "gpt-4o-mini",
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+def make_client(fake: FakeLLM | None, **overrides: Any) -> LLMClient:
+    return LLMClient(make_settings(fake, **overrides), backoff_base=0.01)
+
+
+def brief_messages(project: str = "Apollo") -> list[dict[str, Any]]:
+    return [
+        {"role": "system", "content": "You write short daily project briefs."},
+        {"role": "user", "content": f"Project: {project}\nActivity: 3 tasks closed, 1 opened."},
+    ]
+
+
+async def test_good_reply_is_parsed_and_tokens_counted(fake: FakeLLM) -> None:
+    messages = brief_messages("Apollo")
+    original = json.dumps(messages)
+    async with make_client(fake) as client:
+        result = await client.complete(messages, ProjectBrief)
+
+    assert isinstance(result.value, ProjectBrief)
+    assert "Apollo" in result.value.summary
+    assert result.value.next_steps == ["Review Apollo priorities"]
+    assert result.attempts == 1
+    assert result.model == "gpt-4o-mini"
+    assert result.latency > 0
+
+    assert fake.calls == 1
+    body = fake.requests[0]
+    sent_words = sum(count_tokens(m["content"]) for m in body["messages"])
+    assert result.prompt_tokens == sent_words
+    assert result.completion_tokens == count_tokens(default_responder(body))
+
+    assert body["response_format"] == {"type": "json_object"}
+    assert body["model"] == "gpt-4o-mini"
+    system = body["messages"][0]
+    assert system["role"] == "system"
+    assert system["content"].startswith("You write short daily project briefs.")
+    assert "JSON schema name: ProjectBrief" in system["content"]
+    assert '"next_steps"' in system["content"]  # the JSON schema itself
+    assert fake.headers[0]["authorization"] == f"Bearer {KEY}"
+    assert json.dumps(messages) == original  # caller's messages untouched
+
+    assert llm.stats["calls"] == 1
+    assert llm.stats["requests"] == 1
+    assert llm.stats["prompt_tokens"] == result.prompt_tokens
+    assert llm.stats["completion_tokens"] == result.completion_tokens
+
+
+async def test_executive_summary_and_system_message_added_when_missing(fake: FakeLLM) -> None:
+    prompt = "Summarise:\nProject: Apollo\nProject: Zeus\n"
+    async with make_client(fake) as client:
+        messages = [{"role": "user", "content": prompt}]
+        result = await client.complete(messages, ExecutiveSummary, purpose="summary")
+    assert result.value.priority_actions == ["Follow up on Apollo", "Follow up on Zeus"]
+    sent = fake.requests[0]["messages"]
+    assert [m["role"] for m in sent] == ["system", "user"]
+    assert "JSON schema name: ExecutiveSummary" in sent[0]["content"]
+
+
+async def test_reply_in_code_fences_is_tolerated(fake: FakeLLM) -> None:
+    fake.script(Fault.content('```json\n{"summary": "fenced", "highlights": ["a"]}\n```'))
+    async with make_client(fake) as client:
+        result = await client.complete(brief_messages(), ProjectBrief)
+    assert result.value.summary == "fenced"
+    assert result.attempts == 1
+
+
+async def test_429_waits_for_retry_after(fake: FakeLLM) -> None:
+    fake.script(Fault.status(429, retry_after=0.3))
+    async with make_client(fake) as client:
+        started = time.monotonic()
+        result = await client.complete(brief_messages(), ProjectBrief)
+        elapsed = time.monotonic() - started
+    assert result.attempts == 2
+    assert fake.calls == 2
+    assert elapsed >= 0.3
+    assert llm.stats["retries"] == 1
+
+
+async def test_retry_after_ms_header_is_honoured(fake: FakeLLM) -> None:
+    fake.script(Fault.status(503, retry_after_ms=250))
+    async with make_client(fake) as client:
+        started = time.monotonic()
+        result = await client.complete(brief_messages(), ProjectBrief)
+    assert time.monotonic() - started >= 0.25
+    assert result.attempts == 2
+
+
+async def test_500_twice_then_ok(fake: FakeLLM) -> None:
+    fake.script(Fault.status(500), Fault.status(500))
+    async with make_client(fake) as client:
+        result = await client.complete(brief_messages(), ProjectBrief)
+    assert result.attempts == 3
+    assert fake.calls == 3
+    # Error responses carry no usage: tokens are those of the one good reply.
+    assert result.prompt_tokens == sum(count_tokens(m["content"]) for m in fake.requests[-1]["messages"])
+
+
+async def test_500_every_time_is_a_transient_error(fake: FakeLLM) -> None:
+    fake.fail_when(lambda body: True, Fault.status(502))
+    async with make_client(fake, llm_max_retries=2) as client:
+        with pytest.raises(LLMError) as info:
+            await client.complete(brief_messages(), ProjectBrief)
+    assert not info.value.permanent
+    assert info.value.status == 502
+    assert "502 Bad Gateway" in str(info.value)
+    assert fake.calls == 3
+    assert llm.stats["errors"] == 1
+
+
+async def test_401_is_permanent_and_never_leaks_the_key(fake: FakeLLM) -> None:
+    fake.script(Fault.status(401))  # the fake echoes the key in its error message, like the real API
+    async with make_client(fake) as client:
+        with pytest.raises(LLMError) as info:
+            await client.complete(brief_messages(), ProjectBrief)
+    err = info.value
+    assert err.permanent
+    assert err.status == 401
+    assert fake.calls == 1
+    assert str(err) == "LLM request rejected: 401 Unauthorized (check OPENAI_API_KEY)"
+    printed = "".join(traceback.format_exception(err))
+    assert KEY not in printed
+    assert KEY not in repr(err)
+
+
+@pytest.mark.parametrize("status", [400, 403, 404, 422])
+async def test_other_4xx_are_permanent(fake: FakeLLM, status: int) -> None:
+    fake.script(Fault.status(status, message=f"bad thing; key was {KEY}"))
+    async with make_client(fake) as client:
+        with pytest.raises(LLMError) as info:
+            await client.complete(brief_messages(), ProjectBrief)
+    assert info.value.permanent
+    assert str(status) in str(info.value)
+    assert KEY not in str(info.value)
+    assert fake.calls == 1
+
+
+async def test_429_insufficient_quota_is_permanent(fake: FakeLLM) -> None:
+    fake.script(Fault.status(429, message="You exceeded your current quota", error_code="insufficient_quota"))
+    async with make_client(fake) as client:
+        with pytest.raises(LLMError) as info:
+            await client.complete(brief_messages(), ProjectBrief)
+    assert info.value.permanent
+    assert "429" in str(info.value) and "quota" in str(info.value)
+    assert fake.calls == 1
+
+
+async def test_truncated_json_then_ok(fake: FakeLLM) -> None:
+    fake.script(Fault.truncated())
+    async with make_client(fake) as client:
+        result = await client.complete(brief_messages(), ProjectBrief)
+    assert result.attempts == 2
+    assert fake.calls == 2
+
+
+async def test_non_json_content_then_ok(fake: FakeLLM) -> None:
+    fake.script(Fault.content("not json at all"))
+    async with make_client(fake) as client:
+        result = await client.complete(brief_messages(), ProjectBrief)
+    assert result.attempts == 2
+    # Usage of the bad reply counts too.
+    per_request = [sum(count_tokens(m["content"]) for m in r["messages"]) for r in fake.requests]
+    assert result.prompt_tokens == sum(per_request)
+
+
+async def test_schema_breaking_every_time_becomes_permanent(fake: FakeLLM) -> None:
+    fake.fail_when(lambda body: True, Fault.schema_breaking())
+    async with make_client(fake, llm_max_retries=3) as client:
+        with pytest.raises(LLMError) as info:
+            await client.complete(brief_messages(), ProjectBrief)
+    assert info.value.permanent
+    assert str(info.value).startswith("malformed LLM reply: does not match ProjectBrief")
+    assert fake.calls == 4
+
+
+async def test_slow_reply_times_out_and_is_retried(fake: FakeLLM) -> None:
+    fake.script(Fault.delay(2), Fault.delay(2))
+    async with make_client(fake, llm_timeout=0.3, llm_max_retries=1) as client:
+        started = time.monotonic()
+        with pytest.raises(LLMError) as info:
+            await client.complete(brief_messages(), ProjectBrief)
+        elapsed = time.monotonic() - started
+    assert not info.value.permanent
+    assert "timed out" in str(info.value)
+    assert fake.calls == 2
+    assert 0.6 <= elapsed < 2.5  # two 0.3 s timeouts, not two 2 s waits
+
+
+async def test_slow_reply_then_ok(fake: FakeLLM) -> None:
+    fake.script(Fault.delay(2))
+    async with make_client(fake, llm_timeout=0.3) as client:
+        result = await client.complete(brief_messages(), ProjectBrief)
+    assert result.attempts == 2
+
+
+async def test_dropped_connection_then_ok(fake: FakeLLM) -> None:
+    fake.script(Fault.disconnect())
+    async with make_client(fake) as client:
+        result = await client.complete(brief_messages(), ProjectBrief)
+    assert result.attempts == 2
+
+
+async def test_fail_when_rule_hits_only_matching_requests(fake: FakeLLM) -> None:
+    fake.fail_when(lambda body: "Project: Doom" in json.dumps(body), Fault.status(500))
+    async with make_client(fake, llm_max_retries=1) as client:
+        good, bad = await asyncio.gather(
+            client.complete(brief_messages("Apollo"), ProjectBrief),
+            client.complete(brief_messages("Doom"), ProjectBrief),
+            return_exceptions=True,
+        )
+    assert isinstance(good, llm.LLMResult)
+    assert isinstance(bad, LLMError) and not bad.permanent
+    assert fake.calls == 3
+
+
+async def test_concurrency_limit_is_process_wide(fake: FakeLLM) -> None:
+    fake.latency = 0.2
+    first = make_client(fake, llm_concurrency=2)
+    second = make_client(fake, llm_concurrency=2)  # a different instance shares the limit
+    try:
+        started = time.monotonic()
+        results = await asyncio.gather(
+            *(c.complete(brief_messages(f"P{i}"), ProjectBrief) for i, c in enumerate([first, second] * 3))
+        )
+        elapsed = time.monotonic() - started
+    finally:
+        await first.aclose()
+        await second.aclose()
+    assert len(results) == 6
+    assert elapsed >= 0.6
+    assert fake.max_in_flight == 2
+
+
+async def test_no_api_key_raises_without_any_request(fake: FakeLLM) -> None:
+    client = make_client(fake, openai_api_key=None)
+    assert not client.enabled
+    with pytest.raises(LLMError) as info:
+        await client.complete(brief_messages(), ProjectBrief)
+    assert info.value.permanent
+    assert "no API key" in str(info.value)
+    assert fake.calls == 0
+    await client.aclose()
+
+
+async def test_caller_http_client_is_used_and_left_open(fake: FakeLLM) -> None:
+    # openai 3.x is built on httpx2, not httpx: the client handed in must be an httpx2.AsyncClient.
+    async with httpx2.AsyncClient() as http:
+        client = LLMClient(make_settings(fake), http_client=http, backoff_base=0.01)
+        result = await client.complete(brief_messages(), ProjectBrief)
+        await client.aclose()
+        assert not http.is_closed
+    assert result.attempts == 1
+    with pytest.raises(LLMError, match="closed") as info:
+        await client.complete(brief_messages(), ProjectBrief)
+    assert info.value.permanent
+
+
+async def test_rpm_limit_paces_real_requests(fake: FakeLLM) -> None:
+    # Swap the process-wide bucket for llm_rpm=600 with a tiny one: one request per 100 ms, no burst.
+    llm._loop_limits()[("rpm", 600)] = TokenBucket(capacity=1, rate=10.0)
+    try:
+        async with make_client(fake, llm_rpm=600) as client:
+            started = time.monotonic()
+            await asyncio.gather(*(client.complete(brief_messages(), ProjectBrief) for _ in range(3)))
+        assert time.monotonic() - started >= 0.19
+    finally:
+        llm._loop_limits().pop(("rpm", 600))
+
+
+async def test_rpm_bucket_paces_requests() -> None:
+    bucket = TokenBucket(capacity=2, rate=20.0)  # burst of 2, then one every 50 ms
+    started = time.monotonic()
+    for _ in range(4):
+        await bucket.acquire()
+    assert time.monotonic() - started >= 0.09
+    assert llm.rate_limiter(120) is llm.rate_limiter(120)
+    assert llm.rate_limiter(0) is None
+    assert llm.concurrency_limiter(3) is llm.concurrency_limiter(3)
+
+
+def test_parse_retry_after() -> None:
+    assert parse_retry_after({"retry-after": "0.3"}) == pytest.approx(0.3)
+    assert parse_retry_after({"retry-after-ms": "1500", "retry-after": "9"}) == pytest.approx(1.5)
+    date = email.utils.formatdate(1_000_030, usegmt=True)
+    assert parse_retry_after({"retry-after": date}, now=1_000_000) == pytest.approx(30)
+    assert parse_retry_after({"retry-after": "soon"}) is None
+    assert parse_retry_after({}) is None
+
+
+def test_backoff_is_capped_and_respects_retry_after() -> None:
+    client = LLMClient(make_settings(None), backoff_base=0.5)
+    assert all(0 <= client._backoff(attempt, None) <= 20 for attempt in range(1, 30))
+    assert client._backoff(1, 3.0) >= 3.0
+    assert client._backoff(1, 600.0) == 60.0
