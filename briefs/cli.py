@@ -253,10 +253,103 @@ async def cmd_cancel(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
-    from briefs.app import run_all
+    """Everything in one process: migrate, then the scheduler and a worker side by side."""
+    from briefs.migrate import migrate_url
+    from briefs.process import exit_now, install_stop_signals
+    from briefs.progress import Progress
+    from scheduler.daemon import SchedulerDaemon
+    from worker.handlers import build_handlers
+    from worker.main import close_services
+    from worker.runner import Worker
 
-    await run_all(settings, demo=args.demo)
-    return 0
+    db = await Database.connect(settings)
+    services: dict[str, object] = {}
+    health = None
+    try:
+        with Progress("migrating", stream=sys.stderr) as bar:
+            await migrate_url(db.url, on_step=lambda m, i, n: bar.update(i, n, m.name))
+        demo_user: int | None = None
+        if args.demo:
+            demo_user = await _seed_demo(db)
+        worker = Worker(db, settings, build_handlers(settings), services=services)
+        daemon = SchedulerDaemon(db, settings)
+        stop = asyncio.Event()
+
+        def soft() -> None:
+            stop.set()
+            worker.stop()
+
+        def hard() -> None:
+            worker.abort()
+            asyncio.get_running_loop().call_later(2.0, exit_now, 1)
+
+        install_stop_signals(soft, hard)
+        if settings.health_port:
+            from briefs.health import HealthServer
+
+            health = HealthServer(db, settings.health_port)
+            health.watch("worker", lambda: worker.stats.last_cycle, 3 * settings.poll_interval + 10)
+            health.watch("scheduler", lambda: daemon.last_tick_completed, 3 * settings.scheduler_interval + 60)
+            await health.start()
+        await daemon.start()
+        worker_task = asyncio.create_task(worker.run(), name="worker")
+        side = [asyncio.create_task(stop.wait(), name="stop")]
+        if demo_user is not None:
+            side.append(asyncio.create_task(_show_when_ready(db, demo_user), name="demo"))
+        await asyncio.wait([worker_task, side[0]], return_when=asyncio.FIRST_COMPLETED)
+        worker.stop()
+        await daemon.stop()
+        await worker_task
+        for task in side:
+            task.cancel()
+        return 0
+    finally:
+        if health is not None:
+            await health.stop()
+        await close_services(services)  # type: ignore[arg-type]
+        await db.dispose()
+
+
+async def _seed_demo(db: Database) -> int:
+    from briefs.demo import seed
+    from briefs.progress import Progress
+
+    with Progress("seeding demo users", stream=sys.stderr) as bar:
+        async with db.raw() as conn:
+            users = await seed(conn, datetime.now(UTC), on_user=lambda i, n, email: bar.update(i, n, email))
+    first_id, email, when = users[0]
+    print(
+        f"demo: {len(users)} users ready; {email} (user {first_id}) gets a brief at "
+        f"{when:%H:%M:%S} UTC, about a minute from now.\n"
+        f"      Watch it: `briefs status`, `briefs jobs`; read it: `briefs show {first_id}`.",
+        flush=True,
+    )
+    return first_id
+
+
+async def _show_when_ready(db: Database, user_id: int) -> None:
+    """Print the demo user's brief as soon as it is written."""
+    from briefs.service import load_brief_markdown
+
+    started = datetime.now(UTC)
+    while True:
+        await asyncio.sleep(1.0)
+        try:
+            async with db.raw() as conn:
+                cur = await conn.execute(
+                    """SELECT brief_date FROM daily_briefs
+                       WHERE user_id = %s AND status IN ('completed', 'partial') AND completed_at >= %s
+                       ORDER BY completed_at DESC LIMIT 1""",
+                    (user_id, started),
+                )
+                row = await cur.fetchone()
+        except Exception:
+            continue
+        if row:
+            text = await load_brief_markdown(db, user_id, row[0])
+            print(f"\n===== brief for user {user_id}, {row[0]} =====\n{text}\n=====", flush=True)
+            print(f"demo: that was `briefs show {user_id}`. `briefs status` shows the queue. Ctrl-C stops.", flush=True)
+            return
 
 
 # --------------------------------------------------------------------------- parser
