@@ -29,13 +29,16 @@ import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-import httpx2
 import openai
 from pydantic import BaseModel, Field, ValidationError
 
+from briefs import metrics
 from briefs.settings import Settings, redact_url
+
+if TYPE_CHECKING:
+    import httpx2  # the openai SDK's HTTP client
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -342,11 +345,15 @@ class LLMClient:
         Raises :class:`LLMError`; ``permanent`` says whether a later retry could help.
         """
         stats["calls"] += 1
+        started = time.monotonic()
         try:
             result = await self._complete(messages, schema, purpose)
-        except LLMError:
+        except LLMError as exc:
             stats["errors"] += 1
+            metrics.LLM_ERRORS.labels(purpose, "permanent" if exc.permanent else "transient").inc()
             raise
+        finally:
+            metrics.LLM_LATENCY.labels(purpose).observe(time.monotonic() - started)
         stats["successes"] += 1
         return result
 
@@ -381,7 +388,7 @@ class LLMClient:
             delay = max(delay, min(retry_after, RETRY_AFTER_CAP))
         return delay
 
-    async def _send(self, messages: list[dict[str, Any]]) -> Any:
+    async def _send(self, messages: list[dict[str, Any]], purpose: str) -> Any:
         assert self._openai is not None
         bucket = rate_limiter(self.settings.llm_rpm)
         async with concurrency_limiter(self.settings.llm_concurrency):
@@ -389,6 +396,7 @@ class LLMClient:
             if bucket is not None:
                 await bucket.acquire()
             stats["requests"] += 1
+            metrics.LLM_CALLS.labels(purpose).inc()
             # The SDK's timeout applies per phase (connect, each read...); this bounds the whole
             # request so a server trickling bytes cannot hold a slot forever.
             async with asyncio.timeout(self.timeout * 2 + 1):
@@ -441,7 +449,7 @@ class LLMClient:
             malformed = False
             status = None
             try:
-                completion = await self._send(request)
+                completion = await self._send(request, purpose)
             except openai.APIStatusError as err:
                 status = err.status_code
                 if self._is_permanent(err):
@@ -470,6 +478,8 @@ class LLMClient:
                 completion_tokens += used_completion
                 stats["prompt_tokens"] += used_prompt
                 stats["completion_tokens"] += used_completion
+                metrics.LLM_TOKENS.labels("prompt").inc(used_prompt)
+                metrics.LLM_TOKENS.labels("completion").inc(used_completion)
                 try:
                     value = self._parse(completion, schema)
                 except _Malformed as err:
