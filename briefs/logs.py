@@ -15,7 +15,7 @@ import re
 import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TextIO
 
 _JOB: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("briefs_job", default=None)
 _URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]+)@", re.I)
@@ -81,10 +81,12 @@ class JsonFormatter(logging.Formatter):
         return redact(json.dumps(data, default=str))
 
 
-def setup_logging(fmt: str = "text", level: str = "INFO", secrets: tuple[str | None, ...] = ()) -> None:
+def setup_logging(
+    fmt: str = "text", level: str = "INFO", secrets: tuple[str | None, ...] = (), stream: TextIO | None = None
+) -> None:
     for secret in secrets:
         register_secret(secret)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(_ContextFilter())
     root = logging.getLogger()

@@ -1,0 +1,167 @@
+"""Pure, DST-safe planning of brief occurrences.
+
+Nothing here touches a database, the filesystem (beyond loading tz data) or the clock: every function that
+depends on time takes ``now`` (an aware datetime) as an argument.
+
+Rules:
+
+* A user's preference is a local wall time (``time_of_day``) in an IANA timezone, every day or on one ISO
+  weekday. An occurrence belongs to a local calendar date (its ``brief_date``) and happens at one UTC instant.
+* A wall time that does not exist (spring-forward gap) moves forward by the length of the gap
+  (02:30 on a US spring-forward day becomes 03:30 daylight time). A wall time that exists twice (fall back)
+  happens once, at its first (earlier) instant.
+* At each tick, occurrences whose instant lies in ``[now, now + lookahead)`` are planned for their instant,
+  starting ``generation_buffer`` early but never before ``now``. Occurrences missed within
+  ``(now - catch_up, now)`` are planned as catch-ups for ``now``. The caller deduplicates against jobs that
+  already exist per (user, brief_date): see :func:`dedup_key`.
+* The brief date is the local date whose wall time the occurrence is. It equals the local date of the
+  instant except when a gap straddles midnight (America/Nuuk springs from 23:00 to 00:00): a 23:30 brief
+  for that Saturday is delivered at 00:30 Sunday, and stays Saturday's brief so Sunday's is not lost.
+"""
+
+from __future__ import annotations
+
+import functools
+import zoneinfo
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+
+__all__ = [
+    "InvalidTimezone",
+    "Occurrence",
+    "Preference",
+    "dedup_key",
+    "load_timezone",
+    "local_to_utc",
+    "occurrences_between",
+    "plan",
+]
+
+_ONE_DAY = timedelta(days=1)
+_ZERO = timedelta(0)
+# In the tz database's file listing, but not zones a user may pick: "Factory" is the placeholder zone
+# ("-00"), "localtime" is the host's /etc/localtime and "posixrules" a compiler default.
+_NOT_USER_ZONES = frozenset({"Factory", "localtime", "posixrules"})
+
+
+class InvalidTimezone(ValueError):
+    """The name is not a usable IANA timezone; the message says which name and why."""
+
+
+@functools.cache
+def _known_zones() -> frozenset[str]:
+    # available_timezones() opens hundreds of files: do it once per process.
+    return frozenset(zoneinfo.available_timezones()) - _NOT_USER_ZONES
+
+
+@functools.lru_cache(maxsize=2048)
+def load_timezone(name: str) -> zoneinfo.ZoneInfo:
+    """Return the ZoneInfo for an exact, case-sensitive IANA name, or raise InvalidTimezone."""
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidTimezone(f"timezone {name!r} is empty")
+    if name.startswith("/") or ".." in name or "\\" in name or "\x00" in name:
+        raise InvalidTimezone(f"timezone {name!r} looks like a path, not a tz database name")
+    if name in _NOT_USER_ZONES:
+        raise InvalidTimezone(f"timezone {name!r} is not a real location zone")
+    if name not in _known_zones():
+        raise InvalidTimezone(f"timezone {name!r} is not in the tz database (names are case-sensitive)")
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError) as exc:
+        raise InvalidTimezone(f"timezone {name!r} could not be loaded: {exc}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class Preference:
+    user_id: int
+    timezone: str
+    frequency: str  # 'daily' | 'weekly'
+    day_of_week: int | None  # ISO 1=Monday..7=Sunday, only for weekly
+    time_of_day: time
+    email_enabled: bool = False
+    updated_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Occurrence:
+    brief_date: date  # the local calendar date the brief belongs to, in the user's timezone
+    notify_at: datetime  # aware UTC instant the user asked for (``now`` for a catch-up)
+    run_at: datetime  # aware UTC: when the job should start = max(now, notify_at - generation_buffer)
+    catch_up: bool  # True when this is a missed occurrence scheduled now
+
+
+def local_to_utc(day: date, at: time, tz: zoneinfo.ZoneInfo) -> datetime:
+    """The aware UTC instant of the local wall time ``at`` on ``day`` in ``tz``.
+
+    Nonexistent wall times move forward by the gap; ambiguous ones take the first (earlier) instant.
+    """
+    wall = datetime.combine(day, at.replace(tzinfo=None, fold=0))
+    first = wall.replace(tzinfo=tz).astimezone(UTC)  # fold=0: read with the offset before a transition
+    second = wall.replace(tzinfo=tz, fold=1).astimezone(UTC)  # fold=1: read with the offset after it
+    if first <= second:
+        # Equal: the wall time exists once. Earlier: it exists twice (fall back); keep the first.
+        return first
+    # Later: the wall time lies in a spring-forward gap of (first - second). Moved forward by the gap and read
+    # with the new offset, it is second + gap (which is `first`, the reading with the old offset).
+    return second + (first - second)
+
+
+def _weekday(pref: Preference) -> int | None:
+    if pref.frequency == "daily":
+        return None
+    if pref.frequency == "weekly":
+        if pref.day_of_week is None or not 1 <= pref.day_of_week <= 7:
+            raise ValueError(f"weekly preference of user {pref.user_id} needs day_of_week 1..7")
+        return pref.day_of_week
+    raise ValueError(f"unknown frequency {pref.frequency!r} for user {pref.user_id}")
+
+
+def occurrences_between(
+    pref: Preference, tz: zoneinfo.ZoneInfo, start: datetime, end: datetime
+) -> list[tuple[date, datetime]]:
+    """All (local brief date, aware UTC instant) occurrences with instant in [start, end), in order."""
+    weekday = _weekday(pref)
+    at = pref.time_of_day
+    day = start.astimezone(tz).date() - _ONE_DAY
+    last = end.astimezone(tz).date() + _ONE_DAY
+    found: list[tuple[date, datetime]] = []
+    while day <= last:
+        if weekday is None or day.isoweekday() == weekday:
+            instant = local_to_utc(day, at, tz)
+            if start <= instant < end:
+                found.append((day, instant))
+        day += _ONE_DAY
+    return found
+
+
+def plan(
+    pref: Preference,
+    now: datetime,
+    *,
+    lookahead: timedelta,
+    catch_up: timedelta,
+    generation_buffer: timedelta,
+) -> list[Occurrence]:
+    """The occurrences to enqueue at the tick ``now``, ordered by brief_date, one per brief_date.
+
+    Raises InvalidTimezone for a bad zone and ValueError for a naive ``now`` or a negative window.
+    """
+    if now.tzinfo is None or now.utcoffset() is None:
+        raise ValueError("now must be an aware datetime")
+    if lookahead < _ZERO or catch_up < _ZERO or generation_buffer < _ZERO:
+        raise ValueError("lookahead, catch_up and generation_buffer must not be negative")
+    now = now.astimezone(UTC)
+    tz = load_timezone(pref.timezone)
+    oldest = now - catch_up
+    planned: list[Occurrence] = []
+    for brief_date, instant in occurrences_between(pref, tz, oldest, now + lookahead):
+        if instant >= now:
+            planned.append(Occurrence(brief_date, instant, max(now, instant - generation_buffer), False))
+        elif instant > oldest:  # missed, and strictly less than catch_up ago
+            planned.append(Occurrence(brief_date, now, now, True))
+    return planned
+
+
+def dedup_key(user_id: int, brief_date: date) -> str:
+    """The job key that makes (user, local brief date) unique: 'brief:<user_id>:<YYYY-MM-DD>'."""
+    return f"brief:{user_id}:{brief_date.isoformat()}"
