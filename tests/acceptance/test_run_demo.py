@@ -1,0 +1,71 @@
+"""The newcomer's path: `briefs run --demo` on an embedded database, a brief appears, SIGTERM exits 0."""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _env(data_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BRIEFS_", "DATABASE_URL", "OPENAI_"))}
+    env.update({"BRIEFS_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1", "BRIEFS_SCHEDULER_INTERVAL": "5"})
+    return env
+
+
+def _briefs(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "briefs.cli", *args], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_run_demo_makes_a_brief_and_stops_cleanly(tmp_path: Path) -> None:
+    env = _env(tmp_path / "data")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "briefs.cli", "run", "--demo"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    output: list[str] = []
+    try:
+        assert proc.stdout is not None
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if not sel.select(timeout=1):
+                assert proc.poll() is None, "".join(output)
+                continue
+            line = proc.stdout.readline()
+            if not line:
+                break
+            output.append(line)
+            if line.startswith("demo: that was"):
+                break
+        text = "".join(output)
+        assert "===== brief for user 1" in text, text
+
+        shown = _briefs(env, "show", "1")
+        assert shown.returncode == 0, shown.stderr
+        assert "Website relaunch" in shown.stdout
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=40) == 0, "".join(output) + (proc.stdout.read() or "")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    jobs = _briefs(env, "jobs", "--status", "processing")
+    assert jobs.returncode == 0, jobs.stderr
+    assert jobs.stdout.strip() == "no jobs"
