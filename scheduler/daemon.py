@@ -1,0 +1,158 @@
+"""The scheduler daemon: APScheduler fires :func:`scheduler.tick.run_tick` every interval.
+
+APScheduler 3.x (``AsyncIOScheduler``, UTC) runs one interval job:
+
+* ``next_run_time=now``: a tick at start, then every ``BRIEFS_SCHEDULER_INTERVAL`` seconds;
+* ``misfire_grace_time=None``: a tick that fires late (event loop busy, host suspended) still
+  runs, however late; with a number, APScheduler would drop it as "missed";
+* ``coalesce=True``: many missed fire times run as one tick, not a burst (each tick plans from
+  its own ``now`` with catch-up, so one late tick covers them all);
+* ``max_instances=1``: never two ticks at once in this process. If a tick outlasts the
+  interval, APScheduler skips that fire time (with a warning) and the next tick runs at the
+  following one.
+
+Leadership among several scheduler processes is the tick's advisory lock, not this module.
+A failing tick (database down, a bug) is logged and the daemon carries on at the next
+interval. :meth:`SchedulerDaemon.stop` lets a running tick finish before shutting
+APScheduler down (its asyncio executor would otherwise cancel the tick).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from datetime import UTC, datetime
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+
+from briefs.db import Database, is_connection_error
+from briefs.migrate import require_schema
+from briefs.process import exit_now, install_stop_signals
+from briefs.settings import Settings
+from scheduler.tick import TickReport, run_tick
+
+log = logging.getLogger(__name__)
+
+JOB_ID = "briefs-scheduler-tick"
+
+
+class SchedulerDaemon:
+    """Runs a tick at start and then every ``settings.scheduler_interval`` seconds."""
+
+    def __init__(self, db: Database, settings: Settings) -> None:
+        self.db = db
+        self.settings = settings
+        self.last_tick_completed: float | None = None  # time.monotonic() at the end of the last tick
+        self.last_report: TickReport | None = None
+        self.last_error: str | None = None
+        self.ticks = 0  # ticks finished (successfully or not)
+        self._scheduler: AsyncIOScheduler | None = None
+        self._current: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    @property
+    def running(self) -> bool:
+        return self._scheduler is not None and self._scheduler.running
+
+    async def start(self) -> None:
+        if self._scheduler is not None:
+            raise RuntimeError("the scheduler daemon is already started")
+        self._stopping = False
+        scheduler = AsyncIOScheduler(timezone=UTC)
+        scheduler.add_job(
+            self._fire,
+            IntervalTrigger(seconds=self.settings.scheduler_interval, timezone=UTC),
+            id=JOB_ID,
+            name="scheduler tick",
+            next_run_time=datetime.now(UTC),
+            coalesce=True,
+            max_instances=1,
+            misfire_grace_time=None,
+        )
+        scheduler.start()
+        self._scheduler = scheduler
+        log.info("scheduler started: a tick every %gs", self.settings.scheduler_interval)
+
+    async def stop(self) -> None:
+        """Stop firing, let a running tick finish, then shut APScheduler down."""
+        self._stopping = True
+        scheduler, self._scheduler = self._scheduler, None
+        if scheduler is not None and scheduler.running:
+            scheduler.pause()
+        current = self._current
+        if current is not None and not current.done():
+            log.info("waiting for the running tick to finish")
+            await asyncio.wait({current})
+        if scheduler is not None and scheduler.running:
+            scheduler.shutdown(wait=False)
+            await asyncio.sleep(0)  # AsyncIOScheduler shuts down in a loop callback
+        log.info("scheduler stopped")
+
+    async def _fire(self) -> None:
+        """The APScheduler job: run the tick as its own task so stop() can wait for it."""
+        if self._stopping:
+            return
+        task = asyncio.ensure_future(self._tick())
+        self._current = task
+        await asyncio.shield(task)
+
+    async def _tick(self) -> None:
+        try:
+            report = await run_tick(self.db, self.settings, datetime.now(UTC))
+        except Exception as exc:
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            if is_connection_error(exc):
+                log.warning(
+                    "tick failed, database unavailable (next try in %gs): %s", self.settings.scheduler_interval, exc
+                )
+            else:
+                log.exception("tick failed (next try in %gs)", self.settings.scheduler_interval)
+        else:
+            self.last_report = report
+            self.last_error = None
+            self.last_tick_completed = time.monotonic()
+        finally:
+            self.ticks += 1
+
+
+def health_max_age(settings: Settings) -> float:
+    """How stale the last completed tick may be before /healthz fails: three intervals and a minute."""
+    return 3 * settings.scheduler_interval + 60
+
+
+async def serve(settings: Settings, *, db: Database | None = None, signals: bool = True) -> None:
+    """Run the daemon until SIGTERM/SIGINT (first: finish the running tick and return; second: exit now).
+
+    Without ``signals`` it runs until the task running it is cancelled. With
+    ``BRIEFS_HEALTH_PORT`` set, ``/healthz`` fails when no tick completed for
+    :func:`health_max_age` seconds.
+    """
+    own_db = db is None
+    if db is None:
+        db = await Database.connect(settings)
+    try:
+        async with db.raw() as conn:
+            await require_schema(conn)
+        daemon = SchedulerDaemon(db, settings)
+        health = None
+        if settings.health_port:
+            from briefs.health import HealthServer
+
+            health = HealthServer(db, settings.health_port)
+            health.watch("scheduler", lambda: daemon.last_tick_completed, health_max_age(settings))
+            await health.start()
+        stop = asyncio.Event()
+        if signals:
+            install_stop_signals(stop.set, lambda: exit_now(1))
+        await daemon.start()
+        try:
+            await stop.wait()
+        finally:
+            await daemon.stop()
+            if health is not None:
+                await health.stop()
+    finally:
+        if own_db:
+            await db.dispose()

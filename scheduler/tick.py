@@ -1,0 +1,665 @@
+"""One scheduler tick against the database: plan, check engagement, deduplicate, enqueue.
+
+:func:`run_tick` is the whole tick. It never reads the clock: ``now`` comes in, every
+instant it writes (``run_at``, ``notify_at``) is computed from it and passed to SQL as
+a parameter, and no query decides anything with the database's ``now()``. (The
+queue's bookkeeping columns ``updated_at``/``finished_at`` keep the database clock,
+like every other queue write, because retention and pruning measure them with it.)
+
+One transaction per tick
+    The tick runs in a single transaction that starts with
+    ``pg_try_advisory_xact_lock``: a second scheduler (rolling deploy) sees the lock
+    taken and returns at once (``skipped_locked``). Holding the lock for the whole
+    tick is what makes "one scheduler at a time" true; a transaction-scoped lock
+    can never outlive a crashed scheduler or leak on a pooled connection, and a
+    crash mid-tick leaves nothing half done (the next tick redoes it). The price is
+    that jobs become visible to workers at commit, i.e. up to one tick duration
+    (about a second per 100,000 users, see bench/README-scheduler.md) after they
+    were planned; jobs are planned ``generation_buffer`` ahead, so that is slack.
+    A dry run is the same transaction, with no writes, rolled back. The unique
+    index on live dedup keys remains the guarantee if two ticks ever overlap.
+
+Per page of active preferences (keyset pagination, ``settings.scheduler_page_size``)
+    1. one SELECT: preferences joined with users (timezone, last visit);
+    2. plan every user in Python (memoised per tick on (timezone, frequency,
+       weekday, time): users that share a schedule share a plan); an invalid
+       timezone skips that user with a reason, never the tick;
+    3. one SELECT on ``queue_jobs … WHERE dedup_key = ANY(…)``: a pending,
+       processing or completed brief job for (user, local date) blocks a new one
+       (failed and cancelled ones do not);
+    4. at most one UPDATE that moves or cancels pending jobs (see below);
+    5. one batched engagement query (only for users inactive 4+ days who need a
+       new job), then the engagement decisions, isolated per user;
+    6. one ``enqueue_many`` (a multi-row INSERT … ON CONFLICT DO NOTHING).
+    Five statements per page at most, whatever the page size. One NOTIFY per tick
+    (notifications are delivered at commit anyway).
+
+Moving and cancelling pending jobs
+    Only jobs the scheduler made are touched (their payload says ``"source":
+    "scheduler"``); a brief queued by hand (``briefs enqueue``) is left alone. At
+    the start of the tick one query loads every pending scheduler job (id, user,
+    date, notify_at). Each page then checks the pending jobs of its users against the *current*
+    preference and timezone:
+
+    * a job whose key is planned again this tick: if the planned instant differs
+      (preference or timezone changed) it is moved (``run_at``, ``notify_at`` and
+      the payload's ``notify_at``/``catch_up``/``email``); a catch-up keeps a job
+      that is already due;
+    * any other pending job: the job's local date is re-evaluated under the
+      current preference. No occurrence on that date any more (weekly day changed)
+      → cancelled; the instant moved ahead → moved to it; the instant passed while
+      the job waits for later → moved to ``now`` as a catch-up when it passed less
+      than ``catch_up`` ago, cancelled when longer ago; both instants passed (the
+      job is due either way) or unchanged → left alone.
+
+    A job's brief date never changes (it is the job's dedup key): a preference
+    change that moves the brief to another date cancels or moves the old date's job
+    and plans the new date's job under its own key. Pending scheduler jobs of users
+    that no page visited (their preference is inactive or gone) are cancelled by
+    one UPDATE at the end of the tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time as time_mod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from briefs import engagement, metrics
+from briefs.db import Database
+from briefs.settings import Settings
+from scheduler.plan import InvalidTimezone, Occurrence, Preference, dedup_key, load_timezone, local_to_utc, plan
+from worker import queue
+from worker.queue import NewJob
+
+log = logging.getLogger(__name__)
+
+LOCK_KEY = 0x6272696566_02  # "brief" + 2 (the migrator uses + 1): the scheduler's advisory lock
+JOB_TYPE = "generate_daily_brief"
+PRIORITY = 50
+SOURCE = "scheduler"  # payload["source"] of the jobs this module makes (the only ones it moves or cancels)
+_MIN_ID = -(2**63)
+
+PlanKey = tuple[str, str, int | None, time]
+
+
+# --------------------------------------------------------------------------- the report
+
+
+@dataclass
+class TickReport:
+    """What one tick did.
+
+    ``enqueued``: one dict per new job (user_id, brief_date, notify_at, run_at, job_id — None in a dry
+    run —, stage, catch_up). ``deduplicated``: planned briefs that already had a pending, running or
+    completed job. ``moved``/``cancelled``: pending jobs changed (job_id, user_id, brief_date, reason; moves
+    also from_notify_at, notify_at, run_at, catch_up). ``skipped``: {user_id, reason} with reasons
+    ``invalid_timezone: …``, ``engagement: …``, ``engagement_error: …``, ``invalid_preference: …``,
+    ``plan_error: …``. ``queries``: statements issued, the advisory lock included.
+    """
+
+    now: datetime
+    dry_run: bool = False
+    users_seen: int = 0
+    enqueued: list[dict[str, Any]] = field(default_factory=list)
+    deduplicated: int = 0
+    moved: list[dict[str, Any]] = field(default_factory=list)
+    cancelled: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    pages: int = 0
+    queries: int = 0
+    duration_s: float = 0.0
+    skipped_locked: bool = False
+
+    def skip(self, user_id: int, reason: str) -> None:
+        self.skipped.append({"user_id": user_id, "reason": reason})
+
+    def skipped_by_kind(self) -> dict[str, int]:
+        kinds: dict[str, int] = {}
+        for item in self.skipped:
+            kind = _reason_kind(item["reason"])
+            kinds[kind] = kinds.get(kind, 0) + 1
+        return kinds
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (instants and dates as ISO 8601 strings)."""
+        return {
+            "now": _iso(self.now),
+            "dry_run": self.dry_run,
+            "skipped_locked": self.skipped_locked,
+            "users_seen": self.users_seen,
+            "pages": self.pages,
+            "queries": self.queries,
+            "duration_s": round(self.duration_s, 4),
+            "deduplicated": self.deduplicated,
+            "enqueued": [_jsonable(e) for e in self.enqueued],
+            "moved": [_jsonable(m) for m in self.moved],
+            "cancelled": [_jsonable(c) for c in self.cancelled],
+            "skipped": [_jsonable(s) for s in self.skipped],
+            "skipped_by_kind": self.skipped_by_kind(),
+        }
+
+    def summary(self) -> str:
+        """A few human lines."""
+        head = f"tick at {_iso(self.now)}" + (" (dry run: nothing written)" if self.dry_run else "")
+        if self.skipped_locked:
+            return f"{head}: skipped, another scheduler holds the lock"
+        lines = [
+            f"{head}: {self.users_seen} active preference(s) in {self.pages} page(s), "
+            f"{self.queries} queries, {self.duration_s:.3f}s",
+            f"  enqueued {len(self.enqueued)}, already queued {self.deduplicated}, "
+            f"moved {len(self.moved)}, cancelled {len(self.cancelled)}, skipped {len(self.skipped)}",
+        ]
+        kinds = self.skipped_by_kind()
+        if kinds:
+            lines.append("  skipped: " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())))
+        for e in self.enqueued[:5]:
+            lines.append(
+                f"  + user {e['user_id']} {e['brief_date']} at {_iso(e['notify_at'])} [{e['stage']}]"
+                + (" catch-up" if e["catch_up"] else "")
+            )
+        if len(self.enqueued) > 5:
+            lines.append(f"  … and {len(self.enqueued) - 5} more (use --json for all)")
+        return "\n".join(lines)
+
+
+def _reason_kind(reason: str) -> str:
+    return reason.split(":", 1)[0].strip() or "other"
+
+
+def _iso(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    if isinstance(value, date):
+        return value.isoformat()
+    return value
+
+
+def _jsonable(item: dict[str, Any]) -> dict[str, Any]:
+    return {k: _iso(v) for k, v in item.items()}
+
+
+# --------------------------------------------------------------------------- plumbing
+
+
+class _Counted:
+    """The tick's connection: counts every statement it issues."""
+
+    def __init__(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        self.conn = conn
+        self.count = 0
+
+    async def execute(self, query: Any, params: Any = None, **kw: Any) -> psycopg.AsyncCursor[Any]:
+        self.count += 1
+        return await self.conn.execute(query, params, **kw)
+
+
+@dataclass(slots=True)
+class _User:
+    user_id: int
+    timezone: str
+    frequency: str
+    day_of_week: int | None
+    time_of_day: time
+    email: bool
+    last_visit_at: datetime | None
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A pending scheduler-made brief job."""
+
+    id: int
+    user_id: int
+    dedup_key: str
+    brief_date: date | None
+    notify_at: datetime | None
+    catch_up: bool
+    email: bool
+
+
+@dataclass(slots=True)
+class _Change:
+    """A move (cancel=False) or cancel of one pending job."""
+
+    job: _Pending
+    cancel: bool
+    reason: str
+    notify_at: datetime | None = None
+    run_at: datetime | None = None
+    catch_up: bool = False
+    email: bool = False
+
+
+@dataclass(slots=True)
+class _Due:
+    user: _User
+    occ: Occurrence
+    key: str
+
+
+class _Planner:
+    """Plans for one tick, memoised per schedule (timezone, frequency, weekday, time)."""
+
+    def __init__(self, now: datetime, settings: Settings) -> None:
+        self.now = now
+        self.lookahead = timedelta(seconds=settings.lookahead)
+        self.catch_up = timedelta(seconds=settings.catch_up)
+        self.buffer = timedelta(seconds=settings.generation_buffer)
+        self.cache: dict[PlanKey, list[Occurrence] | Exception] = {}
+
+    def plan(self, key: PlanKey, user_id: int) -> list[Occurrence] | Exception:
+        """The occurrences of a schedule (timezone, frequency, weekday, time), or the exception that rejects it.
+
+        Callers look in ``cache`` first: most users share their schedule with others.
+        """
+        found = self.cache.get(key)
+        if found is None:
+            tz, frequency, day_of_week, at = key
+            pref = Preference(user_id, tz, frequency, day_of_week, at)
+            try:
+                found = plan(
+                    pref, self.now, lookahead=self.lookahead, catch_up=self.catch_up, generation_buffer=self.buffer
+                )
+            except InvalidTimezone as exc:
+                found = exc
+            except ValueError:
+                found = ValueError(f"invalid_preference: frequency={frequency!r} day_of_week={day_of_week!r}")
+            self.cache[key] = found
+        return found
+
+    def recheck(self, user: _User, job: _Pending) -> _Change | None:
+        """Check a pending job outside this tick's plan against the user's current preference."""
+        day = job.brief_date
+        if day is None:
+            return None  # not a key we wrote: leave it alone
+        if user.frequency == "weekly" and day.isoweekday() != user.day_of_week:
+            return _Change(job, True, f"preference changed: no brief on {day} any more")
+        intended = local_to_utc(day, user.time_of_day, load_timezone(user.timezone))
+        if intended == job.notify_at:
+            return _email_patch(job, user.email)
+        if intended >= self.now:  # the brief's new instant is ahead (beyond this tick's window): wait for it
+            return _Change(
+                job, False, "preference changed", intended, max(self.now, intended - self.buffer), False, user.email
+            )
+        if job.notify_at is not None and job.notify_at <= self.now:
+            return _email_patch(job, user.email)  # both instants passed: the job is due either way
+        if intended > self.now - self.catch_up:  # the new instant passed, the job waits for later: now
+            return _Change(job, False, "preference changed (catch-up)", self.now, self.now, True, user.email)
+        return _Change(job, True, f"preference changed: the brief of {day} is now more than catch-up ago")
+
+
+def _email_patch(job: _Pending, email: bool) -> _Change | None:
+    if job.email == email:
+        return None
+    return _Change(job, False, "email preference changed", job.notify_at, None, job.catch_up, email)
+
+
+def _parse_key(key: str) -> date | None:
+    parts = key.split(":")
+    if len(parts) != 3 or parts[0] != "brief":
+        return None
+    try:
+        return date.fromisoformat(parts[2])
+    except ValueError:
+        return None
+
+
+# --------------------------------------------------------------------------- SQL
+
+_PAGE = """
+SELECT p.user_id, u.timezone, p.frequency, p.day_of_week, p.time_of_day, p.email_enabled, u.last_visit_at
+FROM brief_preferences p
+JOIN users u ON u.id = p.user_id
+WHERE p.is_active AND p.user_id > %(after)s
+  AND u.id > %(after)s  -- redundant, but lets the merge join start both index scans at the page (not at id 1)
+ORDER BY p.user_id
+LIMIT %(page)s
+"""
+
+# Scheduler-made jobs say so in their payload; hand-made ones are never moved or cancelled.
+_PENDING = """
+SELECT j.id, j.user_id, j.dedup_key, j.notify_at,
+       coalesce(j.payload->'catch_up' = 'true'::jsonb, false),
+       coalesce(j.payload->'email' = 'true'::jsonb, false)
+FROM queue_jobs j
+WHERE j.status = 'pending' AND j.job_type = %s AND j.user_id IS NOT NULL AND j.dedup_key IS NOT NULL
+  AND j.payload->>'source' = %s
+"""
+
+_DEDUP = """
+SELECT j.dedup_key, j.id, j.status, j.user_id, j.notify_at, coalesce(j.payload->>'source' = %s, false),
+       coalesce(j.payload->'catch_up' = 'true'::jsonb, false),
+       coalesce(j.payload->'email' = 'true'::jsonb, false)
+FROM queue_jobs j
+WHERE j.dedup_key = ANY(%s) AND j.job_type = %s AND j.status IN ('pending', 'processing', 'completed')
+"""
+
+# Moves and cancels in one statement; only jobs still pending (a worker may have claimed one meanwhile).
+_CHANGE = """
+UPDATE queue_jobs j
+SET status = CASE WHEN c.cancel THEN 'cancelled' ELSE j.status END,
+    notify_at = CASE WHEN c.cancel THEN j.notify_at ELSE c.notify_at END,
+    run_at = CASE WHEN c.cancel OR c.run_at IS NULL THEN j.run_at ELSE c.run_at END,
+    payload = CASE WHEN c.cancel THEN j.payload ELSE j.payload || c.patch END,
+    finished_at = CASE WHEN c.cancel THEN now() ELSE j.finished_at END,
+    last_error = CASE WHEN c.cancel THEN 'cancelled by the scheduler: ' || c.reason ELSE j.last_error END,
+    updated_at = now()
+FROM unnest(%s::bigint[], %s::boolean[], %s::timestamptz[], %s::timestamptz[], %s::jsonb[], %s::text[])
+     AS c(id, cancel, notify_at, run_at, patch, reason)
+WHERE j.id = c.id AND j.status = 'pending'
+RETURNING j.id
+"""
+
+
+# --------------------------------------------------------------------------- the tick
+
+
+async def run_tick(db: Database, settings: Settings, now: datetime, *, dry_run: bool = False) -> TickReport:
+    """Run one tick at the instant ``now`` (aware); see the module docstring."""
+    if now.tzinfo is None or now.utcoffset() is None:
+        raise ValueError("run_tick needs an aware datetime for now")
+    now = now.astimezone(UTC)
+    report = TickReport(now=now, dry_run=dry_run)
+    started = time_mod.perf_counter()
+    async with db.raw() as raw:
+        conn = _Counted(raw)
+        try:
+            if not await _try_lock(conn):
+                report.skipped_locked = True
+                log.info("tick at %s skipped: another scheduler holds the lock", _iso(now))
+            else:
+                await _tick(conn, settings, now, report)
+        finally:
+            report.queries = conn.count
+            if dry_run and not raw.closed:
+                await raw.rollback()
+    report.duration_s = time_mod.perf_counter() - started
+    _record(report)
+    return report
+
+
+async def _try_lock(conn: _Counted) -> bool:
+    """Take the scheduler's transaction-scoped advisory lock, or report that another tick holds it."""
+    cur = await conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (LOCK_KEY,))
+    row = await cur.fetchone()
+    return bool(row and row[0])
+
+
+async def _tick(conn: _Counted, settings: Settings, now: datetime, report: TickReport) -> None:
+    planner = _Planner(now, settings)
+    pending = await _load_pending(conn)
+    after = _MIN_ID
+    page_size = settings.scheduler_page_size
+    while True:
+        cur = await conn.execute(_PAGE, {"after": after, "page": page_size})
+        rows = await cur.fetchall()
+        if not rows:
+            break
+        report.pages += 1
+        report.users_seen += len(rows)
+        after = rows[-1][0]
+        await _page(conn, settings, planner, rows, pending, report)
+        if len(rows) < page_size:
+            break
+    # Pending scheduler jobs of users no page visited: their preference is inactive or gone.
+    leftovers = [_Change(job, True, "preference inactive or removed") for jobs in pending.values() for job in jobs]
+    await _apply(conn, leftovers, report)
+    if not report.dry_run and (report.enqueued or report.moved):
+        await conn.execute("SELECT pg_notify(%s, '')", (queue.NOTIFY_CHANNEL,))
+
+
+async def _load_pending(conn: _Counted) -> dict[int, list[_Pending]]:
+    cur = await conn.execute(_PENDING, (JOB_TYPE, SOURCE))
+    pending: dict[int, list[_Pending]] = {}
+    for job_id, user_id, key, notify_at, catch_up, email in await cur.fetchall():
+        pending.setdefault(user_id, []).append(
+            _Pending(job_id, user_id, key, _parse_key(key), notify_at, catch_up, email)
+        )
+    return pending
+
+
+async def _page(
+    conn: _Counted,
+    settings: Settings,
+    planner: _Planner,
+    rows: list[tuple[Any, ...]],
+    pending: dict[int, list[_Pending]],
+    report: TickReport,
+) -> None:
+    now = planner.now
+    cache = planner.cache
+    due: list[_Due] = []
+    changes: list[_Change] = []
+    for row in rows:  # (user_id, timezone, frequency, day_of_week, time_of_day, email_enabled, last_visit_at)
+        user_id = row[0]
+        jobs = pending.pop(user_id, None)
+        schedule = row[1:5]
+        occurrences = cache.get(schedule)
+        if not occurrences and not jobs and occurrences is not None:
+            continue  # the common case: nothing due and nothing queued
+        if occurrences is None:
+            try:
+                occurrences = planner.plan(schedule, user_id)
+            except Exception as exc:  # a planner bug must not stop the tick
+                log.exception("planning failed for user %s", user_id)
+                occurrences = exc
+        if isinstance(occurrences, InvalidTimezone):
+            log.warning("user %s skipped: invalid timezone: %s", user_id, occurrences)
+            report.skip(user_id, f"invalid_timezone: {occurrences}")
+            continue
+        if isinstance(occurrences, ValueError):
+            report.skip(user_id, str(occurrences))
+            continue
+        if isinstance(occurrences, Exception):
+            report.skip(user_id, f"plan_error: {type(occurrences).__name__}: {occurrences}")
+            continue
+        user = _User(*row)
+        keys = set()
+        for occ in occurrences:
+            key = dedup_key(user_id, occ.brief_date)
+            keys.add(key)
+            due.append(_Due(user, occ, key))
+        for job in jobs or ():
+            if job.dedup_key in keys:
+                continue  # reconciled with the plan below
+            try:
+                change = planner.recheck(user, job)
+            except Exception:  # leave the job as it is rather than stop the page
+                log.exception("checking pending job %s of user %s failed", job.id, user.user_id)
+                continue
+            if change is not None:
+                changes.append(change)
+
+    # Deduplicate against existing jobs: one query for the whole page.
+    new: list[_Due] = []
+    if due:
+        cur = await conn.execute(_DEDUP, (SOURCE, [d.key for d in due], JOB_TYPE))
+        existing: dict[str, list[tuple[Any, ...]]] = {}
+        for row in await cur.fetchall():
+            existing.setdefault(row[0], []).append(row)
+        for d in due:
+            rows = existing.get(d.key)
+            if not rows:
+                new.append(d)
+                continue
+            change = _reconcile(d, rows, now)
+            if change is None:
+                report.deduplicated += 1
+            else:
+                changes.append(change)
+    await _apply(conn, changes, report)
+
+    if new:
+        await _enqueue(conn, settings, new, report)
+
+
+def _reconcile(d: _Due, rows: list[tuple[Any, ...]], now: datetime) -> _Change | None:
+    """An existing job blocks the new one; a pending scheduler job whose instant changed is moved."""
+    pend = next((r for r in rows if r[2] == "pending"), None)
+    if pend is None or not pend[5]:
+        return None  # running, completed, or queued by hand: leave it
+    _, job_id, _, user_id, notify_at, _, catch_up, email = pend
+    job = _Pending(job_id, user_id, d.key, d.occ.brief_date, notify_at, catch_up, email)
+    occ = d.occ
+    if occ.catch_up:
+        if notify_at is not None and notify_at <= now:
+            return _email_patch(job, d.user.email)  # already due: keep it
+        return _Change(job, False, "preference changed (catch-up)", now, now, True, d.user.email)
+    if notify_at != occ.notify_at:
+        return _Change(job, False, "preference changed", occ.notify_at, occ.run_at, False, d.user.email)
+    return _email_patch(job, d.user.email)
+
+
+async def _apply(conn: _Counted, changes: Sequence[_Change], report: TickReport) -> None:
+    if not changes:
+        return
+    if report.dry_run:
+        done = {c.job.id for c in changes}
+    else:
+        cur = await conn.execute(
+            _CHANGE,
+            (
+                [c.job.id for c in changes],
+                [c.cancel for c in changes],
+                [c.notify_at for c in changes],
+                [c.run_at for c in changes],
+                [
+                    None
+                    if c.cancel
+                    else Jsonb({"notify_at": _iso(c.notify_at), "catch_up": c.catch_up, "email": c.email})
+                    for c in changes
+                ],
+                [c.reason for c in changes],
+            ),
+        )
+        done = {row[0] for row in await cur.fetchall()}
+    for c in changes:
+        if c.job.id not in done:
+            continue  # claimed by a worker meanwhile: it runs as it is
+        item: dict[str, Any] = {
+            "job_id": c.job.id,
+            "user_id": c.job.user_id,
+            "brief_date": c.job.brief_date,
+            "reason": c.reason,
+        }
+        if c.cancel:
+            report.cancelled.append(item)
+        else:
+            item.update(from_notify_at=c.job.notify_at, notify_at=c.notify_at, run_at=c.run_at, catch_up=c.catch_up)
+            report.moved.append(item)
+
+
+async def _enqueue(conn: _Counted, settings: Settings, new: list[_Due], report: TickReport) -> None:
+    # Engagement inputs: history only matters for users inactive 4+ days; one query for all of them.
+    wanted: list[tuple[int, date, date]] = []
+    for d in new:
+        tz = load_timezone(d.user.timezone)
+        if engagement.needs_history(d.user.last_visit_at, d.occ.brief_date, tz):
+            visited = engagement.visit_date(d.user.last_visit_at, tz)
+            assert visited is not None
+            wanted.append((d.user.user_id, visited, d.occ.brief_date))
+    histories = await engagement.load_histories(conn, wanted)
+
+    # A user with two occurrences in one tick: the earlier decision is history for the later one.
+    extra: dict[int, list[tuple[date, str | None]]] = {}
+
+    async def check(d: _Due) -> engagement.Decision:
+        history = histories.get((d.user.user_id, d.occ.brief_date), engagement.EMPTY_HISTORY)
+        more = extra.get(d.user.user_id)
+        if more:
+            history = engagement.History(history.briefs + tuple(more))
+        decision = engagement.decide(d.user.last_visit_at, history, d.occ.brief_date, tz=load_timezone(d.user.timezone))
+        if decision.send:
+            extra.setdefault(d.user.user_id, []).append((d.occ.brief_date, decision.stage))
+        return decision
+
+    # Checks are pure and cheap; gather isolates them: one failing check skips its user, never the page.
+    decisions = await asyncio.gather(*(check(d) for d in new), return_exceptions=True)
+
+    jobs: list[NewJob] = []
+    sent: list[tuple[_Due, str]] = []
+    for d, decision in zip(new, decisions, strict=True):
+        if isinstance(decision, BaseException):
+            if not isinstance(decision, Exception):
+                raise decision
+            log.error("engagement check failed for user %s: %r", d.user.user_id, decision)
+            report.skip(d.user.user_id, f"engagement_error: {type(decision).__name__}: {decision}")
+            continue
+        if not decision.send:
+            report.skip(d.user.user_id, decision.reason or "engagement: skipped")
+            continue
+        stage = decision.stage or engagement.STANDARD
+        occ = d.occ
+        jobs.append(
+            NewJob(
+                job_type=JOB_TYPE,
+                payload={
+                    "user_id": d.user.user_id,
+                    "brief_date": occ.brief_date.isoformat(),
+                    "notify_at": _iso(occ.notify_at),
+                    "engagement_stage": stage,
+                    "email": d.user.email,
+                    "catch_up": occ.catch_up,
+                    "source": SOURCE,
+                },
+                priority=PRIORITY,
+                run_at=occ.run_at,
+                max_attempts=settings.max_attempts,
+                dedup_key=d.key,
+                user_id=d.user.user_id,
+                notify_at=occ.notify_at,
+            )
+        )
+        sent.append((d, stage))
+    if not jobs:
+        return
+    if report.dry_run:
+        ids: list[int | None] = [None] * len(jobs)
+    else:
+        ids = await queue.enqueue_many(conn, jobs, default_max_attempts=settings.max_attempts, notify=False)  # type: ignore[arg-type]
+    for (d, stage), job_id in zip(sent, ids, strict=True):
+        if job_id is None and not report.dry_run:
+            report.deduplicated += 1  # a live job with this key appeared since the dedup query
+            continue
+        report.enqueued.append(
+            {
+                "user_id": d.user.user_id,
+                "brief_date": d.occ.brief_date,
+                "notify_at": d.occ.notify_at,
+                "run_at": d.occ.run_at,
+                "job_id": job_id,
+                "stage": stage,
+                "catch_up": d.occ.catch_up,
+            }
+        )
+
+
+def _record(report: TickReport) -> None:
+    metrics.TICK_DURATION.observe(report.duration_s)
+    if report.dry_run or report.skipped_locked:
+        return
+    metrics.TICK_USERS_ENQUEUED.inc(len(report.enqueued))
+    for kind, count in report.skipped_by_kind().items():
+        metrics.TICK_USERS_SKIPPED.labels(reason=kind).inc(count)
+    log.info(
+        "tick at %s: %d users, %d enqueued, %d already queued, %d moved, %d cancelled, %d skipped "
+        "(%d pages, %d queries, %.3fs)",
+        _iso(report.now),
+        report.users_seen,
+        len(report.enqueued),
+        report.deduplicated,
+        len(report.moved),
+        len(report.cancelled),
+        len(report.skipped),
+        report.pages,
+        report.queries,
+        report.duration_s,
+    )

@@ -1,0 +1,114 @@
+"""The daemon: a tick at start and every interval; failures never kill it; stop() lets a tick finish."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from briefs.db import Database
+from scheduler import daemon as daemon_mod
+from scheduler.daemon import SchedulerDaemon, serve
+from scheduler.tick import TickReport
+from tests.conftest import SchedulerSeed, make_settings
+
+
+def soon() -> str:
+    """A local time (UTC) ten minutes from now: due within the default one-hour lookahead."""
+    return (datetime.now(UTC) + timedelta(minutes=10)).strftime("%H:%M")
+
+
+async def wait_for(predicate: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting")
+        await asyncio.sleep(0.02)
+
+
+async def test_ticks_at_start_and_again(db: Database, database_url: str, sched_seed: SchedulerSeed) -> None:
+    uid = sched_seed.user("UTC", soon())
+    settings = make_settings(database_url, scheduler_interval=0.2)
+    daemon = SchedulerDaemon(db, settings)
+    started = time.monotonic()
+    await daemon.start()
+    try:
+        assert daemon.running
+        job = daemon._scheduler.get_job(daemon_mod.JOB_ID)  # type: ignore[union-attr]
+        # Late ticks always run (never dropped as misfires), coalesced into one, never two at once.
+        assert (job.misfire_grace_time, job.coalesce, job.max_instances) == (None, True, 1)
+        await wait_for(lambda: daemon.ticks >= 1)
+        assert time.monotonic() - started < 1.0  # the first tick runs at start, not after an interval
+        assert daemon.last_report is not None and [e["user_id"] for e in daemon.last_report.enqueued] == [uid]
+        await wait_for(lambda: daemon.ticks >= 3)
+    finally:
+        await daemon.stop()
+    assert not daemon.running
+    assert daemon.last_tick_completed is not None and daemon.last_tick_completed <= time.monotonic()
+    assert daemon.last_report is not None and daemon.last_report.deduplicated == 1
+    assert len(sched_seed.jobs(uid)) == 1
+    ticks = daemon.ticks
+    await asyncio.sleep(0.4)
+    assert daemon.ticks == ticks  # stopped means stopped
+
+
+async def test_a_failing_tick_does_not_kill_the_daemon(
+    db: Database, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[datetime] = []
+
+    async def flaky(db: Any, settings: Any, now: datetime, **kw: Any) -> TickReport:
+        calls.append(now)
+        if len(calls) == 1:
+            raise RuntimeError("database on fire")
+        return TickReport(now=now)
+
+    monkeypatch.setattr(daemon_mod, "run_tick", flaky)
+    daemon = SchedulerDaemon(db, make_settings(database_url, scheduler_interval=0.1))
+    await daemon.start()
+    try:
+        await wait_for(lambda: daemon.ticks >= 1)
+        await wait_for(lambda: daemon.last_report is not None)
+    finally:
+        await daemon.stop()
+    assert daemon.last_error is None and len(calls) >= 2
+    assert all(c.tzinfo is UTC for c in calls)
+
+
+async def test_stop_lets_the_running_tick_finish(
+    db: Database, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entered = asyncio.Event()
+    finished: list[bool] = []
+
+    async def slow(db: Any, settings: Any, now: datetime, **kw: Any) -> TickReport:
+        entered.set()
+        await asyncio.sleep(0.5)
+        finished.append(True)
+        return TickReport(now=now)
+
+    monkeypatch.setattr(daemon_mod, "run_tick", slow)
+    daemon = SchedulerDaemon(db, make_settings(database_url, scheduler_interval=60))
+    await daemon.start()
+    await asyncio.wait_for(entered.wait(), 5)
+    begun = time.monotonic()
+    await daemon.stop()
+    assert finished == [True]  # not cancelled
+    assert time.monotonic() - begun >= 0.3
+    assert daemon.last_report is not None and not daemon.running
+
+
+async def test_serve_without_signals_runs_until_cancelled(
+    db: Database, database_url: str, sched_seed: SchedulerSeed
+) -> None:
+    uid = sched_seed.user("UTC", soon())
+    settings = make_settings(database_url, scheduler_interval=30)
+    task = asyncio.create_task(serve(settings, db=db, signals=False))
+    await wait_for(lambda: len(sched_seed.jobs(uid)) == 1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await db.check()  # the caller's database is still usable (serve does not dispose it)
