@@ -409,6 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+SERVICES = frozenset({"run", "worker", "scheduler"})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -418,9 +421,12 @@ def main(argv: list[str] | None = None) -> int:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
         print(f"briefs: error: invalid configuration: {problems}", file=sys.stderr)
         return 2
+    # Services log at INFO; one-shot commands keep stderr for warnings and their error line,
+    # unless BRIEFS_LOG_LEVEL says otherwise.
+    quiet = args.command not in SERVICES and "log_level" not in settings.model_fields_set
     setup_logging(
         settings.log_format,
-        settings.log_level,
+        "WARNING" if quiet else settings.log_level,
         secrets=(
             settings.openai_api_key.get_secret_value() if settings.openai_api_key else None,
             settings.smtp_url.get_secret_value() if settings.smtp_url else None,

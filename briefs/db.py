@@ -205,6 +205,7 @@ class HeldConnection:
 
 
 def _short(exc: BaseException) -> str:
+    exc = getattr(exc, "orig", None) or exc  # SQLAlchemy wraps the driver's error
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 
