@@ -319,8 +319,9 @@ async def _seed_demo(db: Database) -> int:
             users = await seed(conn, datetime.now(UTC), on_user=lambda i, n, email: bar.update(i, n, email))
     first_id, email, when = users[0]
     print(
-        f"demo: {len(users)} users ready; {email} (user {first_id}) gets a brief at "
-        f"{when:%H:%M:%S} UTC, about a minute from now.\n"
+        f"demo: {len(users)} users ready; {email} (user {first_id}) wants a brief at "
+        f"{when:%H:%M:%S} UTC, a minute from now.\n"
+        f"      Briefs are generated ahead of the user's time, so it appears here in a few seconds.\n"
         f"      Watch it: `briefs status`, `briefs jobs`; read it: `briefs show {first_id}`.",
         flush=True,
     )
