@@ -1,7 +1,94 @@
-"""Handlers for the brief job types (filled in by the brief generator)."""
+"""Handlers for the brief job types: ``generate_daily_brief`` and ``send_brief_email``.
+
+The work is in ``briefs.generator`` and ``briefs.email``; this module adapts a
+job to them and owns the queue side (import direction: briefs ← worker). The
+generator calls two hooks inside its own transactions, on its connection: one
+publishes the job's progress (``worker.queue.set_progress`` with the job's
+fencing token — what ``JobContext.progress()`` does, without a transaction of its
+own), the other inserts the follow-up jobs with ``worker.queue.enqueue`` in the
+brief's final transaction, so a brief is never marked done without its email job.
+
+One ``LLMClient`` is shared by every job of the process (``services["llm"]``,
+created on first use; the worker closes services with ``aclose`` when it stops),
+so its process-wide limits apply across briefs.
+"""
 
 from __future__ import annotations
 
-from worker.runner import Handler
+import logging
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
 
-HANDLERS: dict[str, Handler] = {}
+from briefs import email as brief_email
+from briefs import generator
+from briefs.llm import LLMClient
+from worker import queue
+from worker.runner import Handler, JobContext
+
+log = logging.getLogger(__name__)
+
+EMAIL_TIMEOUT = 120.0
+
+
+def llm_client(ctx: JobContext) -> LLMClient:
+    client = ctx.services.get("llm")
+    if client is None:
+        client = ctx.services["llm"] = LLMClient(ctx.settings)
+    return client
+
+
+async def generate_daily_brief(ctx: JobContext) -> dict[str, Any]:
+    job = ctx.job
+    request = generator.BriefRequest.from_payload(job.payload, user_id=job.user_id, notify_at=job.notify_at)
+
+    async def enqueue(conn: queue.Conn, follow_ups: Sequence[generator.FollowUp]) -> None:
+        for f in follow_ups:
+            new_id = await queue.enqueue(
+                conn,
+                queue.NewJob(
+                    job_type=f.job_type,
+                    payload=f.payload,
+                    run_at=f.run_at,
+                    dedup_key=f.dedup_key,
+                    user_id=f.user_id,
+                    notify_at=f.notify_at,
+                ),
+                default_max_attempts=ctx.settings.max_attempts,
+            )
+            log.info("enqueued %s for user %s: %s", f.job_type, f.user_id,
+                     f"job {new_id}" if new_id else "already pending")
+
+    async def progress(conn: queue.Conn, data: dict[str, Any]) -> None:
+        # What ctx.progress() does, inside the generator's own transaction (no extra round trip).
+        await queue.set_progress(conn, job.id, job.token, data)
+
+    try:
+        outcome = await generator.generate(
+            ctx.db,
+            ctx.settings,
+            request,
+            llm=llm_client(ctx) if ctx.settings.llm_enabled else None,
+            progress=progress,
+            enqueue=enqueue,
+        )
+    except Exception as exc:
+        if getattr(exc, "permanent", False) or job.attempts >= job.max_attempts:
+            # The job gives up: say so on the brief instead of leaving it "processing" forever.
+            try:
+                await generator.mark_failed(ctx.db, request, f"{type(exc).__name__}: {exc}")
+            except Exception:
+                log.warning("could not mark the brief failed", exc_info=True)
+        raise
+    return outcome.result()
+
+
+async def send_brief_email(ctx: JobContext) -> dict[str, Any]:
+    request = brief_email.EmailRequest.from_payload(ctx.job.payload, user_id=ctx.job.user_id)
+    return await brief_email.send_brief_email(ctx.db, ctx.settings, request, now=datetime.now(UTC))
+
+
+HANDLERS: dict[str, Handler] = {
+    "generate_daily_brief": Handler(generate_daily_brief),
+    "send_brief_email": Handler(send_brief_email, timeout=EMAIL_TIMEOUT),
+}

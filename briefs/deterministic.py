@@ -1,0 +1,181 @@
+"""Briefs without an LLM: sections, the executive summary and priority actions from the data alone.
+
+Used for quiet projects (nothing today, overdue or recently done: an LLM call
+would add nothing), when no API key is configured, and as the fallback when the
+LLM fails for a project or for the summary. Pure functions of the loaded data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import date
+from typing import Any
+
+from briefs.loading import ProjectContext, TaskItem
+from briefs.render import Group, Section, short_date
+
+MAX_ITEMS = 10
+MAX_ACTIONS = 7
+
+NOTE_FALLBACK = "The AI summary for this project is unavailable today; here is the plain task list."
+NOTE_QUIET = None
+
+
+def _plural(n: int, word: str, plural: str | None = None) -> str:
+    return f"{n} {word if n == 1 else (plural or word + 's')}"
+
+
+def _task_line(task: TaskItem, *, show_due: bool = True) -> str:
+    bits = []
+    if show_due and task.due_date:
+        bits.append(f"due {short_date(task.due_date)}")
+    if task.priority == "high":
+        bits.append("high priority")
+    if task.status in ("blocked", "in_progress"):
+        bits.append(task.status.replace("_", " "))
+    title = " ".join(task.title.split())
+    return f"{title} ({', '.join(bits)})" if bits else title
+
+
+def _group(heading: str, items: Sequence[str]) -> Group | None:
+    if not items:
+        return None
+    if len(items) > MAX_ITEMS:
+        items = [*items[:MAX_ITEMS], f"… and {len(items) - MAX_ITEMS} more"]
+    return Group(heading, tuple(items))
+
+
+def counts_sentence(p: ProjectContext) -> str:
+    parts = []
+    if p.overdue:
+        high = p.overdue_high
+        parts.append(_plural(len(p.overdue), "overdue task") + (f" ({high} high priority)" if high else ""))
+    if p.today:
+        parts.append(f"{len(p.today)} starting or due today")
+    if p.completed:
+        parts.append(f"{len(p.completed)} completed in the last 24 hours")
+    if p.upcoming:
+        parts.append(f"{len(p.upcoming)} due in the next 7 days")
+    if not parts:
+        return f"{_plural(p.open_tasks, 'open task')}, nothing due this week."
+    return "; ".join(parts).capitalize() + "."
+
+
+def project_section(p: ProjectContext, *, source: str = "deterministic", note: str | None = None) -> Section:
+    """The project's section as plain lists (no LLM)."""
+    if p.quiet:
+        summary = "Quiet day: nothing due or starting today, nothing overdue, nothing completed in the last 24 hours."
+        if p.upcoming:
+            summary += f" {_plural(len(p.upcoming), 'task')} due in the next 7 days."
+        elif p.open_tasks:
+            summary += f" {_plural(p.open_tasks, 'open task')}."
+    else:
+        summary = counts_sentence(p)
+    groups = [
+        _group("Overdue", [_task_line(t) for t in p.overdue]),
+        _group("Today", [_task_line(t, show_due=False) for t in p.today]),
+        _group("Done in the last 24 hours", [" ".join(t.title.split()) for t in p.completed]),
+        _group("Coming up this week", [_task_line(t) for t in p.upcoming]),
+        _group(
+            "Recent notes",
+            [
+                " ".join(n.title.split()) + (f": {_clip(n.content, 120)}" if n.content.strip() else "")
+                for n in p.notes
+            ],
+        ),
+    ]
+    return Section(p.id, p.name, summary, tuple(g for g in groups if g), source=source, note=note)
+
+
+def _clip(text: str, limit: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+def compact_line(p: ProjectContext, section: Section | None) -> dict[str, Any]:
+    """One project, compactly, for the executive summary prompt (every project gets one)."""
+    top = [t.title for t in p.overdue[:2]] + [t.title for t in p.today[:2]]
+    return {
+        "name": p.name,
+        "overdue": len(p.overdue),
+        "overdue_high": p.overdue_high,
+        "today": len(p.today),
+        "upcoming": len(p.upcoming),
+        "completed": len(p.completed),
+        "open": p.open_tasks,
+        "top": [_clip(t, 80) for t in top[:3]],
+        "summary": section.summary if section else counts_sentence(p),
+    }
+
+
+def priority_actions(projects: Sequence[ProjectContext], brief_date: date, limit: int = MAX_ACTIONS) -> list[str]:
+    """Overdue high-priority work first (oldest first), then other overdue work, then today's high priority."""
+    rank = {"high": 0, "medium": 1, "low": 2}
+    overdue = sorted(
+        ((t, p) for p in projects for t in p.overdue),
+        key=lambda tp: (rank.get(tp[0].priority, 3), tp[0].due_date or brief_date, tp[0].id),
+    )
+    actions: list[str] = []
+    seen: set[int] = set()
+    for t, p in overdue:
+        if len(actions) >= limit:
+            break
+        days = (brief_date - t.due_date).days if t.due_date else 0
+        late = f"{_plural(days, 'day')} overdue"
+        prio = ", high priority" if t.high else ""
+        actions.append(f"{p.name}: {_clip(t.title, 100)} ({late}{prio})")
+        seen.add(t.id)
+    today = sorted(
+        ((t, p) for p in projects for t in p.today if t.id not in seen),
+        key=lambda tp: (rank.get(tp[0].priority, 3), tp[0].id),
+    )
+    for t, p in today:
+        if len(actions) >= limit:
+            break
+        when = "due today" if t.due_date == brief_date else "starts today"
+        prio = ", high priority" if t.high else ""
+        actions.append(f"{p.name}: {_clip(t.title, 100)} ({when}{prio})")
+    return actions
+
+
+def executive_summary(projects: Sequence[ProjectContext]) -> str:
+    n = len(projects)
+    overdue = sum(len(p.overdue) for p in projects)
+    high = sum(p.overdue_high for p in projects)
+    today = sum(len(p.today) for p in projects)
+    upcoming = sum(len(p.upcoming) for p in projects)
+    done = sum(len(p.completed) for p in projects)
+    quiet = sum(1 for p in projects if p.quiet)
+    first = (
+        f"Across your {_plural(n, 'active project')}: {_plural(overdue, 'overdue task')}"
+        + (f" ({high} high priority)" if high else "")
+        + f", {today} starting or due today, {upcoming} due in the next 7 days"
+        + f" and {done} completed in the last 24 hours."
+    )
+    busiest = sorted(
+        (p for p in projects if p.overdue or p.today),
+        key=lambda p: (-p.overdue_high, -len(p.overdue), -len(p.today), p.name.lower()),
+    )[:3]
+    parts = [first]
+    if busiest:
+        names = ", ".join(f"{p.name} ({counts_short(p)})" for p in busiest)
+        parts.append(f"Needing attention most: {names}.")
+    if quiet:
+        parts.append(f"{_plural(quiet, 'project')} had a quiet day.")
+    return " ".join(parts)
+
+
+def counts_short(p: ProjectContext) -> str:
+    bits = []
+    if p.overdue:
+        bits.append(f"{len(p.overdue)} overdue")
+    if p.today:
+        bits.append(f"{len(p.today)} today")
+    return ", ".join(bits) or "quiet"
+
+
+def empty_summary() -> str:
+    return (
+        "You have no active projects right now, so there is nothing to brief you on today. "
+        "Create a project or reactivate a paused one and your next brief will cover it."
+    )

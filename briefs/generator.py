@@ -1,0 +1,705 @@
+"""Generating one user's brief for one local date: the ``generate_daily_brief`` job's work.
+
+:func:`generate` does, in order:
+
+1. **Claim** the ``daily_briefs`` row (unique per user and date) as ``processing``
+   with a fresh ``run_id`` in its metadata. A ``completed`` or ``partial`` brief is
+   left alone unless ``force``. A brief found ``processing`` (a crashed or
+   timed-out earlier run) or ``failed`` is *resumed*: project sections that the
+   earlier run already got from the LLM are kept, everything else is redone.
+   ``force`` redoes everything, bumps ``metadata.revision`` and clears
+   ``email_sent_at`` so the new content is mailed (if email is wanted).
+2. **Load** the user's active projects, tasks and notes (:mod:`briefs.loading`).
+3. **Per project, concurrently** (at most ``settings.llm_brief_concurrency`` per
+   brief; the LLM client also enforces the process-wide limit) and **isolated**:
+   quiet projects and LLM-less setups get a deterministic section; otherwise the
+   LLM writes it. Each section is written to ``project_daily_briefs`` as soon as
+   it is ready, with progress in ``daily_briefs.progress`` and the job's
+   ``queue_jobs.progress`` (throttled).
+4. **Executive summary** over a compact line for *every* project, and priority
+   actions (LLM, or deterministic: overdue high-priority work first).
+5. **Render** the Markdown brief and write the final row, fenced by ``run_id``.
+   Follow-up jobs (the email) are handed to the caller's ``enqueue`` hook *inside
+   that same transaction*, so a brief is never completed without its email job.
+
+Statuses. A project row is ``completed`` when its section is what was intended
+(from the LLM, or deterministic by design: quiet project, no API key) and
+``failed`` when something went wrong — the LLM failed after its retries (or
+rejected the request: 401/400…), its reply was malformed, or an unexpected error
+— in which case ``error`` says why, the section is the deterministic rendering and
+``metadata.source`` is ``"fallback"``. The brief is ``partial`` when any project
+failed or the executive summary had to fall back, otherwise ``completed``; it is
+never ``failed`` because of a project. A brief without an API key is
+``completed`` (deterministic by design, and says so). ``failed`` is only written
+by the job handler when the job itself gives up (its last attempt failed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from briefs import deterministic, render
+from briefs.db import Database
+from briefs.errors import PermanentError
+from briefs.llm import ExecutiveSummary, LLMClient, LLMError, ProjectBrief
+from briefs.loading import BriefContext, ProjectContext, UserContext, anchor_for, load_projects, load_user
+from briefs.render import STAGES, STANDARD, BriefView, Section
+
+log = logging.getLogger(__name__)
+
+Conn = psycopg.AsyncConnection[Any]
+EnqueueHook = Callable[[Conn, Sequence["FollowUp"]], Awaitable[None]]
+ProgressHook = Callable[[Conn, dict[str, Any]], Awaitable[None]]
+
+PROGRESS_INTERVAL = 1.0  # seconds between progress writes (first and last are always written)
+
+# Transactions per brief: one to claim the row and load the data (with the first progress), one per
+# batch of finished project sections (sections that finish while a batch is being written go in the
+# next one; throttled progress rides along), one to finish (with the last progress and the email job).
+EMAIL_JOB = "send_brief_email"
+BRIEF_JOB = "generate_daily_brief"
+AUTH_STATUSES = frozenset({401, 403})  # after one of these, the rest of the brief skips the LLM
+
+
+def brief_dedup_key(user_id: int, brief_date: date) -> str:
+    return f"brief:{user_id}:{brief_date.isoformat()}"
+
+
+def email_dedup_key(user_id: int, brief_date: date) -> str:
+    return f"email:{user_id}:{brief_date.isoformat()}"
+
+
+class BriefSuperseded(RuntimeError):
+    """Another run took this brief over (our run_id is no longer the brief's); stop writing."""
+
+
+# --------------------------------------------------------------------------- request and outcome
+
+
+@dataclass(frozen=True)
+class BriefRequest:
+    user_id: int
+    brief_date: date
+    notify_at: datetime | None = None
+    engagement_stage: str = STANDARD
+    email: bool = False
+    catch_up: bool = False
+    force: bool = False
+
+    @classmethod
+    def from_payload(
+        cls, payload: dict[str, Any], *, user_id: int | None = None, notify_at: datetime | None = None
+    ) -> BriefRequest:
+        """Validate a job payload (the job row's user_id / notify_at fill gaps). Bad input is permanent."""
+        if not isinstance(payload, dict):
+            raise PermanentError(f"generate_daily_brief: payload must be an object, got {type(payload).__name__}")
+        uid = payload.get("user_id", user_id)
+        if not isinstance(uid, int) or isinstance(uid, bool) or uid <= 0:
+            raise PermanentError(f"generate_daily_brief: user_id must be a positive integer, got {uid!r}")
+        raw_date = payload.get("brief_date")
+        try:
+            brief_date = date.fromisoformat(raw_date) if isinstance(raw_date, str) else None
+        except ValueError:
+            brief_date = None
+        if brief_date is None:
+            raise PermanentError(f"generate_daily_brief: brief_date must be YYYY-MM-DD, got {raw_date!r}")
+        raw_notify = payload.get("notify_at")
+        when = notify_at
+        if raw_notify is not None:
+            try:
+                when = datetime.fromisoformat(str(raw_notify).replace("Z", "+00:00"))
+            except ValueError:
+                raise PermanentError(f"generate_daily_brief: notify_at is not ISO 8601: {raw_notify!r}") from None
+        if when is not None and when.tzinfo is None:
+            raise PermanentError(f"generate_daily_brief: notify_at has no UTC offset: {raw_notify!r}")
+        stage = payload.get("engagement_stage") or STANDARD
+        if stage not in STAGES:
+            log.warning("unknown engagement stage %r; using %r", stage, STANDARD)
+            stage = STANDARD
+        flags = {}
+        for name in ("email", "catch_up", "force"):
+            value = payload.get(name, False)
+            if not isinstance(value, bool):
+                raise PermanentError(f"generate_daily_brief: {name} must be true or false, got {value!r}")
+            flags[name] = value
+        return cls(uid, brief_date, when.astimezone(UTC) if when else None, stage, **flags)
+
+    def to_payload(self) -> dict[str, Any]:
+        return {
+            "user_id": self.user_id,
+            "brief_date": self.brief_date.isoformat(),
+            "notify_at": self.notify_at.isoformat() if self.notify_at else None,
+            "engagement_stage": self.engagement_stage,
+            "email": self.email,
+            "catch_up": self.catch_up,
+            "force": self.force,
+        }
+
+
+@dataclass(frozen=True)
+class FollowUp:
+    """A job to enqueue once the brief is written (the caller owns the queue)."""
+
+    job_type: str
+    payload: dict[str, Any]
+    dedup_key: str
+    user_id: int
+    run_at: datetime | None  # None: now
+    notify_at: datetime | None
+
+
+@dataclass
+class BriefOutcome:
+    brief_id: int | None
+    status: str
+    skipped: bool = False
+    reason: str | None = None
+    llm: str = "disabled"
+    projects_total: int = 0
+    projects_ok: int = 0
+    projects_failed: int = 0
+    sources: dict[str, int] = field(default_factory=dict)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    follow_ups: list[FollowUp] = field(default_factory=list)
+
+    def result(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "brief_id": self.brief_id,
+            "status": self.status,
+            "projects_ok": self.projects_ok,
+            "projects_failed": self.projects_failed,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+        }
+        if self.skipped:
+            out["skipped"] = True
+            out["reason"] = self.reason
+        else:
+            out["llm"] = self.llm
+            out["sources"] = self.sources
+        if self.follow_ups:
+            out["enqueued"] = [f.job_type for f in self.follow_ups]
+        return out
+
+
+@dataclass
+class _ProjectResult:
+    project: ProjectContext
+    section: Section
+    status: str  # completed | failed
+    error: str | None
+    meta: dict[str, Any]
+
+    @property
+    def tokens(self) -> tuple[int, int]:
+        return int(self.meta.get("prompt_tokens") or 0), int(self.meta.get("completion_tokens") or 0)
+
+
+# --------------------------------------------------------------------------- SQL
+
+_SQL = {
+    "insert": """
+        INSERT INTO daily_briefs (user_id, brief_date, status, engagement_stage, notify_at, started_at,
+                                  metadata, progress)
+        VALUES (%(user)s, %(day)s, 'processing', %(stage)s, %(notify)s, now(), %(meta)s, %(progress)s)
+        ON CONFLICT (user_id, brief_date) DO NOTHING
+        RETURNING id
+    """,
+    "lock": """
+        SELECT id, status, email_sent_at, metadata FROM daily_briefs
+        WHERE user_id = %s AND brief_date = %s FOR UPDATE
+    """,
+    "restart": """
+        UPDATE daily_briefs
+        SET status = 'processing', engagement_stage = %(stage)s, notify_at = coalesce(%(notify)s, notify_at),
+            started_at = now(), completed_at = NULL, error = NULL, metadata = %(meta)s, progress = %(progress)s,
+            email_sent_at = CASE WHEN %(force)s THEN NULL ELSE email_sent_at END, updated_at = now()
+        WHERE id = %(id)s
+    """,
+    "drop_all_sections": "DELETE FROM project_daily_briefs WHERE daily_brief_id = %s",
+    # Keep what an earlier run got from the LLM; redo everything else.
+    "drop_redo_sections": """
+        DELETE FROM project_daily_briefs
+        WHERE daily_brief_id = %s AND NOT (status = 'completed' AND metadata->>'source' = 'llm'
+                                           AND metadata ? 'section')
+    """,
+    "kept_sections": "SELECT project_id, metadata FROM project_daily_briefs WHERE daily_brief_id = %s",
+    # Sections are written only while this run still owns the brief (FOR SHARE holds that until commit).
+    "fence": """
+        SELECT 1 FROM daily_briefs
+        WHERE id = %s AND status = 'processing' AND metadata->>'run_id' = %s
+        FOR SHARE
+    """,
+    "save_section": """
+        INSERT INTO project_daily_briefs (daily_brief_id, project_id, status, content_markdown, error, metadata)
+        VALUES (%(brief)s, %(project)s, %(status)s, %(content)s, %(error)s, %(meta)s)
+        ON CONFLICT (daily_brief_id, project_id) DO UPDATE
+        SET status = excluded.status, content_markdown = excluded.content_markdown, error = excluded.error,
+            metadata = excluded.metadata, updated_at = now()
+    """,
+    "progress": """
+        UPDATE daily_briefs SET progress = %(progress)s, updated_at = now()
+        WHERE id = %(brief)s AND status = 'processing' AND metadata->>'run_id' = %(run)s
+    """,
+    "finish": """
+        UPDATE daily_briefs
+        SET status = %(status)s, subject = %(subject)s, summary_markdown = %(markdown)s,
+            executive_summary = %(summary)s, priority_actions = %(actions)s, model = %(model)s,
+            prompt_tokens = %(prompt)s, completion_tokens = %(completion)s, error = %(error)s,
+            metadata = metadata || %(meta)s, progress = %(progress)s, completed_at = now(), updated_at = now()
+        WHERE id = %(brief)s AND status = 'processing' AND metadata->>'run_id' = %(run)s
+        RETURNING email_sent_at
+    """,
+    "mark_failed": """
+        UPDATE daily_briefs SET status = 'failed', error = %s, completed_at = now(), updated_at = now()
+        WHERE user_id = %s AND brief_date = %s AND status = 'processing'
+    """,
+}
+
+
+# --------------------------------------------------------------------------- the run
+
+
+async def generate(
+    db: Database,
+    settings: Any,
+    request: BriefRequest,
+    *,
+    llm: LLMClient | None = None,
+    progress: ProgressHook | None = None,
+    enqueue: EnqueueHook | None = None,
+) -> BriefOutcome:
+    """Generate (or resume, or skip) one brief; see the module docstring.
+
+    ``llm``: the shared client (None: one is made for this call when an API key is
+    configured). ``progress``: called with a connection and the progress dict
+    whenever progress is written to ``daily_briefs`` — inside that transaction, so
+    the job's ``queue_jobs.progress`` costs no extra round trip. ``enqueue``: called
+    inside the final transaction with the follow-up jobs; without it they are only
+    returned in the outcome.
+    Raises :class:`PermanentError` for a missing user.
+    """
+    own_llm = llm is None and settings.llm_enabled
+    if own_llm:
+        llm = LLMClient(settings)
+    try:
+        return await _Run(db, settings, request, llm, progress, enqueue).run()
+    finally:
+        if own_llm and llm is not None:
+            await llm.aclose()
+
+
+async def mark_failed(db: Database, request: BriefRequest, error: str) -> None:
+    """The job gave up: a brief left ``processing`` becomes ``failed`` with the error (a later job may redo it)."""
+    async with db.raw() as conn:
+        await conn.execute(_SQL["mark_failed"], (error[:4000], request.user_id, request.brief_date))
+
+
+class _Run:
+    def __init__(
+        self,
+        db: Database,
+        settings: Any,
+        request: BriefRequest,
+        llm: LLMClient | None,
+        progress: ProgressHook | None,
+        enqueue: EnqueueHook | None,
+    ) -> None:
+        self.db = db
+        self.settings = settings
+        self.req = request
+        self.llm = llm if llm is not None and llm.enabled else None
+        self.progress_hook = progress
+        self.enqueue_hook = enqueue
+        self.run_id = uuid.uuid4().hex
+        self.brief_id = 0
+        self.revision = 1
+        self.kept: dict[int, dict[str, Any]] = {}
+        self.llm_broken: str | None = None  # set after an auth error: skip the LLM for the rest
+        self.total = 0
+        self.done = 0
+        self.failed = 0
+        self.phase = "loading"
+        self._last_progress = 0.0
+        self._unsaved: list[_ProjectResult] = []
+        self._save_lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------ steps
+
+    async def run(self) -> BriefOutcome:
+        req = self.req
+        async with self.db.raw() as conn:
+            user = await load_user(conn, req.user_id)
+            if user is None:
+                raise PermanentError(f"user {req.user_id} does not exist")
+            skipped = await self._claim(conn, user)
+            if skipped is not None:
+                return skipped
+            anchor = anchor_for(req.brief_date, user.tz, req.notify_at)
+            projects = await load_projects(conn, user, req.brief_date, anchor)
+            self.total = len(projects)
+            self.phase = "projects"
+            await self._write_progress(conn)
+        ctx = BriefContext(user, req.brief_date, anchor, tuple(projects))
+
+        results = await self._projects(ctx) if projects else []
+
+        self.phase = "summary"
+        await self._report()
+        summary, actions, summary_meta = await self._summary(ctx, results)
+        return await self._finish(ctx, results, summary, actions, summary_meta)
+
+    async def _claim(self, conn: Conn, user: UserContext) -> BriefOutcome | None:
+        """Take the brief row for this run; an outcome when there is nothing to do."""
+        req = self.req
+        meta = {"run_id": self.run_id, "revision": 1}
+        progress = self._progress_value()
+        cur = await conn.execute(
+            _SQL["insert"],
+            {
+                "user": req.user_id,
+                "day": req.brief_date,
+                "stage": req.engagement_stage,
+                "notify": req.notify_at,
+                "meta": Jsonb(meta),
+                "progress": Jsonb(progress),
+            },
+        )
+        row = await cur.fetchone()
+        if row is not None:
+            self.brief_id = row[0]
+            return None
+        cur = await conn.execute(_SQL["lock"], (req.user_id, req.brief_date))
+        row = await cur.fetchone()
+        assert row is not None  # the insert conflicted, so the row exists (and rows are not deleted here)
+        brief_id, status, email_sent_at, old_meta = row
+        old_meta = old_meta or {}
+        self.brief_id = brief_id
+        if status in ("completed", "partial") and not req.force:
+            follow = []
+            if (req.email or user.wants_email) and email_sent_at is None:
+                follow = [self._email_follow_up()]
+                if self.enqueue_hook is not None:
+                    await self.enqueue_hook(conn, follow)
+            log.info("brief %s for user %s on %s is already %s; not regenerating (no force)",
+                     brief_id, req.user_id, req.brief_date, status)
+            return BriefOutcome(brief_id, status, skipped=True, reason=f"already {status}", follow_ups=follow)
+        self.revision = int(old_meta.get("revision") or 1) + (1 if req.force else 0)
+        meta["revision"] = self.revision
+        resume = not req.force and status in ("processing", "failed")
+        await conn.execute(
+            _SQL["restart"],
+            {
+                "id": brief_id,
+                "stage": req.engagement_stage,
+                "notify": req.notify_at,
+                "meta": Jsonb(meta),
+                "progress": Jsonb(progress),
+                "force": req.force,
+            },
+        )
+        if resume:
+            await conn.execute(_SQL["drop_redo_sections"], (brief_id,))
+            cur = await conn.execute(_SQL["kept_sections"], (brief_id,))
+            self.kept = {pid: m for pid, m in await cur.fetchall()}
+            log.info("resuming brief %s (was %s): %d project section(s) kept", brief_id, status, len(self.kept))
+        else:
+            await conn.execute(_SQL["drop_all_sections"], (brief_id,))
+        return None
+
+    async def _projects(self, ctx: BriefContext) -> list[_ProjectResult]:
+        limit = asyncio.Semaphore(self.settings.llm_brief_concurrency)
+        results: dict[int, _ProjectResult] = {}
+
+        async def one(project: ProjectContext) -> None:
+            kept = self.kept.get(project.id)
+            if kept is not None:
+                result = _ProjectResult(project, Section.from_dict(kept["section"]), "completed", None, kept)
+                self._count([result])
+            else:
+                result = await self._project(ctx, project, limit)
+                self._unsaved.append(result)
+                await self._save_pending()
+            results[project.id] = result
+
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for project in ctx.projects:
+                    tg.create_task(one(project))
+        except BaseExceptionGroup as group:
+            # Only infrastructure errors get here (a project's own errors are caught in _project).
+            raise group.exceptions[0] from None
+        return [results[p.id] for p in ctx.projects]
+
+    async def _project(self, ctx: BriefContext, project: ProjectContext, limit: asyncio.Semaphore) -> _ProjectResult:
+        """One project's section. Never raises (except cancellation): failures become fallback sections."""
+        try:
+            if project.quiet:
+                section = deterministic.project_section(project)
+                return _ProjectResult(project, section, "completed", None, {"source": "deterministic",
+                                                                             "reason": "quiet"})
+            if self.llm is None:
+                section = deterministic.project_section(project)
+                return _ProjectResult(project, section, "completed", None, {"source": "deterministic",
+                                                                             "reason": "llm disabled"})
+            if self.llm_broken is not None:
+                return self._fallback(project, self.llm_broken, permanent=True)
+            messages = render.project_messages(project, ctx.brief_date, self.req.engagement_stage)
+            async with limit:
+                if self.llm_broken is not None:
+                    return self._fallback(project, self.llm_broken, permanent=True)
+                try:
+                    reply = await self.llm.complete(messages, ProjectBrief, purpose="project_brief")
+                except LLMError as exc:
+                    if exc.permanent and exc.status in AUTH_STATUSES:
+                        self.llm_broken = str(exc)
+                    log.warning("project %s: LLM failed, using the deterministic section: %s", project.id, exc)
+                    return self._fallback(project, str(exc), permanent=exc.permanent)
+            section = render.section_from_llm(project.id, project.name, reply.value)
+            meta = {
+                "source": "llm",
+                "model": reply.model,
+                "prompt_tokens": reply.prompt_tokens,
+                "completion_tokens": reply.completion_tokens,
+                "attempts": reply.attempts,
+                "latency": round(reply.latency, 3),
+            }
+            return _ProjectResult(project, section, "completed", None, meta)
+        except Exception as exc:  # isolation: one project's bug never sinks the brief
+            log.exception("project %s: unexpected error; using the deterministic section", project.id)
+            return self._fallback(project, f"{type(exc).__name__}: {exc}", permanent=False)
+
+    def _fallback(self, project: ProjectContext, error: str, *, permanent: bool) -> _ProjectResult:
+        error = error[:2000]
+        meta: dict[str, Any] = {"source": "fallback", "error": error, "permanent": permanent}
+        try:
+            section = deterministic.project_section(project, source="fallback", note=deterministic.NOTE_FALLBACK)
+        except Exception as exc:  # even the plain rendering failed: a stub keeps the brief whole
+            log.exception("project %s: deterministic section failed too", project.id)
+            meta["render_error"] = f"{type(exc).__name__}: {exc}"[:500]
+            section = Section(project.id, project.name, "This project's section could not be prepared today.",
+                              source="fallback")
+        return _ProjectResult(project, section, "failed", error, meta)
+
+    def _count(self, batch: Sequence[_ProjectResult]) -> None:
+        self.done += len(batch)
+        self.failed += sum(1 for r in batch if r.status == "failed")
+
+    async def _save_pending(self) -> None:
+        """Write every finished, unsaved section in one transaction (with progress when it is due)."""
+        async with self._save_lock:
+            batch, self._unsaved = self._unsaved, []
+            if not batch:
+                return  # an earlier flush took ours
+            rows = []
+            for r in batch:
+                r.meta = {**r.meta, "section": r.section.to_dict()}
+                rows.append(
+                    {
+                        "brief": self.brief_id,
+                        "project": r.project.id,
+                        "status": r.status,
+                        "content": render.section_markdown(r.section),
+                        "error": r.error,
+                        "meta": Jsonb(r.meta),
+                    }
+                )
+            async with self.db.raw() as conn:
+                cur = await conn.execute(_SQL["fence"], (self.brief_id, self.run_id))
+                if await cur.fetchone() is None:
+                    raise BriefSuperseded(f"brief {self.brief_id} was taken over by another run")
+                async with conn.cursor() as many:
+                    await many.executemany(_SQL["save_section"], rows)
+                self._count(batch)
+                if self._progress_due():
+                    await self._write_progress(conn)
+
+    async def _summary(
+        self, ctx: BriefContext, results: list[_ProjectResult]
+    ) -> tuple[str, list[str], dict[str, Any]]:
+        if not ctx.projects:
+            return deterministic.empty_summary(), [], {"summary_source": "deterministic"}
+        actions = deterministic.priority_actions(ctx.projects, ctx.brief_date)
+        plain = deterministic.executive_summary(ctx.projects)
+        if self.llm is None:
+            return plain, actions, {"summary_source": "deterministic"}
+        if all(p.quiet for p in ctx.projects):
+            return plain, actions, {"summary_source": "deterministic", "summary_reason": "all projects quiet"}
+        if self.llm_broken is not None:
+            return plain, actions, {"summary_source": "fallback", "summary_error": self.llm_broken}
+        lines = [deterministic.compact_line(r.project, r.section) for r in results]
+        messages = render.summary_messages(lines, ctx.brief_date, self.req.engagement_stage, ctx.user.display_name)
+        try:
+            reply = await self.llm.complete(messages, ExecutiveSummary, purpose="executive_summary")
+        except LLMError as exc:
+            log.warning("executive summary: LLM failed, using the deterministic summary: %s", exc)
+            return plain, actions, {"summary_source": "fallback", "summary_error": str(exc)[:2000]}
+        llm_actions = list(render.clean_lines(reply.value.priority_actions))
+        meta = {
+            "summary_source": "llm",
+            "summary_model": reply.model,
+            "summary_prompt_tokens": reply.prompt_tokens,
+            "summary_completion_tokens": reply.completion_tokens,
+        }
+        return reply.value.summary.strip(), llm_actions or actions, meta
+
+    async def _finish(
+        self,
+        ctx: BriefContext,
+        results: list[_ProjectResult],
+        summary: str,
+        actions: list[str],
+        summary_meta: dict[str, Any],
+    ) -> BriefOutcome:
+        req = self.req
+        sources: dict[str, int] = {}
+        prompt = int(summary_meta.get("summary_prompt_tokens") or 0)
+        completion = int(summary_meta.get("summary_completion_tokens") or 0)
+        model = summary_meta.get("summary_model")
+        for r in results:
+            src = str(r.meta.get("source"))
+            sources[src] = sources.get(src, 0) + 1
+            p, c = r.tokens
+            prompt += p
+            completion += c
+            model = model or r.meta.get("model")
+        failed = [r for r in results if r.status == "failed"]
+        partial = bool(failed) or summary_meta.get("summary_source") == "fallback"
+        status = "partial" if partial else "completed"
+        error = None
+        if partial:
+            bits = [f"project {r.project.id} ({r.project.name}): {r.error}" for r in failed[:5]]
+            if len(failed) > 5:
+                bits.append(f"and {len(failed) - 5} more")
+            if summary_meta.get("summary_source") == "fallback":
+                bits.append(f"executive summary: {summary_meta.get('summary_error')}")
+            error = f"{len(failed)} of {len(results)} project(s) fell back to the plain rendering; " + "; ".join(bits)
+
+        subject = render.subject(req.engagement_stage, req.brief_date, ctx.user.display_name)
+        view = BriefView(
+            user_name=ctx.user.display_name,
+            brief_date=req.brief_date,
+            stage=req.engagement_stage,
+            subject=subject,
+            llm_enabled=self.llm is not None,
+            executive_summary=summary,
+            priority_actions=tuple(actions),
+            sections=tuple(r.section for r in results),
+            status=status,
+            summary_source=str(summary_meta.get("summary_source")),
+            catch_up=req.catch_up,
+        )
+        markdown = render.brief_markdown(view)
+        self.phase = "done"
+        progress = self._progress_value()
+        meta = {
+            "llm": "enabled" if self.llm is not None else "disabled",
+            "mode": "llm" if self.llm is not None else "deterministic",
+            "run_id": self.run_id,
+            "revision": self.revision,
+            "projects": {"total": len(results), "failed": len(failed), **sources},
+            "resumed_sections": len(self.kept),
+            "catch_up": req.catch_up,
+            "anchor": ctx.anchor.isoformat(),
+            **summary_meta,
+        }
+        if self.llm is None:
+            meta["note"] = "generated without an LLM (no API key): deterministic brief"
+        follow: list[FollowUp] = []
+        if req.email or ctx.user.wants_email:
+            follow.append(self._email_follow_up())
+        async with self.db.raw() as conn:
+            cur = await conn.execute(
+                _SQL["finish"],
+                {
+                    "status": status,
+                    "subject": subject,
+                    "markdown": markdown,
+                    "summary": summary,
+                    "actions": Jsonb(actions),
+                    "model": model,
+                    "prompt": prompt,
+                    "completion": completion,
+                    "error": error,
+                    "meta": Jsonb(meta),
+                    "progress": Jsonb(progress),
+                    "brief": self.brief_id,
+                    "run": self.run_id,
+                },
+            )
+            row = await cur.fetchone()
+            if row is None:
+                raise BriefSuperseded(f"brief {self.brief_id} was taken over by another run")
+            if row[0] is not None:
+                follow = []  # already mailed (a resumed run after the email went out)
+            if follow and self.enqueue_hook is not None:
+                await self.enqueue_hook(conn, follow)
+            if self.progress_hook is not None:
+                await self.progress_hook(conn, progress)
+        log.info(
+            "brief %s for user %s on %s: %s (%d project(s): %s; %d+%d tokens)",
+            self.brief_id, req.user_id, req.brief_date, status, len(results),
+            ", ".join(f"{k} {v}" for k, v in sorted(sources.items())) or "none", prompt, completion,
+        )
+        return BriefOutcome(
+            brief_id=self.brief_id,
+            status=status,
+            llm=meta["llm"],
+            projects_total=len(results),
+            projects_ok=len(results) - len(failed),
+            projects_failed=len(failed),
+            sources=sources,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            follow_ups=follow,
+        )
+
+    def _email_follow_up(self) -> FollowUp:
+        req = self.req
+        return FollowUp(
+            job_type=EMAIL_JOB,
+            payload={"brief_id": self.brief_id, "user_id": req.user_id, "brief_date": req.brief_date.isoformat()},
+            dedup_key=email_dedup_key(req.user_id, req.brief_date),
+            user_id=req.user_id,
+            run_at=req.notify_at,
+            notify_at=req.notify_at,
+        )
+
+    # ------------------------------------------------------------------ progress
+
+    def _progress_value(self) -> dict[str, Any]:
+        return {
+            "phase": self.phase,
+            "projects_total": self.total,
+            "projects_done": self.done,
+            "projects_failed": self.failed,
+        }
+
+    def _progress_due(self) -> bool:
+        return time.monotonic() - self._last_progress >= PROGRESS_INTERVAL
+
+    async def _write_progress(self, conn: Conn) -> None:
+        """Progress into ``daily_briefs`` and (through the hook) ``queue_jobs``, in the caller's transaction."""
+        self._last_progress = time.monotonic()
+        value = self._progress_value()
+        await conn.execute(_SQL["progress"], {"progress": Jsonb(value), "brief": self.brief_id, "run": self.run_id})
+        if self.progress_hook is not None:
+            await self.progress_hook(conn, value)
+
+    async def _report(self) -> None:
+        """A progress write of its own, when one is due (a phase change on a long brief)."""
+        if not self._progress_due():
+            return
+        async with self.db.raw() as conn:
+            await self._write_progress(conn)

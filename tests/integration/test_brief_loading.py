@@ -1,0 +1,109 @@
+"""briefs.loading against real Postgres: buckets in the user's timezone, a fixed number of queries."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from briefs.db import Database
+from briefs.loading import anchor_for, load_brief_context
+
+AUCKLAND = ZoneInfo("Pacific/Auckland")  # UTC+13 in March: the local date runs ahead of UTC's
+DAY = date(2026, 3, 10)
+NOTIFY = datetime(2026, 3, 10, 8, 0, tzinfo=AUCKLAND)  # = 2026-03-09T19:00Z
+
+
+class CountingConn:
+    """Counts statements sent through a psycopg connection."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.statements = 0
+
+    async def execute(self, *args: Any, **kwargs: Any) -> Any:
+        self.statements += 1
+        return await self.conn.execute(*args, **kwargs)
+
+
+def titles(tasks: Any) -> set[str]:
+    return {t.title for t in tasks}
+
+
+async def test_buckets_in_a_non_utc_timezone(db: Database, brief_seed: Any) -> None:
+    s = brief_seed
+    uid = s.user("Kiri", tz="Pacific/Auckland")
+    pid = s.project(uid, "Harbour")
+    s.task(pid, "starts today", start_date=DAY)
+    s.task(pid, "due today", due_date=DAY, priority="high")
+    s.task(pid, "starts on the UTC date", start_date=date(2026, 3, 9))  # yesterday locally: no bucket
+    s.task(pid, "overdue low", due_date=DAY - timedelta(days=1), priority="low", status="in_progress")
+    s.task(pid, "overdue high", due_date=DAY - timedelta(days=5), priority="high", status="blocked")
+    s.task(pid, "overdue but cancelled", due_date=DAY - timedelta(days=3), status="cancelled")
+    s.task(pid, "upcoming in 7 days", due_date=DAY + timedelta(days=7))
+    s.task(pid, "due in 8 days", due_date=DAY + timedelta(days=8))
+    s.task(pid, "deleted today", start_date=DAY, deleted_at=NOTIFY - timedelta(hours=1))
+    s.task(pid, "deleted overdue", due_date=DAY - timedelta(days=1), deleted_at=NOTIFY - timedelta(days=1))
+    # Completed: 24 hours before notify_at, as instants (local 07:30 and 08:30 yesterday).
+    s.task(pid, "done 23.5h ago", status="done", completed_at=NOTIFY - timedelta(hours=23, minutes=30))
+    s.task(pid, "done 24.5h ago", status="done", completed_at=NOTIFY - timedelta(hours=24, minutes=30))
+    s.task(pid, "done after notify", status="done", completed_at=NOTIFY + timedelta(minutes=5))
+    s.task(pid, "done and deleted", status="done", completed_at=NOTIFY - timedelta(hours=1), deleted_at=NOTIFY)
+    s.task(pid, "overdue but done", status="done", due_date=DAY - timedelta(days=2),
+           completed_at=NOTIFY - timedelta(days=3))
+    for i in range(7):
+        s.note(pid, f"note {i}", "x" * 10, updated_at=NOTIFY - timedelta(days=i, hours=1))  # 0 newest
+    s.note(pid, "old note", updated_at=NOTIFY - timedelta(days=8))
+    archived = s.project(uid, "Old stuff", status="archived")
+    s.task(archived, "archived project task", start_date=DAY)
+
+    async with db.raw() as conn:
+        ctx = await load_brief_context(conn, uid, DAY, NOTIFY)
+    assert ctx is not None
+    assert ctx.user.tz == AUCKLAND and ctx.user.name == "Kiri"
+    assert ctx.anchor == NOTIFY.astimezone(UTC)
+    [p] = ctx.projects
+    assert p.name == "Harbour"
+    assert titles(p.today) == {"starts today", "due today"}
+    assert [t.title for t in p.overdue] == ["overdue high", "overdue low"]  # high priority first
+    assert titles(p.upcoming) == {"upcoming in 7 days"}
+    assert titles(p.completed) == {"done 23.5h ago"}
+    assert p.completed[0].completed_at is not None and p.completed[0].completed_at.tzinfo == AUCKLAND
+    assert [n.title for n in p.notes] == [f"note {i}" for i in range(5)]
+    assert p.open_tasks == 7  # not done, not cancelled, not deleted
+    assert not p.quiet and p.overdue_high == 1
+
+
+async def test_anchor_without_notify_at_is_the_end_of_the_local_day() -> None:
+    assert anchor_for(DAY, AUCKLAND, None) == datetime(2026, 3, 11, 0, 0, tzinfo=AUCKLAND).astimezone(UTC)
+
+
+async def test_a_fixed_number_of_queries_whatever_the_number_of_projects(db: Database, brief_seed: Any) -> None:
+    s = brief_seed
+    few, many = s.user("Few"), s.user("Many")
+    s.busy_project(few, "Only", DAY)
+    for i in range(30):
+        pid = s.busy_project(many, f"P{i:02d}", DAY)
+        s.note(pid, "n", updated_at=NOTIFY - timedelta(hours=2))
+    counts = []
+    for uid, expected in ((few, 1), (many, 30)):
+        async with db.raw() as conn:
+            counting = CountingConn(conn)
+            ctx = await load_brief_context(counting, uid, DAY, NOTIFY)  # type: ignore[arg-type]
+        assert ctx is not None and len(ctx.projects) == expected
+        counts.append(counting.statements)
+    assert counts[0] == counts[1] == 4
+    assert all(len(p.notes) == 1 for p in ctx.projects)
+
+
+async def test_missing_user_and_quiet_project(db: Database, brief_seed: Any) -> None:
+    async with db.raw() as conn:
+        assert await load_brief_context(conn, 999, DAY, NOTIFY) is None
+    uid = brief_seed.user("Quiet", tz="Not/AZone")  # an invalid zone falls back to UTC
+    pid = brief_seed.project(uid, "Calm")
+    brief_seed.task(pid, "someday", due_date=DAY + timedelta(days=30))
+    async with db.raw() as conn:
+        ctx = await load_brief_context(conn, uid, DAY, None)
+    assert ctx is not None and str(ctx.user.tz) == "UTC"
+    [p] = ctx.projects
+    assert p.quiet and p.open_tasks == 1

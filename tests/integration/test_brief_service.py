@@ -1,0 +1,81 @@
+"""briefs.service (used by `briefs enqueue` and `briefs show`) and the CLI commands on top of it."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+from typing import Any
+
+import pytest
+
+from briefs.errors import PermanentError
+from briefs.service import enqueue_brief, load_brief_markdown
+
+NOW = datetime(2026, 11, 23, 23, 30, tzinfo=UTC)  # already the 24th in Tokyo
+
+
+async def test_enqueue_uses_the_users_local_today_and_dedups(briefs_harness: Any, brief_seed: Any) -> None:
+    h = briefs_harness
+    uid = brief_seed.user("Aki", tz="Asia/Tokyo")
+    line = await enqueue_brief(h.db, h.settings(), uid, None, force=False, now=NOW)
+    [job] = await h.jobs()
+    assert line == f"queued job {job['id']} for user {uid}, brief date 2026-11-24"
+    assert job["dedup_key"] == f"brief:{uid}:2026-11-24" and job["user_id"] == uid
+    assert job["payload"]["brief_date"] == "2026-11-24" and job["payload"]["force"] is False
+    assert job["notify_at"] == NOW
+
+    again = await enqueue_brief(h.db, h.settings(), uid, None, force=True, now=NOW)
+    assert again == f"a brief job for user {uid}, brief date 2026-11-24 is already pending (job {job['id']}, pending)"
+    assert len(await h.jobs()) == 1
+
+
+async def test_enqueue_unknown_user_is_a_clear_error(briefs_harness: Any) -> None:
+    with pytest.raises(PermanentError, match="no user with id 77"):
+        await enqueue_brief(briefs_harness.db, briefs_harness.settings(), 77, None, force=False)
+
+
+async def test_enqueue_then_show(briefs_harness: Any, brief_seed: Any) -> None:
+    h = briefs_harness
+    uid = brief_seed.user("Ada")
+    day = date(2026, 11, 20)
+    brief_seed.busy_project(uid, "Atlas", day)
+    assert await load_brief_markdown(h.db, uid, None) is None
+
+    await enqueue_brief(h.db, h.settings(), uid, day, force=False)
+    await h.run(h.settings(), services={})
+    text = await load_brief_markdown(h.db, uid, day)
+    assert text is not None and "### Atlas" in text and "Friday 20 November 2026" in text
+    assert await load_brief_markdown(h.db, uid, None) == text
+    assert await load_brief_markdown(h.db, uid, date(2026, 11, 21)) is None
+
+    line = await enqueue_brief(h.db, h.settings(), uid, day, force=False)
+    assert line == (
+        f"the brief for user {uid}, brief date 2026-11-20 is already completed; pass --force to regenerate it"
+    )
+    line = await enqueue_brief(h.db, h.settings(), uid, day, force=True)
+    assert line.startswith("queued job ") and line.endswith("(forced)")
+    await h.run(h.settings(), services={})
+    assert (await h.brief(uid))["metadata"]["revision"] == 2
+
+
+def test_cli_enqueue_and_show(clean_db: str, capsys: Any, monkeypatch: Any) -> None:
+    import logging
+
+    from briefs.cli import main
+    from tests.conftest import BriefSeed
+
+    root = logging.getLogger()  # the CLI sets up logging; give the session its handlers back afterwards
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    monkeypatch.setattr(root, "level", root.level)
+
+    seed = BriefSeed(clean_db)
+    uid = seed.user("Cli")
+    seed.close()
+    monkeypatch.setenv("DATABASE_URL", clean_db)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.chdir("/")  # no .env
+    assert main(["enqueue", str(uid), "--date", "2026-11-20"]) == 0
+    assert f"for user {uid}, brief date 2026-11-20" in capsys.readouterr().out
+    assert main(["show", str(uid)]) == 1
+    assert "no brief for user" in capsys.readouterr().err
+    assert main(["enqueue", "999"]) == 1
+    assert "no user with id 999" in capsys.readouterr().err
