@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import json
 import logging
 import random
@@ -282,6 +283,16 @@ class _Malformed(Exception):
 # ---------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=64)
+def _instructions(schema: type[BaseModel]) -> str:
+    """The JSON reply instructions for a schema (built once: the JSON schema is costly to compute)."""
+    return (
+        "Reply with one JSON object and nothing else: no prose, no code fences.\n"
+        f"JSON schema name: {schema.__name__}\n"
+        f"JSON schema: {json.dumps(schema.model_json_schema(), separators=(',', ':'))}"
+    )
+
+
 class LLMClient:
     """JSON-schema completions with retries and process-wide limits.
 
@@ -366,11 +377,7 @@ class LLMClient:
 
     def build_messages(self, messages: list[dict[str, Any]], schema: type[BaseModel]) -> list[dict[str, Any]]:
         """``messages`` with the JSON instructions appended to the (last) system message."""
-        instructions = (
-            "Reply with one JSON object and nothing else: no prose, no code fences.\n"
-            f"JSON schema name: {schema.__name__}\n"
-            f"JSON schema: {json.dumps(schema.model_json_schema(), separators=(',', ':'))}"
-        )
+        instructions = _instructions(schema)
         out = [dict(m) for m in messages]
         for message in reversed(out):
             if message.get("role") == "system" and isinstance(message.get("content"), str):

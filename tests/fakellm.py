@@ -169,11 +169,13 @@ def _error_body(message: str, error_type: str = "invalid_request_error", code: s
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 256  # bursts of 100+ new connections must not be dropped
     fake: FakeLLM
 
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # or each reply waits ~40 ms for the client's delayed ACK
     server: _Server
 
     def log_message(self, format: str, *args: Any) -> None:  # silence stderr access log
