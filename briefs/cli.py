@@ -14,6 +14,7 @@ import logging
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -139,14 +140,49 @@ async def cmd_schedule(settings: Settings, args: argparse.Namespace) -> int:
     return await _with_db(settings, go)
 
 
-async def cmd_enqueue(settings: Settings, args: argparse.Namespace) -> int:
-    from briefs.service import enqueue_brief
+def queue_hook(settings: Settings) -> Any:
+    """The generator's enqueue hook type, backed by the queue's bulk insert."""
+    from worker import queue
 
+    async def enqueue(conn: Any, jobs: Any) -> list[int | None]:
+        return await queue.enqueue_many(
+            conn,
+            [
+                queue.NewJob(
+                    job_type=j.job_type,
+                    payload=j.payload,
+                    priority=j.priority,
+                    run_at=j.run_at,
+                    dedup_key=j.dedup_key,
+                    user_id=j.user_id,
+                    notify_at=j.notify_at,
+                )
+                for j in jobs
+            ],
+            default_max_attempts=settings.max_attempts,
+        )
+
+    return enqueue
+
+
+async def cmd_enqueue(settings: Settings, args: argparse.Namespace) -> int:
+    from briefs.progress import Progress
+    from briefs.service import enqueue_all, enqueue_brief
+
+    if (args.user_id is None) == (not args.all):
+        raise UsageError("give a USER_ID or --all (not both)")
+    if args.all and args.date:
+        raise UsageError("--date applies to one user; --all queues each user's local today")
     brief_date = _parse_date(args.date) if args.date else None
+    hook = queue_hook(settings)
 
     async def go(db: Database) -> int:
-        result = await enqueue_brief(db, settings, args.user_id, brief_date, force=args.force)
-        print(result)
+        if args.all:
+            with Progress("queueing briefs", stream=sys.stderr) as bar:
+                queued, skipped = await enqueue_all(db, force=args.force, enqueue=hook, on_progress=bar.update)
+            print(f"queued {queued} brief job(s); {skipped} already queued or finished")
+            return 0
+        print(await enqueue_brief(db, settings, args.user_id, brief_date, force=args.force, enqueue=hook))
         return 0
 
     return await _with_db(settings, go)
@@ -380,8 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the tick report as JSON")
     p.set_defaults(fn=cmd_schedule)
 
-    p = sub.add_parser("enqueue", help="queue one user's brief now")
-    p.add_argument("user_id", type=_positive, metavar="USER_ID")
+    p = sub.add_parser("enqueue", help="queue one user's brief now (or every user's, with --all)")
+    p.add_argument("user_id", type=_positive, nargs="?", metavar="USER_ID")
+    p.add_argument("--all", action="store_true", help="every user with an active preference")
     p.add_argument("--date", help="local brief date YYYY-MM-DD (default: the user's today)")
     p.add_argument("--force", action="store_true", help="regenerate even if a brief exists")
     p.set_defaults(fn=cmd_enqueue)

@@ -58,7 +58,7 @@ from briefs.render import STAGES, STANDARD, BriefView, Section
 log = logging.getLogger(__name__)
 
 Conn = psycopg.AsyncConnection[Any]
-EnqueueHook = Callable[[Conn, Sequence["FollowUp"]], Awaitable[None]]
+EnqueueHook = Callable[[Conn, Sequence["FollowUp"]], Awaitable[Any]]
 ProgressHook = Callable[[Conn, dict[str, Any]], Awaitable[None]]
 
 PROGRESS_INTERVAL = 1.0  # seconds between progress writes (first and last are always written)
@@ -156,6 +156,7 @@ class FollowUp:
     user_id: int
     run_at: datetime | None  # None: now
     notify_at: datetime | None
+    priority: int = 100  # the queue's default; lower runs first
 
 
 @dataclass

@@ -1,39 +1,48 @@
-"""What the CLI asks of briefs: queue one brief now, print a stored brief.
+"""What the CLI asks of briefs: queue briefs now, print a stored brief.
 
-``enqueue_brief`` inserts the ``generate_daily_brief`` job itself (``briefs``
-must not import ``worker``). The statement mirrors ``worker.queue.enqueue_many``
-for one job: ``INSERT … ON CONFLICT DO NOTHING`` against the unique index on live
-dedup keys, then ``pg_notify('briefs_queue', '')`` so idle workers wake up. If the
-queue's insert ever changes, change it here too (or move a shared ``enqueue``
-into ``briefs``).
+Queueing goes through the caller's ``enqueue`` hook (the same hook type the
+generator uses for its follow-up jobs): ``briefs`` does not import ``worker``,
+the CLI passes ``worker.queue``'s bulk insert.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, date, datetime
 from typing import Any
 
-from psycopg.types.json import Jsonb
-
 from briefs.db import Database
 from briefs.errors import PermanentError
-from briefs.generator import BRIEF_JOB, BriefRequest, brief_dedup_key
+from briefs.generator import BRIEF_JOB, BriefRequest, EnqueueHook, FollowUp, brief_dedup_key
 from briefs.loading import zone
 from briefs.render import STANDARD
 
-NOTIFY_CHANNEL = "briefs_queue"  # worker.queue.NOTIFY_CHANNEL
-MANUAL_PRIORITY = 50  # a brief someone asked for by hand runs ahead of scheduled ones
+MANUAL_PRIORITY = 10  # a brief someone asked for by hand runs ahead of scheduled ones (50)
+ALL_BATCH = 1000
 
-_ENQUEUE = """
-INSERT INTO queue_jobs (job_type, payload, priority, run_at, max_attempts, dedup_key, user_id, notify_at)
-VALUES (%(type)s, %(payload)s, %(priority)s, now(), %(attempts)s, %(key)s, %(user)s, %(notify)s)
-ON CONFLICT DO NOTHING
-RETURNING id
-"""
+
+def _manual_job(user_id: int, day: date, now: datetime, *, force: bool) -> FollowUp:
+    request = BriefRequest(user_id, day, now.astimezone(UTC), STANDARD, email=False, catch_up=False, force=force)
+    return FollowUp(
+        job_type=BRIEF_JOB,
+        payload=request.to_payload(),
+        dedup_key=brief_dedup_key(user_id, day),
+        user_id=user_id,
+        run_at=None,
+        notify_at=request.notify_at,
+        priority=MANUAL_PRIORITY,
+    )
 
 
 async def enqueue_brief(
-    db: Database, settings: Any, user_id: int, brief_date: date | None, *, force: bool, now: datetime | None = None
+    db: Database,
+    settings: Any,
+    user_id: int,
+    brief_date: date | None,
+    *,
+    force: bool,
+    enqueue: EnqueueHook,
+    now: datetime | None = None,
 ) -> str:
     """Queue one brief to run now; returns a line for humans. Unknown user → PermanentError."""
     now = now or datetime.now(UTC)
@@ -52,21 +61,8 @@ async def enqueue_brief(
             existing = await cur.fetchone()
             if existing and existing[0] in ("completed", "partial"):
                 return f"the brief for {what} is already {existing[0]}; pass --force to regenerate it"
-        request = BriefRequest(user_id, day, now.astimezone(UTC), STANDARD, email=False, catch_up=False, force=force)
-        cur = await conn.execute(
-            _ENQUEUE,
-            {
-                "type": BRIEF_JOB,
-                "payload": Jsonb(request.to_payload()),
-                "priority": MANUAL_PRIORITY,
-                "attempts": settings.max_attempts,
-                "key": key,
-                "user": user_id,
-                "notify": request.notify_at,
-            },
-        )
-        inserted = await cur.fetchone()
-        if inserted is None:
+        [new_id] = await enqueue(conn, [_manual_job(user_id, day, now, force=force)])
+        if new_id is None:
             cur = await conn.execute(
                 """SELECT id, status FROM queue_jobs
                    WHERE dedup_key = %s AND status IN ('pending', 'processing') ORDER BY id DESC LIMIT 1""",
@@ -75,8 +71,62 @@ async def enqueue_brief(
             live = await cur.fetchone()
             ident = f"job {live[0]}, {live[1]}" if live else "job finished meanwhile; try again"
             return f"a brief job for {what} is already pending ({ident})"
-        await conn.execute("SELECT pg_notify(%s, '')", (NOTIFY_CHANNEL,))
-    return f"queued job {inserted[0]} for {what}" + (" (forced)" if force else "")
+    return f"queued job {new_id} for {what}" + (" (forced)" if force else "")
+
+
+async def enqueue_all(
+    db: Database,
+    *,
+    force: bool,
+    enqueue: EnqueueHook,
+    now: datetime | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> tuple[int, int]:
+    """Queue today's brief (each user's local today) for every user with an active preference.
+
+    Works in keyset batches of 1,000 users, one bulk insert each. Without ``force``
+    users whose brief for that date is already finished are left out. Returns
+    (queued, already queued or finished).
+    """
+    now = now or datetime.now(UTC)
+    async with db.raw() as conn:
+        cur = await conn.execute("SELECT count(*) FROM brief_preferences WHERE is_active")
+        total = (await cur.fetchone() or (0,))[0]
+    queued = skipped = seen = 0
+    after = 0
+    while True:
+        async with db.raw() as conn:
+            cur = await conn.execute(
+                """SELECT u.id, u.timezone FROM brief_preferences p JOIN users u ON u.id = p.user_id
+                   WHERE p.is_active AND p.user_id > %(after)s AND u.id > %(after)s
+                   ORDER BY p.user_id LIMIT %(batch)s""",
+                {"after": after, "batch": ALL_BATCH},
+            )
+            rows = await cur.fetchall()
+            if not rows:
+                break
+            after = rows[-1][0]
+            days = {user_id: now.astimezone(zone(tz_name)).date() for user_id, tz_name in rows}
+            finished: set[int] = set()
+            if not force:
+                cur = await conn.execute(
+                    """SELECT b.user_id FROM daily_briefs b
+                       JOIN unnest(%s::bigint[], %s::date[]) AS t(user_id, brief_date)
+                         ON b.user_id = t.user_id AND b.brief_date = t.brief_date
+                       WHERE b.status IN ('completed', 'partial')""",
+                    (list(days), list(days.values())),
+                )
+                finished = {r[0] for r in await cur.fetchall()}
+            skipped += len(finished)
+            jobs = [_manual_job(uid, day, now, force=force) for uid, day in days.items() if uid not in finished]
+            ids = await enqueue(conn, jobs) if jobs else []
+            new = sum(1 for i in ids if i is not None)
+            queued += new
+            skipped += len(jobs) - new
+        seen += len(rows)
+        if on_progress:
+            on_progress(seen, max(total, seen))
+    return queued, skipped
 
 
 async def load_brief_markdown(db: Database, user_id: int, brief_date: date | None) -> str | None:

@@ -7,8 +7,14 @@ from typing import Any
 
 import pytest
 
+from briefs.cli import queue_hook
 from briefs.errors import PermanentError
-from briefs.service import enqueue_brief, load_brief_markdown
+from briefs.service import enqueue_all, load_brief_markdown
+from briefs.service import enqueue_brief as _enqueue_brief
+
+
+async def enqueue_brief(db: Any, settings: Any, *args: Any, **kw: Any) -> str:
+    return await _enqueue_brief(db, settings, *args, enqueue=queue_hook(settings), **kw)
 
 NOW = datetime(2026, 11, 23, 23, 30, tzinfo=UTC)  # already the 24th in Tokyo
 
@@ -55,6 +61,23 @@ async def test_enqueue_then_show(briefs_harness: Any, brief_seed: Any) -> None:
     assert line.startswith("queued job ") and line.endswith("(forced)")
     await h.run(h.settings(), services={})
     assert (await h.brief(uid))["metadata"]["revision"] == 2
+
+
+async def test_enqueue_all_queues_each_users_local_today(briefs_harness: Any, brief_seed: Any) -> None:
+    h = briefs_harness
+    tokyo = brief_seed.user("Aki", tz="Asia/Tokyo")
+    utc = brief_seed.user("Ada")
+    brief_seed.user("Off", preference=False)
+    progress: list[tuple[int, int]] = []
+    hook = queue_hook(h.settings())
+    queued, skipped = await enqueue_all(
+        h.db, force=False, enqueue=hook, now=NOW, on_progress=lambda *a: progress.append(a)
+    )
+    assert (queued, skipped) == (2, 0)
+    assert progress[-1] == (2, 2)
+    keys = sorted(j["dedup_key"] for j in await h.jobs())
+    assert keys == sorted([f"brief:{tokyo}:2026-11-24", f"brief:{utc}:2026-11-23"])
+    assert await enqueue_all(h.db, force=False, enqueue=hook, now=NOW) == (0, 2)
 
 
 def test_cli_enqueue_and_show(clean_db: str, capsys: Any, monkeypatch: Any) -> None:
