@@ -9,6 +9,10 @@ Fencing: a claim gives the job a fresh ``processing_token``; heartbeat, progress
 complete, fail and release all require ``status = 'processing'`` and that token,
 so a worker whose lease expired (and whose job was rescued and maybe claimed by
 another worker) can no longer write to it.
+
+The hot path (claim, and completions riding along with it) is written for
+generic plans on dedicated autocommit connections (:data:`HOT_PATH_OPTIONS`): one
+round trip and one commit per statement, no planning per call.
 """
 
 from __future__ import annotations
@@ -22,13 +26,16 @@ from typing import Any
 from uuid import UUID
 
 import psycopg
-from psycopg.types.json import Jsonb
+from psycopg.types.json import Jsonb, set_json_loads
 
 NOTIFY_CHANNEL = "briefs_queue"
 DEFAULT_PRIORITY = 100
 FINISHED = ("completed", "failed", "cancelled")
 
 Conn = psycopg.AsyncConnection[Any]
+# The hot statements also run on a cursor kept for the purpose (a connection's execute()
+# makes a new cursor every time): anything with an awaitable execute() returning the cursor.
+Executor = psycopg.AsyncConnection[Any] | psycopg.AsyncCursor[Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,47 +140,126 @@ async def enqueue(conn: Conn, job: NewJob, *, default_max_attempts: int = 5) -> 
 
 # --------------------------------------------------------------------------- claim and lease
 
+# Session settings for the connections that run the hot statements below (claim,
+# complete) thousands of times a second. Each is planned once per connection (a
+# generic plan: re-planning these CTEs cost more than running them), and every one
+# is a handful of index lookups by design, so the planner is kept from ever
+# choosing a scan or a sort of the whole table, whatever its statistics say.
+HOT_PATH_OPTIONS = (
+    "-c plan_cache_mode=force_generic_plan -c enable_seqscan=off -c enable_sort=off"
+    " -c enable_hashjoin=off -c enable_mergejoin=off"
+)
+
+
+def _load_json(data: bytes | bytearray | memoryview) -> Any:
+    """JSON from the database: ``{}`` (most payloads) without parsing, the rest without encoding sniffing."""
+    if data == b"{}":
+        return {}
+    return json.loads(bytes(data).decode())
+
+
+def prepare_hot_connection(conn: Conn) -> None:
+    """Set up a connection opened with :data:`HOT_PATH_OPTIONS` (its JSON loader)."""
+    set_json_loads(_load_json, conn)
+
+
 _JOB_COLUMNS = (
     "j.id, j.job_type, j.payload, j.priority, j.attempts, j.max_attempts, j.dedup_key, "
     "j.user_id, j.notify_at, j.run_at, j.processing_token"
 )
 
-_CLAIM = f"""
-WITH picked AS (
+# One statement: pick (lock) the runnable rows in claim order, skipping rows other
+# workers hold, then update them. MATERIALIZED keeps the LIMIT exact.
+_CLAIM_CTES = """
+picked AS MATERIALIZED (
     SELECT id FROM queue_jobs
     WHERE status = 'pending' AND run_at <= now()
     ORDER BY priority, run_at, id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
-)
-UPDATE queue_jobs j
-SET status = 'processing',
-    attempts = j.attempts + 1,
-    locked_by = %(worker)s,
-    processing_token = gen_random_uuid(),
-    lease_expires_at = now() + make_interval(secs => %(lease)s),
-    heartbeat_at = now(),
-    started_at = now(),
-    finished_at = NULL,
-    updated_at = now()
-FROM picked
-WHERE j.id = picked.id
-RETURNING {_JOB_COLUMNS}
+),
+claimed AS (
+    UPDATE queue_jobs j
+    SET status = 'processing',
+        attempts = j.attempts + 1,
+        locked_by = %(worker)s,
+        processing_token = gen_random_uuid(),
+        lease_expires_at = now() + make_interval(secs => %(lease)s),
+        heartbeat_at = now(),
+        started_at = now(),
+        finished_at = NULL,
+        updated_at = now()
+    WHERE j.id = ANY(ARRAY(SELECT id FROM picked))
+    RETURNING """ + _JOB_COLUMNS + """
+)"""
+
+_CLAIM = f"WITH {_CLAIM_CTES}\nSELECT * FROM claimed"
+
+# Completions, fenced by the token. The status is a parameter on purpose: a generic
+# plan cannot then match the partial lease index (which would read every running
+# job to find these few) and looks each row up by primary key instead.
+_COMPLETE = """
+    UPDATE queue_jobs j
+    SET status = 'completed', result = d.result, finished_at = now(), updated_at = now(),
+        lease_expires_at = NULL, last_error = NULL
+    FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[], %(results)s::jsonb[]) AS d(id, token, result)
+    WHERE j.id = d.id AND j.processing_token = d.token AND j.status = %(processing)s
+    RETURNING j.id"""
+
+_COMPLETE_AND_CLAIM = f"""
+WITH done AS ({_COMPLETE}),
+{_CLAIM_CTES}
+SELECT *, NULL::bigint[] FROM claimed
+UNION ALL
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, (SELECT array_agg(id) FROM done)
 """
 
 
-async def claim(conn: Conn, limit: int, worker_id: str, lease_seconds: float) -> list[Job]:
+async def claim(conn: Executor, limit: int, worker_id: str, lease_seconds: float) -> list[Job]:
     """Claim up to ``limit`` runnable jobs: lowest priority first, then run_at, then id."""
     if limit <= 0:
         return []
     cur = await conn.execute(_CLAIM, {"limit": limit, "worker": worker_id, "lease": lease_seconds})
     jobs = [Job(*row) for row in await cur.fetchall()]
-    jobs.sort(key=lambda j: (j.priority, j.run_at, j.id))
+    jobs.sort(key=_claim_order)
     return jobs
 
 
-async def heartbeat(conn: Conn, jobs: Iterable[tuple[int, UUID]], lease_seconds: float) -> set[int]:
-    """Extend the leases of running jobs; returns the ids this worker still owns."""
+async def complete_and_claim(
+    conn: Executor, done: Sequence[tuple[int, UUID, Any]], limit: int, worker_id: str, lease_seconds: float
+) -> tuple[set[int], list[Job]]:
+    """:func:`complete_many` and :func:`claim` in one statement: one round trip, one commit.
+
+    A worker whose slot just freed has both to do; doing them together halves the
+    statements and commits on the hot path. Returns (ids completed, jobs claimed);
+    ``limit`` may be 0 (complete only). As in :func:`complete_many`, only a run whose
+    token still holds is written (one id twice, two runs of a job: one at most).
+    """
+    if not done:
+        return set(), await claim(conn, limit, worker_id, lease_seconds)
+    ids, tokens, results = _split_done(done)
+    cur = await conn.execute(
+        _COMPLETE_AND_CLAIM,
+        {"ids": ids, "tokens": tokens, "results": results, "processing": "processing", "limit": max(limit, 0),
+         "worker": worker_id, "lease": lease_seconds},
+    )
+    rows = await cur.fetchall()
+    written = set(rows[-1][11] or ())  # the last row carries the completed ids
+    jobs = [Job(*row[:11]) for row in rows[:-1]]
+    jobs.sort(key=_claim_order)
+    return written, jobs
+
+
+def _claim_order(job: Job) -> tuple[int, datetime, int]:
+    return (job.priority, job.run_at, job.id)
+
+
+async def heartbeat(conn: Conn, jobs: Iterable[tuple[int, UUID]], lease_seconds: float) -> set[UUID]:
+    """Extend the leases of running jobs; returns the tokens that still hold (the runs this worker still owns).
+
+    Tokens rather than ids: after a rescue the same worker may hold a newer run
+    of the same job, and only the token tells the two runs apart.
+    """
     ids, tokens = _split(jobs)
     if not ids:
         return set()
@@ -183,7 +269,7 @@ async def heartbeat(conn: Conn, jobs: Iterable[tuple[int, UUID]], lease_seconds:
         SET heartbeat_at = now(), lease_expires_at = now() + make_interval(secs => %s), updated_at = now()
         FROM unnest(%s::bigint[], %s::uuid[]) AS d(id, token)
         WHERE j.id = d.id AND j.processing_token = d.token AND j.status = 'processing'
-        RETURNING j.id
+        RETURNING j.processing_token
         """,
         (lease_seconds, ids, tokens),
     )
@@ -199,24 +285,39 @@ async def set_progress(conn: Conn, job_id: int, token: UUID, progress: dict[str,
     return cur.rowcount == 1
 
 
+async def next_runnable_in(conn: Executor, horizon: datetime | None = None) -> float | None:
+    """Seconds until the next pending job becomes runnable (<= 0: runnable now), or None.
+
+    Only jobs due by ``horizon`` (or now, when it is earlier or None) count: a
+    burst worker waits for the retries it scheduled itself, not for jobs planned
+    for tomorrow.
+    """
+    cur = await conn.execute(
+        """SELECT extract(epoch FROM min(run_at) - now())::float8 FROM queue_jobs
+           WHERE status = 'pending' AND run_at <= greatest(now(), %s::timestamptz)""",
+        (horizon,),
+    )
+    row = await cur.fetchone()
+    return None if row is None or row[0] is None else float(row[0])
+
+
 # --------------------------------------------------------------------------- finish
 
-async def complete_many(conn: Conn, done: Sequence[tuple[int, UUID, Any]]) -> set[int]:
+async def complete_many(conn: Executor, done: Sequence[tuple[int, UUID, Any]]) -> set[int]:
     """Mark jobs completed (with their results) if their tokens still hold; returns the ids written."""
     if not done:
         return set()
-    cur = await conn.execute(
-        """
-        UPDATE queue_jobs j
-        SET status = 'completed', result = d.result, finished_at = now(), updated_at = now(),
-            lease_expires_at = NULL, last_error = NULL
-        FROM unnest(%s::bigint[], %s::uuid[], %s::jsonb[]) AS d(id, token, result)
-        WHERE j.id = d.id AND j.processing_token = d.token AND j.status = 'processing'
-        RETURNING j.id
-        """,
-        ([d[0] for d in done], [d[1] for d in done], [None if d[2] is None else Jsonb(d[2]) for d in done]),
-    )
+    ids, tokens, results = _split_done(done)
+    cur = await conn.execute(_COMPLETE, {"ids": ids, "tokens": tokens, "results": results, "processing": "processing"})
     return {row[0] for row in await cur.fetchall()}
+
+
+def _split_done(done: Sequence[tuple[int, UUID, Any]]) -> tuple[list[int], list[UUID], list[Jsonb | None]]:
+    return (
+        [d[0] for d in done],
+        [d[1] for d in done],
+        [None if d[2] is None else Jsonb(d[2]) for d in done],
+    )
 
 
 async def fail(
@@ -273,16 +374,16 @@ async def release(conn: Conn, jobs: Iterable[tuple[int, UUID]], reason: str) -> 
 
 async def rescue_expired(
     conn: Conn, *, retry_base: float, retry_max: float, limit: int = 500
-) -> list[tuple[int, str, str, int]]:
+) -> list[tuple[int, str, str, int, datetime]]:
     """Rescue jobs whose lease expired (their worker died or hung).
 
     The lost run consumed its attempt: the job goes back to pending after a
     backoff with jitter, or to failed when its attempts are used up. Returns
-    (id, job_type, new status, attempts) per rescued job.
+    (id, job_type, new status, attempts, run_at) per rescued job.
     """
     cur = await conn.execute(
         """
-        WITH expired AS (
+        WITH expired AS MATERIALIZED (
             SELECT id FROM queue_jobs
             WHERE status = 'processing' AND lease_expires_at < now()
             ORDER BY lease_expires_at
@@ -302,7 +403,7 @@ async def rescue_expired(
             updated_at = now()
         FROM expired
         WHERE j.id = expired.id
-        RETURNING j.id, j.job_type, j.status, j.attempts
+        RETURNING j.id, j.job_type, j.status, j.attempts, j.run_at
         """,
         {"limit": limit, "cap": retry_max, "base": retry_base},
     )
@@ -310,16 +411,22 @@ async def rescue_expired(
 
 
 async def prune(conn: Conn, retention_seconds: float, batch: int = 1000) -> int:
-    """Delete one batch of finished jobs older than the retention period; returns rows deleted."""
+    """Delete one batch (at most ``batch`` rows) of finished jobs older than the retention period.
+
+    Returns the rows deleted; call again until it returns 0. The batch is picked in
+    a materialized CTE so the LIMIT holds (a ``WHERE id IN (… LIMIT … SKIP LOCKED)``
+    subquery may be re-evaluated and delete more).
+    """
     cur = await conn.execute(
         """
-        DELETE FROM queue_jobs WHERE id IN (
+        WITH old AS MATERIALIZED (
             SELECT id FROM queue_jobs
             WHERE status IN ('completed', 'failed', 'cancelled')
               AND finished_at < now() - make_interval(secs => %s)
             ORDER BY finished_at
             LIMIT %s
             FOR UPDATE SKIP LOCKED)
+        DELETE FROM queue_jobs j USING old WHERE j.id = old.id
         """,
         (retention_seconds, batch),
     )

@@ -4,13 +4,27 @@ One :class:`Worker` runs up to ``concurrency`` jobs at once. Its pieces:
 
 - the claim loop claims only as many jobs as there are free slots and refills a
   slot as soon as one frees (no batch barrier); it sleeps on LISTEN/NOTIFY with a
-  polling fallback;
-- each job runs as its own task under a timeout that really cancels it;
-- successes are written by a completer in batches (one UPDATE for all the jobs
-  that finished since the last write); failures are written at once;
-- the heartbeat renews leases for every running job in one statement; a job that
-  is no longer ours (rescued, cancelled) is cancelled locally;
+  polling fallback, and marks ``stats.last_cycle`` at least every poll interval
+  (the health check reads it);
+- each job runs as its own task under a timeout that really cancels it (a watchdog
+  scans the running jobs, so a job costs no timer of its own);
+- successes are written in batches: when a slot frees, the claim loop sends the
+  completions that are waiting along with its claim (one statement); a completer
+  writes whatever no claim is about to carry (queue empty, all slots busy);
+  failures are written at once;
+- the heartbeat renews leases for every job this worker still owns, running or
+  finished-but-not-yet-written, in one statement; a run that is no longer ours
+  (rescued, cancelled) is cancelled locally;
 - the maintenance task rescues expired leases and prunes old rows.
+
+The claim loop and the completer each own a dedicated autocommit connection
+(outside the pool, like the LISTEN connection): every claim and every batch of
+completions is a single statement, so one round trip and one commit. Everything
+else (heartbeats, failures, releases, maintenance, the handlers' own work) uses
+the pool.
+
+Runs are keyed by their ``processing_token``, not the job id: after a rescue this
+worker may hold a newer run of the same job while the old one winds down.
 
 ``stop()`` is a soft stop: no new claims, running jobs get ``shutdown_grace``
 seconds, the rest are released to pending with their attempt restored.
@@ -21,14 +35,20 @@ backoff; the worker carries on when the database returns.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
+from uuid import UUID
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from briefs import metrics
 from briefs.db import Database, is_connection_error
@@ -40,6 +60,9 @@ from worker.queue import Job
 log = logging.getLogger(__name__)
 
 HandlerFn = Callable[["JobContext"], Awaitable[Any]]
+
+CLAIM_APPLICATION_NAME = "briefs-claim"
+COMPLETE_APPLICATION_NAME = "briefs-complete"
 
 
 @dataclass(frozen=True)
@@ -64,11 +87,18 @@ class JobContext:
             await queue.set_progress(conn, self.job.id, self.job.token, data)
 
 
-@dataclass
 class _Running:
-    job: Job
-    task: asyncio.Task[Any]
-    lost: bool = False  # the lease is no longer ours: never write this job's outcome
+    """One run of one job (a claim: the token identifies it)."""
+
+    __slots__ = ("deadline", "job", "lost", "releasing", "task", "timed_out")
+
+    def __init__(self, job: Job, deadline: float) -> None:
+        self.job = job
+        self.deadline = deadline  # loop time after which the watchdog cancels it
+        self.task: asyncio.Task[Any] | None = None
+        self.lost = False  # the lease is no longer ours: never write this run's outcome
+        self.timed_out = False  # cancelled by its timeout
+        self.releasing = False  # cancelled by shutdown: handed back to pending
 
 
 @dataclass
@@ -81,6 +111,86 @@ class WorkerStats:
     released: int = 0
     claims: int = 0
     last_cycle: float = field(default_factory=time.monotonic)
+
+
+class _TypeMetrics:
+    """The Prometheus children of one job type, looked up once (``labels()`` takes a lock and a dict)."""
+
+    __slots__ = ("claimed", "completed", "duration", "failed", "retried")
+
+    def __init__(self, job_type: str) -> None:
+        self.claimed = metrics.JOBS_CLAIMED.labels(job_type)
+        self.completed = metrics.JOBS_COMPLETED.labels(job_type)
+        self.failed = metrics.JOBS_FAILED.labels(job_type)
+        self.retried = metrics.JOBS_RETRIED.labels(job_type)
+        self.duration = metrics.JOB_DURATION.labels(job_type)
+
+
+_TYPE_METRICS: dict[str, _TypeMetrics] = {}
+
+# What a result the database cannot store raises (client-side JSON dump, or the server refusing it).
+_BAD_RESULT = (psycopg.DataError, TypeError, ValueError)
+
+# Lock conflicts between the worker's own statements (a heartbeat and a completion batch touch the
+# same rows in different orders: the deadlock detector aborts one) are retried like an outage.
+_CONFLICT = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure, psycopg.errors.LockNotAvailable)
+
+
+def _retryable(exc: BaseException) -> bool:
+    return isinstance(exc, _CONFLICT) or is_connection_error(exc)
+
+
+def _metrics_for(job_type: str) -> _TypeMetrics:
+    found = _TYPE_METRICS.get(job_type)
+    if found is None:
+        found = _TYPE_METRICS[job_type] = _TypeMetrics(job_type)
+    return found
+
+
+class _Connection:
+    """A dedicated autocommit connection for one hot loop, replaced when it breaks.
+
+    Outside the pool on purpose: a pooled connection is checked out with a ping and
+    handed back with a reset, and its transactions cost a BEGIN and a COMMIT round
+    trip each; a single autocommit statement is its own transaction (one round trip,
+    one commit). Its session settings (``queue.HOT_PATH_OPTIONS``) suit only the
+    queue's hot statements, so it is never shared.
+    """
+
+    def __init__(self, db: Database, application_name: str) -> None:
+        self.db = db
+        self.application_name = application_name
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._cursor: psycopg.AsyncCursor[Any] | None = None
+
+    async def get(self) -> psycopg.AsyncConnection[Any]:
+        conn = self._conn
+        if conn is None or conn.closed or conn.broken:
+            await self.close()
+            given = conninfo_to_dict(self.db.url)
+            extra: dict[str, Any] = {"options": f"{given.get('options') or ''} {queue.HOT_PATH_OPTIONS}".strip()}
+            if "connect_timeout" not in given:
+                extra["connect_timeout"] = 10  # a stop must not wait minutes on an unreachable host
+            conn = self._conn = await psycopg.AsyncConnection.connect(
+                self.db.url, autocommit=True, application_name=self.application_name, **extra
+            )
+            queue.prepare_hot_connection(conn)
+            self._cursor = conn.cursor()
+        return conn
+
+    async def cursor(self) -> psycopg.AsyncCursor[Any]:
+        """The connection's one cursor, reused by every statement (cheaper than a cursor per execute)."""
+        conn = await self.get()
+        assert self._cursor is not None and self._cursor.connection is conn
+        return self._cursor
+
+    async def close(self) -> None:
+        conn, self._conn, self._cursor = self._conn, None, None
+        if conn is not None:
+            try:
+                await conn.close()
+            except Exception:  # a dead connection may fail to close
+                log.debug("closing a broken connection failed", exc_info=True)
 
 
 class Worker:
@@ -103,16 +213,21 @@ class Worker:
         self.services = services if services is not None else {}
         self.worker_id = worker_id or settings.worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.stats = WorkerStats()
-        self._running: dict[int, _Running] = {}
+        # Runs in progress, by token (one job may be run twice by this worker after a rescue).
+        self._running: dict[UUID, _Running] = {}
+        # Finished successfully, completion not written yet: still ours, still heartbeated.
+        self._unwritten: dict[UUID, Job] = {}
+        self._writing: set[UUID] = set()  # of those, the ones whose completion is on the wire now
         self._done: list[tuple[Job, Any]] = []
         self._done_ready = asyncio.Event()
-        self._wake = asyncio.Event()
-        self._slot_free = asyncio.Event()
+        self._kick = asyncio.Event()  # the claim loop has something to look at
+        self._wake = True  # runnable jobs may be waiting (a NOTIFY, a rescue, the poll)
         self._stopping = asyncio.Event()
         self._aborting = False
+        self._retry_horizon: datetime | None = None  # latest retry this worker scheduled (burst waits for it)
         self._side_tasks: list[asyncio.Task[Any]] = []
-        self._claim_conn = db.held()
-        self._done_conn = db.held()
+        self._claim_conn = _Connection(db, CLAIM_APPLICATION_NAME)
+        self._done_conn = _Connection(db, COMPLETE_APPLICATION_NAME)
         self._flush_lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ control
@@ -122,15 +237,16 @@ class Worker:
         if not self._stopping.is_set():
             log.info("worker %s stopping: %d job(s) in flight", self.worker_id, len(self._running))
         self._stopping.set()
-        self._wake.set()
-        self._slot_free.set()
+        self._kick.set()
 
     def abort(self) -> None:
-        """Hard stop: cancel running jobs now."""
+        """Hard stop: cancel running jobs now (they are released to pending)."""
         self._aborting = True
         self.stop()
         for running in list(self._running.values()):
-            running.task.cancel()
+            running.releasing = True
+            if running.task is not None:
+                running.task.cancel()
 
     @property
     def stopping(self) -> bool:
@@ -154,12 +270,17 @@ class Worker:
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
             asyncio.create_task(self._listen_loop(), name="listener"),
             asyncio.create_task(self._maintenance_loop(), name="maintenance"),
+            asyncio.create_task(self._watchdog(), name="watchdog"),
         ]
         for task in self._side_tasks:
             task.add_done_callback(self._side_task_done)
         try:
-            await self._claim_loop()
-            await self._drain()
+            try:
+                await self._claim_loop()
+            finally:
+                # Also when the claim loop crashed: running jobs get their grace, then are released.
+                self._stopping.set()
+                await self._drain()
         finally:
             await self._shutdown_side_tasks()
         log.info(
@@ -182,119 +303,183 @@ class Worker:
 
     async def _claim_loop(self) -> None:
         failures = 0
-        while not self.stopping:
-            free = self.concurrency - len(self._running)
-            if free <= 0:
-                self._slot_free.clear()
-                await self._slot_free.wait()
-                continue
-            self._wake.clear()
-            try:
-                async with self._claim_conn.transaction() as conn:
-                    jobs = await queue.claim(conn, free, self.worker_id, self.settings.lease_seconds)
-                failures = 0
-            except Exception as exc:
-                if not is_connection_error(exc):
-                    raise
-                failures += 1
-                delay = min(30.0, 0.5 * 2 ** min(failures, 6)) * (0.5 + random.random() / 2)
-                log.warning("claim failed (database unavailable: %s); retrying in %.1fs", _first_line(exc), delay)
-                await self._sleep(delay)
-                continue
-            self.stats.claims += 1
+        poll = self.settings.poll_interval
+        while not self._stopping.is_set():
             self.stats.last_cycle = time.monotonic()
-            for job in jobs:
-                self._start(job)
-            if len(jobs) < free:
-                # The queue has nothing more runnable right now.
-                if self.burst:
-                    if not self._running and not await self._runnable_left():
-                        return
-                    # Wait for a slot or a wake-up: running jobs may enqueue or retry more.
-                    await self._wait_any(self._slot_free, self._wake, timeout=0.2)
+            free = self.concurrency - len(self._running)
+            if free > 0 and self._wake:
+                self._wake = False  # a NOTIFY during the claim sets it again
+                # Completions waiting to be written ride along with the claim: one statement, one commit.
+                batch, self._done = self._done, []
+                self._writing.update(job.token for job, _ in batch)
+                try:
+                    conn = await self._claim_conn.cursor()
+                    if batch:
+                        written, jobs = await queue.complete_and_claim(
+                            conn, [(j.id, j.token, r) for j, r in batch], free, self.worker_id,
+                            self.settings.lease_seconds,
+                        )
+                    else:
+                        jobs = await queue.claim(conn, free, self.worker_id, self.settings.lease_seconds)
+                except BaseException as exc:
+                    self._wake = True
+                    if batch:  # not written (or not known to be): the completer writes them (fenced, idempotent)
+                        self._done = batch + self._done
+                        self._done_ready.set()
+                    self._writing.difference_update(job.token for job, _ in batch)
+                    if batch and isinstance(exc, _BAD_RESULT):
+                        await self._flush_done()  # the completer's path isolates the bad result
+                        continue
+                    if not _retryable(exc):
+                        raise
+                    if is_connection_error(exc):
+                        await self._claim_conn.close()
+                    failures += 1
+                    delay = min(30.0, 0.25 * 2 ** min(failures - 1, 7)) * (0.5 + random.random() / 2)
+                    log.warning("claim failed (%s); retrying in %.1fs", _first_line(exc), delay)
+                    await self._sleep(delay)
                     continue
-                await self._wait_any(self._wake, timeout=self.settings.poll_interval)
+                if batch:
+                    self._account(batch, written)
+                failures = 0
+                self.stats.claims += 1
+                if self._stopping.is_set():
+                    # Stopped while the claim was in flight: hand the jobs straight back.
+                    await self._release(jobs, "claimed while the worker was stopping")
+                    return
+                self._start_all(jobs)
+                if len(jobs) == free:
+                    self._wake = True  # the queue may hold more
+                    continue
+                if self.burst and not self._running:
+                    if await self._burst_finished():
+                        return
+                    continue
+            # Wait for a free slot, a wake-up or the poll interval, whichever comes first.
+            self._kick.clear()
+            if self._wake and len(self._running) < self.concurrency:
+                continue  # a NOTIFY arrived while the claim was in flight
+            kicked = await self._wait_kick(poll)
+            if not kicked or self.burst:
+                self._wake = True
 
-    async def _runnable_left(self) -> bool:
-        await self._flush_done()
-        async with self.db.raw() as conn:
-            cur = await conn.execute(
-                "SELECT EXISTS (SELECT 1 FROM queue_jobs WHERE status = 'pending' AND run_at <= now())"
-            )
-            row = await cur.fetchone()
-        return bool(row and row[0])
+    async def _burst_finished(self) -> bool:
+        """Burst mode, nothing running: return True when nothing runnable is left.
 
-    def _start(self, job: Job) -> None:
-        self.stats.claimed += 1
-        metrics.JOBS_CLAIMED.labels(job.job_type).inc()
-        task = asyncio.create_task(self._run_job(job), name=f"job-{job.id}")
-        self._running[job.id] = _Running(job, task)
+        Waits for the retries this worker scheduled (a short backoff is still drained),
+        not for jobs planned for later by someone else.
+        """
+        try:
+            conn = await self._claim_conn.cursor()
+            due_in = await queue.next_runnable_in(conn, self._retry_horizon)
+        except Exception as exc:
+            if not _retryable(exc):
+                raise
+            await self._claim_conn.close()
+            await self._sleep(0.5)
+            self._wake = True
+            return False
+        if due_in is None:
+            await self._flush_done()
+            return not self._running and not self._unwritten
+        if due_in > 0:
+            self._kick.clear()
+            await self._wait_kick(min(due_in, self.settings.poll_interval))
+        self._wake = True
+        return False
 
-    async def _run_job(self, job: Job) -> None:
+    def _start_all(self, jobs: Sequence[Job]) -> None:
+        now = asyncio.get_running_loop().time()
+        counts: dict[str, int] = {}
+        for job in jobs:
+            counts[job.job_type] = counts.get(job.job_type, 0) + 1
+            handler = self.handlers.get(job.job_type)
+            timeout = (handler.timeout if handler else None) or self.settings.job_timeout
+            running = _Running(job, now + timeout)
+            running.task = asyncio.create_task(self._run_job(running, handler, timeout), name=f"job-{job.id}")
+            self._running[job.token] = running
+        self.stats.claimed += len(jobs)
+        for job_type, count in counts.items():
+            _metrics_for(job_type).claimed.inc(count)
+
+    async def _watchdog(self) -> None:
+        """Cancels runs past their timeout (one scan of the running jobs, not a timer per job)."""
+        timeouts = [h.timeout for h in self.handlers.values() if h.timeout] + [self.settings.job_timeout]
+        interval = min(1.0, max(0.01, min(timeouts) / 10))
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(interval)
+            now = loop.time()
+            for running in list(self._running.values()):
+                if running.deadline <= now and not running.timed_out:
+                    task = running.task
+                    if task is not None and not task.done():
+                        running.timed_out = True
+                        task.cancel()
+
+    async def _run_job(self, running: _Running, handler: Handler | None, timeout: float) -> None:
+        job = running.job
         started = time.monotonic()
-        with job_context(job):
-            try:
-                handler = self.handlers.get(job.job_type)
+        try:
+            with job_context(job):
                 outcome: Any = None
                 error: BaseException | None = None
                 try:
                     if handler is None:
-                        raise _Permanent(
-                            f"unknown job type {job.job_type!r} (this worker knows: {', '.join(sorted(self.handlers))})"
-                        )
-                    ctx = JobContext(job, self.db, self.settings, self.services, self.worker_id)
-                    timeout = handler.timeout or self.settings.job_timeout
-                    deadline = asyncio.timeout(timeout)
-                    try:
-                        async with deadline:
-                            outcome = await handler.fn(ctx)
-                    except TimeoutError as exc:
-                        if deadline.expired():
-                            raise TimeoutError(f"job timed out after {timeout:g}s (cancelled)") from exc
-                        raise
+                        known = ", ".join(sorted(self.handlers))
+                        raise _Permanent(f"unknown job type {job.job_type!r} (this worker knows: {known})")
+                    outcome = await handler.fn(JobContext(job, self.db, self.settings, self.services, self.worker_id))
                 except asyncio.CancelledError:
-                    if self._running.get(job.id) is None or self._running[job.id].lost:
+                    if running.lost:
                         log.warning("job %s cancelled: its lease is no longer ours", job.id)
                         return
-                    raise  # shutdown: the releaser hands it back
+                    if running.releasing or not running.timed_out:
+                        raise  # shutdown: the worker hands it back
+                    current = asyncio.current_task()
+                    if current is not None:
+                        current.uncancel()
+                    error = TimeoutError(f"job timed out after {timeout:g}s (cancelled)")
                 except Exception as exc:
                     error = exc
-                metrics.JOB_DURATION.labels(job.job_type).observe(time.monotonic() - started)
-                running = self._running.get(job.id)
-                if running is not None and running.lost:
+                _metrics_for(job.job_type).duration.observe(time.monotonic() - started)
+                if running.lost:
                     return
                 if error is None:
+                    self._unwritten[job.token] = job
                     self._done.append((job, _jsonable(outcome)))
                     self._done_ready.set()
                 else:
                     await self._record_failure(job, error)
-            finally:
-                # The slot frees as soon as the handler is done; completions are written in batches.
-                self._running.pop(job.id, None)
-                self._slot_free.set()
+        finally:
+            # The slot frees as soon as the handler is done; completions are written in batches.
+            if self._running.get(job.token) is running:
+                del self._running[job.token]
+            self._kick.set()
 
     async def _record_failure(self, job: Job, error: BaseException) -> None:
         permanent = bool(getattr(error, "permanent", False))
-        message = f"{type(error).__name__}: {error}" if not isinstance(error, _Permanent) else str(error)
+        message = str(error) if isinstance(error, _Permanent) else f"{type(error).__name__}: {error}"
         delay = getattr(error, "delay", None)
         if delay is None:
             delay = queue.backoff_seconds(job.attempts, self.settings.retry_base, self.settings.retry_max)
+        result: queue.FailOutcome | None = None
         for attempt in range(5):
             try:
                 async with self.db.raw() as conn:
                     result = await queue.fail(conn, job, message, permanent=permanent, retry_delay=delay)
                 break
             except Exception as exc:
-                if not is_connection_error(exc) or attempt == 4:
+                if not _retryable(exc) or attempt == 4:
                     log.error("could not record failure of job %s: %s", job.id, _first_line(exc))
                     return  # the lease will expire and the rescuer takes over
-                await asyncio.sleep(0.5 * 2**attempt)
+                await asyncio.sleep(0.25 * 2**attempt)
         if result is None:
             log.warning("job %s failed but is no longer ours (rescued or cancelled): %s", job.id, message)
             return
+        type_metrics = _metrics_for(job.job_type)
         if result.status == "failed":
             self.stats.failed += 1
-            metrics.JOBS_FAILED.labels(job.job_type).inc()
+            type_metrics.failed.inc()
             log.error(
                 "job %s failed for good after %d attempt(s)%s: %s",
                 job.id,
@@ -304,15 +489,26 @@ class Worker:
             )
         else:
             self.stats.retried += 1
-            metrics.JOBS_RETRIED.labels(job.job_type).inc()
+            type_metrics.retried.inc()
+            self._note_retry(result.run_at)
             log.warning("job %s attempt %d failed, retrying at %s: %s", job.id, result.attempts, result.run_at, message)
+
+    def _note_retry(self, run_at: datetime) -> None:
+        if self._retry_horizon is None or run_at > self._retry_horizon:
+            self._retry_horizon = run_at
 
     # ------------------------------------------------------------------ completions
 
     async def _completer(self) -> None:
         while True:
             await self._done_ready.wait()
-            await self._flush_done()
+            # Let the claim loop go first: when the job that just finished freed a slot, it takes
+            # the completions along with its claim. What is left (no claim coming) is written here.
+            await asyncio.sleep(0)
+            if self._done:
+                await self._flush_done()
+            else:
+                self._done_ready.clear()
 
     async def _flush_done(self) -> None:
         async with self._flush_lock:
@@ -323,30 +519,63 @@ class Worker:
         while self._done:
             batch, self._done = self._done, []
             self._done_ready.clear()
+            self._writing.update(job.token for job, _ in batch)
             try:
-                async with self._done_conn.transaction() as conn:
-                    written = await queue.complete_many(conn, [(j.id, j.token, result) for j, result in batch])
-            except Exception as exc:
-                if not is_connection_error(exc):
-                    raise
+                written = await self._complete(batch)
+            except BaseException as exc:
+                self._writing.difference_update(job.token for job, _ in batch)
                 self._done = batch + self._done
+                if not _retryable(exc):
+                    raise
+                if is_connection_error(exc):
+                    await self._done_conn.close()
                 failures += 1
                 if self._aborting or failures > 8:
-                    log.error("dropping %d completion(s): database unavailable; leases will expire", len(batch))
+                    log.error("dropping %d completion(s): database unavailable; leases will expire", len(self._done))
+                    for job, _ in self._done:
+                        self._unwritten.pop(job.token, None)
                     self._done = []
                     return
-                delay = min(10.0, 0.2 * 2**failures)
+                delay = min(10.0, 0.1 * 2**failures)
                 log.warning("completing %d job(s) failed (%s); retrying in %.1fs", len(batch), _first_line(exc), delay)
                 await asyncio.sleep(delay)
                 continue
-            for job, _ in batch:
-                if job.id in written:
-                    self.stats.completed += 1
-                    metrics.JOBS_COMPLETED.labels(job.job_type).inc()
-                else:
-                    self.stats.lost += 1
-                    log.warning("job %s finished but is no longer ours; its result was discarded", job.id)
-            self.stats.last_cycle = time.monotonic()
+            self._account(batch, written)
+
+    def _account(self, batch: Sequence[tuple[Job, Any]], written: set[int]) -> None:
+        """Book a written batch of completions: counted, or reported lost when the token no longer held."""
+        counts: dict[str, int] = {}
+        writing = self._writing
+        for job, _ in batch:
+            writing.discard(job.token)
+            if self._unwritten.pop(job.token, None) is None:
+                continue  # settled otherwise (its result could not be stored: recorded as a failure)
+            if job.id in written:
+                counts[job.job_type] = counts.get(job.job_type, 0) + 1
+            else:
+                self.stats.lost += 1
+                log.warning("job %s finished but is no longer ours; its result was discarded", job.id)
+        for job_type, count in counts.items():
+            self.stats.completed += count
+            _metrics_for(job_type).completed.inc(count)
+
+    async def _complete(self, batch: Sequence[tuple[Job, Any]]) -> set[int]:
+        """Write a batch of completions; returns the ids written (the runs that were still ours)."""
+        conn = await self._done_conn.cursor()
+        try:
+            return await queue.complete_many(conn, [(j.id, j.token, result) for j, result in batch])
+        except _BAD_RESULT:
+            if len(batch) == 1:
+                raise
+        # One result the database refuses (e.g. JSON it cannot store) must not sink the others.
+        written: set[int] = set()
+        for job, result in batch:
+            try:
+                written |= await self._complete([(job, result)])
+            except _BAD_RESULT as exc:
+                self._unwritten.pop(job.token, None)
+                await self._record_failure(job, _Permanent(f"could not store the job's result: {_first_line(exc)}"))
+        return written
 
     # ------------------------------------------------------------------ leases
 
@@ -354,26 +583,36 @@ class Worker:
         interval = max(0.05, self.settings.lease_seconds / 3)
         while True:
             await asyncio.sleep(interval)
-            owned = [(r.job.id, r.job.token) for r in self._running.values() if not r.lost]
+            running = [r for r in self._running.values() if not r.lost]
+            owned = [(r.job.id, r.job.token) for r in running]
+            # Finished runs are still ours until their completion is written (a slow write must not let
+            # the lease expire: the job would run again). Those being written right now are left out.
+            writing = self._writing
+            owned += [(job.id, job.token) for job in self._unwritten.values() if job.token not in writing]
             if not owned:
                 continue
             try:
                 async with self.db.raw() as conn:
                     alive = await queue.heartbeat(conn, owned, self.settings.lease_seconds)
             except Exception as exc:
-                if not is_connection_error(exc):
+                if not _retryable(exc):
                     raise
                 log.warning("heartbeat failed (%s); will retry", _first_line(exc))
                 continue
-            for job_id, _ in owned:
-                running = self._running.get(job_id)
-                if job_id not in alive and running is not None and not running.lost:
-                    running.lost = True
+            for run in running:
+                # Still running here but not ours in the database: rescued or cancelled.
+                if run.job.token not in alive and not run.lost and self._running.get(run.job.token) is run:
+                    run.lost = True
                     self.stats.lost += 1
-                    log.warning("job %s is no longer ours (lease lost or cancelled); stopping it", job_id)
-                    running.task.cancel()
+                    log.warning("job %s is no longer ours (lease lost or cancelled); stopping it", run.job.id)
+                    if run.task is not None:
+                        run.task.cancel()
 
     # ------------------------------------------------------------------ wake-ups
+
+    def _wake_up(self) -> None:
+        self._wake = True
+        self._kick.set()
 
     async def _listen_loop(self) -> None:
         failures = 0
@@ -382,7 +621,7 @@ class Worker:
                 conn = await self.db.listen_connection()
             except Exception as exc:
                 failures += 1
-                delay = min(30.0, 0.5 * 2 ** min(failures, 6))
+                delay = min(30.0, 0.25 * 2 ** min(failures - 1, 7))
                 log.warning("LISTEN connection failed (%s); polling until it returns", _first_line(exc))
                 await asyncio.sleep(delay)
                 continue
@@ -392,13 +631,13 @@ class Worker:
                     if failures:
                         log.info("LISTEN re-established")
                     failures = 0
-                    self._wake.set()  # anything enqueued while we were away
+                    self._wake_up()  # anything enqueued while we were away
                     async for _ in conn.notifies():
-                        self._wake.set()
+                        self._wake_up()
             except Exception as exc:
                 failures += 1
                 log.warning("LISTEN connection lost (%s); reconnecting", _first_line(exc))
-                await asyncio.sleep(min(30.0, 0.5 * 2 ** min(failures, 6)))
+                await asyncio.sleep(min(30.0, 0.1 * 2 ** min(failures - 1, 8)))
 
     async def _maintenance_loop(self) -> None:
         rescue_every = max(0.2, min(self.settings.lease_seconds / 2, 30.0))
@@ -410,17 +649,19 @@ class Worker:
                     rescued = await queue.rescue_expired(
                         conn, retry_base=self.settings.retry_base, retry_max=self.settings.retry_max
                     )
-                for job_id, job_type, status, attempts in rescued:
+                for job_id, job_type, status, attempts, run_at in rescued:
                     metrics.JOBS_RESCUED.labels(job_type).inc()
+                    if status == "pending":
+                        self._note_retry(run_at)
                     log.warning("rescued job %s (%s) after its lease expired: now %s, attempt %d", job_id, job_type,
                                 status, attempts)
                 if rescued:
-                    self._wake.set()
+                    self._wake_up()
                 if time.monotonic() >= next_prune:
                     next_prune = time.monotonic() + prune_every
                     await self.prune()
             except Exception as exc:
-                if not is_connection_error(exc):
+                if not _retryable(exc):
                     raise
                 log.warning("queue maintenance failed (%s); will retry", _first_line(exc))
             await asyncio.sleep(rescue_every * (0.75 + random.random() / 2))
@@ -442,40 +683,56 @@ class Worker:
     # ------------------------------------------------------------------ shutdown
 
     async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
         if self._running and not self._aborting:
             log.info("waiting up to %gs for %d running job(s)", self.settings.shutdown_grace, len(self._running))
-            deadline = time.monotonic() + self.settings.shutdown_grace
+            deadline = loop.time() + self.settings.shutdown_grace
             while self._running and not self._aborting:
-                remaining = deadline - time.monotonic()
+                remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
-                self._slot_free.clear()
-                await self._wait_any(self._slot_free, timeout=remaining)
+                self._kick.clear()
+                await self._wait_kick(remaining)
         leftovers = [r for r in self._running.values() if not r.lost]
-        for running in self._running.values():
-            running.task.cancel()
-        if self._running:
-            await asyncio.gather(*(r.task for r in self._running.values()), return_exceptions=True)
-        if leftovers:
-            try:
-                async with asyncio.timeout(1.0 if self._aborting else 10.0):
-                    async with self.db.raw() as conn:
-                        released = await queue.release(
-                            conn,
-                            [(r.job.id, r.job.token) for r in leftovers],
-                            f"released by worker {self.worker_id} at shutdown",
-                        )
-                self.stats.released += len(released)
-                log.info("released %d job(s) back to pending (attempts restored)", len(released))
-            except Exception as exc:
-                log.error("could not release %d job(s) (%s); their leases will expire", len(leftovers),
-                          _first_line(exc))
+        for run in self._running.values():
+            run.releasing = True
+            if run.task is not None:
+                run.task.cancel()
+        tasks = [r.task for r in self._running.values() if r.task is not None]
+        if tasks:
+            # A handler that swallows cancellation does not hold the shutdown up for long.
+            await asyncio.wait(tasks, timeout=0.5 if self._aborting else 2.0)
+        # Runs that ended with a success of their own (a handler that ignored the cancel) are completed instead.
+        unfinished = [r.job for r in leftovers if r.job.token not in self._unwritten]
         self._running.clear()
+        # No heartbeat from here on: it would race the release for the same rows.
+        await self._cancel_side_task("heartbeat")
+        if unfinished:
+            await self._release(unfinished, f"released by worker {self.worker_id} at shutdown")
         try:
             async with asyncio.timeout(1.0 if self._aborting else 10.0):
                 await self._flush_done()
         except Exception as exc:
             log.error("could not write final completions (%s); their leases will expire", _first_line(exc))
+
+    async def _release(self, jobs: Sequence[Job], reason: str) -> None:
+        """Hand jobs back to pending with their attempt restored (they did not really run)."""
+        if not jobs:
+            return
+        try:
+            async with asyncio.timeout(1.0 if self._aborting else 10.0):
+                async with self.db.raw() as conn:
+                    released = await queue.release(conn, [(job.id, job.token) for job in jobs], reason)
+            self.stats.released += len(released)
+            log.info("released %d job(s) back to pending (attempts restored)", len(released))
+        except Exception as exc:
+            log.error("could not release %d job(s) (%s); their leases will expire", len(jobs), _first_line(exc))
+
+    async def _cancel_side_task(self, name: str) -> None:
+        for task in self._side_tasks:
+            if task.get_name() == name:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
 
     async def _shutdown_side_tasks(self) -> None:
         for task in self._side_tasks:
@@ -486,16 +743,32 @@ class Worker:
 
     # ------------------------------------------------------------------ helpers
 
-    async def _sleep(self, seconds: float) -> None:
-        await self._wait_any(timeout=seconds)
+    async def _wait_kick(self, timeout: float) -> bool:
+        """Wait until the claim loop is kicked (True) or ``timeout`` passes (False).
 
-    async def _wait_any(self, *events: asyncio.Event, timeout: float) -> None:
-        waiters = [asyncio.ensure_future(e.wait()) for e in (*events, self._stopping)]
+        A timer that sets the event is much cheaper than ``asyncio.wait_for`` (no task per wait).
+        """
+        kick = self._kick
+        if kick.is_set():
+            return True
+        fired = False
+
+        def expire() -> None:
+            nonlocal fired
+            fired = True
+            kick.set()
+
+        timer = asyncio.get_running_loop().call_later(timeout, expire)
         try:
-            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            await kick.wait()
         finally:
-            for w in waiters:
-                w.cancel()
+            timer.cancel()
+        return not fired
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, but wake up at once when the worker stops."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
 
 
 class _Permanent(Exception):
