@@ -294,8 +294,10 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     from briefs.process import exit_now, install_stop_signals
     from briefs.progress import Progress
     from scheduler.daemon import SchedulerDaemon
+    from scheduler.daemon import health_max_age as scheduler_health_max_age
     from worker.handlers import build_handlers
     from worker.main import close_services
+    from worker.main import health_max_age as worker_health_max_age
     from worker.runner import Worker
 
     db = await Database.connect(settings)
@@ -324,8 +326,8 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
             from briefs.health import HealthServer
 
             health = HealthServer(db, settings.health_port)
-            health.watch("worker", lambda: worker.stats.last_cycle, 3 * settings.poll_interval + 10)
-            health.watch("scheduler", lambda: daemon.last_tick_completed, 3 * settings.scheduler_interval + 60)
+            health.watch("worker", lambda: worker.stats.last_cycle, worker_health_max_age(settings))
+            health.watch("scheduler", lambda: daemon.last_tick_completed, scheduler_health_max_age(settings))
             await health.start()
         await daemon.start()
         worker_task = asyncio.create_task(worker.run(), name="worker")

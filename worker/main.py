@@ -26,6 +26,16 @@ async def close_services(services: dict[str, Any]) -> None:
                 log.warning("closing %r failed", service, exc_info=True)
 
 
+def health_max_age(settings: Settings) -> float:
+    """How stale the claim loop's last cycle may be before /healthz fails.
+
+    The loop marks a cycle at least every poll interval, busy or idle; three of
+    them plus ten seconds of slack. During a database outage the loop backs off
+    and the check fails, which is the truth.
+    """
+    return 3 * settings.poll_interval + 10
+
+
 async def serve(
     settings: Settings,
     *,
@@ -39,6 +49,7 @@ async def serve(
     if db is None:
         db = await Database.connect(settings)
     services: dict[str, Any] = {}
+    health = None
     try:
         async with db.raw() as conn:
             await require_schema(conn)
@@ -50,8 +61,16 @@ async def serve(
                 asyncio.get_running_loop().call_later(2.0, exit_now, 1)
 
             install_stop_signals(worker.stop, hard)
+        if settings.health_port:
+            from briefs.health import HealthServer
+
+            health = HealthServer(db, settings.health_port)
+            health.watch("worker", lambda: worker.stats.last_cycle, health_max_age(settings))
+            await health.start()
         return await worker.run()
     finally:
+        if health is not None:
+            await health.stop()
         await close_services(services)
         if own_db:
             await db.dispose()
