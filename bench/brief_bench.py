@@ -1,14 +1,22 @@
 """Brief generation benchmarks (run by hand; results go to bench/README-briefs.md).
 
-    /work/venv/bin/python bench/brief_bench.py single            # one brief, 10 projects, 300 ms replies
-    /work/venv/bin/python bench/brief_bench.py fleet             # 1,000 users × 5 projects through the worker
-    /work/venv/bin/python bench/brief_bench.py fleet --users 200 --latency 0.2 --llm-concurrency 100
+    /work/venv/bin/python bench/brief_bench.py single                 # one brief, 10 projects, 300 ms replies
+    /work/venv/bin/python bench/brief_bench.py fleet                  # 1,000 users × 5 projects through the worker
+    /work/venv/bin/python bench/brief_bench.py fleet --processes 2    # the same with two worker processes
+    /work/venv/bin/python bench/brief_bench.py fleet --users 200      # a quicker run
+    /work/venv/bin/python bench/brief_bench.py fleet --no-llm         # everything but the LLM (no API key)
+    /work/venv/bin/python bench/brief_bench.py client --calls 3000    # the LLM client alone, 100 at a time
 
 The database is a fresh ``briefs_bench_<pid>`` on the server in ``--db`` (default
 ``BRIEFS_TEST_DATABASE_URL``, else ``postgresql://postgres@127.0.0.1:5432/postgres``),
 dropped at the end. The LLM is ``tests.fakellm.FakeLLM`` with a fixed reply
 latency, run in a *separate process* so its HTTP threads do not compete with the
 worker for the GIL.
+
+The fleet reports the CPU seconds of every party during the run: the worker
+process(es), FakeLLM, the PostgreSQL backends of the benchmark's database (sampled
+by a third process: a lower bound), interrupts, and everything else on the machine
+(other people's work), so a slow run can be told from a busy machine.
 """
 
 from __future__ import annotations
@@ -84,6 +92,101 @@ class FakeProcess:
     def stop(self) -> None:
         self.ask("stop")
         self.proc.join(5)
+
+
+# --------------------------------------------------------------------------- CPU accounting, out of process
+
+
+def _proc_cpu(pid: int) -> float | None:
+    """CPU seconds (user + system) of a process, from /proc; None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _machine_busy() -> tuple[float, float]:
+    """CPU seconds all cores spent not idle since boot, and of those in interrupts (/proc/stat)."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    tick = os.sysconf("SC_CLK_TCK")
+    return (sum(values[:8]) - idle) / tick, (values[5] + values[6]) / tick  # irq + softirq
+
+
+def _all_processes() -> dict[int, tuple[float, str]]:
+    out = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            cpu = _proc_cpu(int(name))
+            if cpu is not None:
+                try:
+                    with open(f"/proc/{name}/cmdline", "rb") as f:
+                        cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+                except OSError:
+                    cmd = "?"
+                out[int(name)] = (cpu, cmd[:90])
+    return out
+
+
+def _monitor(url: str, interval: float, conn: Any) -> None:
+    """Samples the CPU of the PostgreSQL backends serving ``url``'s database (they are this machine's
+    processes) and the whole machine's busy time, between "start" and "stop"."""
+    with psycopg.connect(url, autocommit=True) as db:
+        conn.send("ready")
+        assert conn.recv() == "start"
+        busy0, irq0 = _machine_busy()
+        procs0 = _all_processes()
+        first: dict[int, float] = {}
+        last: dict[int, float] = {}
+        query = "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        while True:
+            for (pid,) in db.execute(query).fetchall():
+                cpu = _proc_cpu(pid)
+                if cpu is not None:
+                    first.setdefault(pid, cpu)
+                    last[pid] = cpu
+            if conn.poll(interval):
+                break
+        for pid in last:  # a last look at the ones still alive
+            cpu = _proc_cpu(pid)
+            if cpu is not None:
+                last[pid] = cpu
+        busy, irq = (b - a for a, b in zip((busy0, irq0), _machine_busy(), strict=True))
+        procs = _all_processes()
+    # The busiest processes of the run (started before it or during it; those that ended are missed).
+    deltas = sorted(((cpu - procs0.get(pid, (0.0, ""))[0], cmd) for pid, (cpu, cmd) in procs.items()), reverse=True)
+    conn.recv()
+    conn.send({
+        # A lower bound: a backend that ends between two samples loses its last interval, and one
+        # seen first mid-run counts from then (the pool's connections are open before the start).
+        "postgres_backends_s": sum(last[p] - first[p] for p in last),
+        "postgres_backends_seen": len(last),
+        "machine_busy_s": busy,
+        "machine_irq_s": irq,  # interrupt time, loopback networking included: nobody's process time
+        "busiest_processes": [f"{cpu:5.1f} s  {cmd}" for cpu, cmd in deltas[:5]],
+        "monitor_s": time.process_time(),
+    })
+
+
+class CpuMonitor:
+    def __init__(self, url: str, interval: float = 0.2) -> None:
+        self.parent, child = mp.Pipe()
+        self.proc = mp.get_context("spawn").Process(target=_monitor, args=(url, interval, child), daemon=True)
+        self.proc.start()
+        assert self.parent.recv() == "ready"
+
+    def start(self) -> None:
+        self.parent.send("start")
+
+    def stop(self) -> dict[str, Any]:
+        self.parent.send("stop")
+        self.parent.send("result")
+        result: dict[str, Any] = self.parent.recv()
+        self.proc.join(5)
+        return result
 
 
 # --------------------------------------------------------------------------- database
@@ -206,6 +309,43 @@ def single(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+async def _client_only(base_url: str, calls: int, concurrency: int) -> dict[str, Any]:
+    """``calls`` project-brief completions through one ``LLMClient``, ``concurrency`` at a time."""
+    from briefs.loading import ProjectContext
+    from briefs.render import project_messages
+
+    settings = settings_for("postgresql://unused", base_url, llm_concurrency=concurrency)
+    project = ProjectContext(1, "Apollo", "A benchmark project", 3)
+    messages = project_messages(project, datetime.now(UTC).date(), "standard")
+    llm_module.reset_stats()
+    async with LLMClient(settings) as client:
+        await client.complete(messages, llm_module.ProjectBrief)  # connect, warm caches
+        started, cpu = time.perf_counter(), time.process_time()
+        await asyncio.gather(*(client.complete(messages, llm_module.ProjectBrief) for _ in range(calls)))
+        return {"elapsed": time.perf_counter() - started, "cpu_s": time.process_time() - cpu}
+
+
+def client_only(args: argparse.Namespace) -> dict[str, Any]:
+    fake = FakeProcess(args.latency, args.backlog)
+    calls = args.users * (args.projects + 1) if args.calls is None else args.calls
+    try:
+        out = asyncio.run(_client_only(fake.base_url, calls, args.llm_concurrency))
+        fake_stats = fake.ask("stats")
+    finally:
+        fake.stop()
+    ideal = calls * args.latency / args.llm_concurrency
+    return {
+        "scenario": f"LLM client alone: {calls} calls, concurrency {args.llm_concurrency}",
+        "latency_s": args.latency,
+        "wall_s": round(out["elapsed"], 2),
+        "ideal_s": round(ideal, 2),
+        "overhead_pct": round(100 * (out["elapsed"] / ideal - 1), 1),
+        "cpu_s_client": round(out["cpu_s"], 2),
+        "cpu_ms_per_call": round(1000 * out["cpu_s"] / calls, 3),
+        "max_in_flight_at_fake": fake_stats["max_in_flight"],
+    }
+
+
 def _enqueue_all(url: str, day: Any) -> None:
     notify = datetime.now(UTC) - timedelta(seconds=1)
     with psycopg.connect(url, autocommit=True) as conn:
@@ -221,7 +361,8 @@ def _enqueue_all(url: str, day: Any) -> None:
         )
 
 
-async def _drain(settings: Settings, worker_concurrency: int, start: Any = None) -> dict[str, Any]:
+async def _drain(settings: Settings, worker_concurrency: int, start: Any = None,
+                 monitor: CpuMonitor | None = None) -> dict[str, Any]:
     """One worker process's share: a burst worker until the queue is empty."""
     from worker.handlers import build_handlers
     from worker.main import close_services
@@ -235,16 +376,19 @@ async def _drain(settings: Settings, worker_concurrency: int, start: Any = None)
                     services=services)
     if start is not None:
         await asyncio.to_thread(start.wait)
+    if monitor is not None:
+        monitor.start()
     started = time.perf_counter()
     cpu = time.process_time()
     try:
         stats = await worker.run()
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     finally:
         await close_services(services)
         await db.dispose()
     return {
-        "elapsed": time.perf_counter() - started,
-        "cpu_s": time.process_time() - cpu,
+        "elapsed": elapsed,
+        "cpu_s": cpu,
         "completed": stats.completed,
         "failed": stats.failed,
         "prompt_tokens": llm_module.stats["prompt_tokens"],
@@ -266,7 +410,8 @@ def _settings_json(settings: Settings) -> str:
     return json.dumps(data)
 
 
-def _run_processes(settings: Settings, processes: int, worker_concurrency: int) -> tuple[float, list[dict[str, Any]]]:
+def _run_processes(settings: Settings, processes: int, worker_concurrency: int,
+                   monitor: CpuMonitor) -> tuple[float, list[dict[str, Any]]]:
     ctx = mp.get_context("spawn")
     start, out = ctx.Event(), ctx.Queue()
     readies, procs = [], []
@@ -281,6 +426,7 @@ def _run_processes(settings: Settings, processes: int, worker_concurrency: int) 
     for ready in readies:
         ready.wait(60)
     time.sleep(1.0)  # let every process finish connecting before the clock starts
+    monitor.start()
     began = time.perf_counter()
     start.set()
     results = [out.get(timeout=600) for _ in procs]
@@ -317,18 +463,23 @@ def fleet(args: argparse.Namespace) -> dict[str, Any]:
             llm_concurrency=per_process,
             llm_brief_concurrency=args.projects,
             db_pool_size=args.pool,
+            **({"openai_api_key": None} if args.no_llm else {}),
         )
         _enqueue_all(url, day)
+        monitor = CpuMonitor(url)
         fake_cpu = fake.ask("stats")["cpu_s"]
         if args.processes == 1:
-            out = asyncio.run(_drain(settings, args.worker_concurrency))
+            out = asyncio.run(_drain(settings, args.worker_concurrency, monitor=monitor))
             wall, results = out["elapsed"], [out]
         else:
-            wall, results = _run_processes(settings, args.processes, args.worker_concurrency // args.processes)
+            wall, results = _run_processes(settings, args.processes, args.worker_concurrency // args.processes,
+                                           monitor)
+        cpu = monitor.stop()
         fake_stats = fake.ask("stats")
         calls = fake_stats["calls"]
         ideal = calls * args.latency / args.llm_concurrency
         db_side = _summarise(url)
+        worker_cpu = sum(r["cpu_s"] for r in results)
         result = {
             "scenario": f"{args.users} users × {args.projects} projects through the worker",
             "worker_processes": args.processes,
@@ -339,7 +490,7 @@ def fleet(args: argparse.Namespace) -> dict[str, Any]:
             "max_in_flight_at_fake": fake_stats["max_in_flight"],
             "wall_s": round(wall, 2),
             "ideal_s": round(ideal, 2),
-            "overhead_pct": round(100 * (wall / ideal - 1), 1),
+            "overhead_pct": round(100 * (wall / ideal - 1), 1) if ideal else None,
             "briefs": db_side["briefs"],
             "jobs_completed": sum(r["completed"] for r in results),
             "jobs_failed": sum(r["failed"] for r in results),
@@ -350,6 +501,14 @@ def fleet(args: argparse.Namespace) -> dict[str, Any]:
             "peak_rss_mb_per_worker_process": [round(r["peak_rss_mb"], 1) for r in results],
             "cpu_s_worker_processes": [round(r["cpu_s"], 1) for r in results],
             "cpu_s_fake_llm": round(fake_stats["cpu_s"] - fake_cpu, 1),
+            "cpu_s_postgres_backends": round(cpu["postgres_backends_s"], 1),
+            "cpu_s_machine_busy": round(cpu["machine_busy_s"], 1),
+            "cpu_s_machine_irq": round(cpu["machine_irq_s"], 1),
+            "cpu_s_other_processes": round(cpu["machine_busy_s"] - cpu["machine_irq_s"] - worker_cpu
+                                           - (fake_stats["cpu_s"] - fake_cpu) - cpu["postgres_backends_s"], 1),
+            "busiest_processes": cpu["busiest_processes"],
+            "cpu_s_available": round(wall * (os.cpu_count() or 1), 1),
+            "llm_pool_fast_checks": llm_module.fast_pool_checks(llm_module.make_http_client(1)),
             "cores": os.cpu_count(),
         }
     finally:
@@ -360,7 +519,7 @@ def fleet(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("scenario", choices=["single", "fleet"])
+    parser.add_argument("scenario", choices=["single", "fleet", "client"])
     parser.add_argument("--db", default=DEFAULT_SERVER, help="a maintenance database URL on the server to use")
     parser.add_argument("--latency", type=float, default=None, help="FakeLLM reply latency in seconds")
     parser.add_argument("--users", type=int, default=1000)
@@ -369,6 +528,10 @@ def main() -> None:
     parser.add_argument("--worker-concurrency", type=int, default=60)
     parser.add_argument("--pool", type=int, default=20, help="database pool size (overflow as much again)")
     parser.add_argument("--processes", type=int, default=1, help="worker processes sharing the LLM concurrency")
+    parser.add_argument("--calls", type=int, default=None,
+                        help="client scenario: number of calls (default users × (projects + 1))")
+    parser.add_argument("--no-llm", action="store_true",
+                        help="fleet without an API key: deterministic briefs, the cost of everything but the LLM")
     parser.add_argument("--backlog", type=int, default=256, help="FakeLLM listen backlog (stdlib default: 5)")
     args = parser.parse_args()
     if args.latency is None:
@@ -376,7 +539,8 @@ def main() -> None:
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    result = single(args) if args.scenario == "single" else fleet(args)
+    scenarios = {"single": single, "fleet": fleet, "client": client_only}
+    result = scenarios[args.scenario](args)
     print(json.dumps(result, indent=2))
 
 

@@ -345,3 +345,19 @@ def test_backoff_is_capped_and_respects_retry_after() -> None:
     assert all(0 <= client._backoff(attempt, None) <= 20 for attempt in range(1, 30))
     assert client._backoff(1, 3.0) >= 3.0
     assert client._backoff(1, 600.0) == 60.0
+
+
+def test_idle_connection_check_sees_a_server_side_close() -> None:
+    """The cheap idle-connection probe is active with the installed httpx2 and answers correctly."""
+    import socket
+
+    from briefs.llm import _socket_readable, fast_pool_checks, make_http_client
+
+    assert fast_pool_checks(make_http_client(100))
+    left, right = socket.socketpair()
+    try:
+        assert _socket_readable(left) is False  # idle and open: reusable
+        right.close()
+        assert _socket_readable(left) is True  # the peer closed it: the pool must drop it
+    finally:
+        left.close()
