@@ -142,27 +142,9 @@ async def cmd_schedule(settings: Settings, args: argparse.Namespace) -> int:
 
 def queue_hook(settings: Settings) -> Any:
     """The generator's enqueue hook type, backed by the queue's bulk insert."""
-    from worker import queue
+    from worker.brief_handlers import enqueue_hook
 
-    async def enqueue(conn: Any, jobs: Any) -> list[int | None]:
-        return await queue.enqueue_many(
-            conn,
-            [
-                queue.NewJob(
-                    job_type=j.job_type,
-                    payload=j.payload,
-                    priority=j.priority,
-                    run_at=j.run_at,
-                    dedup_key=j.dedup_key,
-                    user_id=j.user_id,
-                    notify_at=j.notify_at,
-                )
-                for j in jobs
-            ],
-            default_max_attempts=settings.max_attempts,
-        )
-
-    return enqueue
+    return enqueue_hook(settings.max_attempts)
 
 
 async def cmd_enqueue(settings: Settings, args: argparse.Namespace) -> int:

@@ -38,26 +38,40 @@ def llm_client(ctx: JobContext) -> LLMClient:
     return client
 
 
-async def generate_daily_brief(ctx: JobContext) -> dict[str, Any]:
-    job = ctx.job
-    request = generator.BriefRequest.from_payload(job.payload, user_id=job.user_id, notify_at=job.notify_at)
+def enqueue_hook(max_attempts: int) -> generator.EnqueueHook:
+    """The generator's (and the CLI's) enqueue hook: follow-up jobs in one bulk insert, on the caller's
+    connection and so in the caller's transaction."""
 
-    async def enqueue(conn: queue.Conn, follow_ups: Sequence[generator.FollowUp]) -> None:
-        for f in follow_ups:
-            new_id = await queue.enqueue(
-                conn,
+    async def enqueue(conn: queue.Conn, follow_ups: Sequence[generator.FollowUp]) -> list[int | None]:
+        ids = await queue.enqueue_many(
+            conn,
+            [
                 queue.NewJob(
                     job_type=f.job_type,
                     payload=f.payload,
+                    priority=f.priority,
                     run_at=f.run_at,
                     dedup_key=f.dedup_key,
                     user_id=f.user_id,
                     notify_at=f.notify_at,
-                ),
-                default_max_attempts=ctx.settings.max_attempts,
-            )
+                )
+                for f in follow_ups
+            ],
+            default_max_attempts=max_attempts,
+        )
+        for f, new_id in zip(follow_ups, ids, strict=True):
             log.info("enqueued %s for user %s: %s", f.job_type, f.user_id,
                      f"job {new_id}" if new_id else "already pending")
+        return ids
+
+    return enqueue
+
+
+async def generate_daily_brief(ctx: JobContext) -> dict[str, Any]:
+    job = ctx.job
+    request = generator.BriefRequest.from_payload(job.payload, user_id=job.user_id, notify_at=job.notify_at)
+
+    enqueue = enqueue_hook(ctx.settings.max_attempts)
 
     async def progress(conn: queue.Conn, data: dict[str, Any]) -> None:
         # What ctx.progress() does, inside the generator's own transaction (no extra round trip).
