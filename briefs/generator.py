@@ -511,7 +511,7 @@ class _Run:
         meta: dict[str, Any] = {"source": "fallback", "error": error, "permanent": permanent}
         try:
             section = deterministic.project_section(project, source="fallback", note=deterministic.NOTE_FALLBACK)
-        except Exception as exc:  # even the plain rendering failed: a stub keeps the brief whole
+        except Exception as exc:  # even the plain rendering failed: one line keeps the brief whole
             log.exception("project %s: deterministic section failed too", project.id)
             meta["render_error"] = f"{type(exc).__name__}: {exc}"[:500]
             section = Section(project.id, project.name, "This project's section could not be prepared today.",

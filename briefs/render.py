@@ -153,33 +153,28 @@ def _common(env: jinja2.Environment) -> jinja2.Environment:
 # with the package, so ``auto_reload`` is off: no stat() of the template file on every render.
 
 
-@cache
-def text_env() -> jinja2.Environment:
+def _env(*, html: bool) -> jinja2.Environment:
     return _common(
         jinja2.Environment(
             loader=jinja2.FileSystemLoader(TEMPLATES),
             auto_reload=False,
-            autoescape=False,
+            autoescape=html,  # HTML escapes user data (task titles); Markdown and prompts stay verbatim
             undefined=jinja2.StrictUndefined,
             trim_blocks=True,
             lstrip_blocks=True,
-            keep_trailing_newline=True,
+            keep_trailing_newline=not html,
         )
     )
+
+
+@cache
+def text_env() -> jinja2.Environment:
+    return _env(html=False)
 
 
 @cache
 def html_env() -> jinja2.Environment:
-    return _common(
-        jinja2.Environment(
-            loader=jinja2.FileSystemLoader(TEMPLATES),
-            auto_reload=False,
-            autoescape=True,
-            undefined=jinja2.StrictUndefined,
-            trim_blocks=True,
-            lstrip_blocks=True,
-        )
-    )
+    return _env(html=True)
 
 
 @cache
