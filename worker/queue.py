@@ -526,6 +526,3 @@ def _split(jobs: Iterable[tuple[int, UUID]]) -> tuple[list[int], list[UUID]]:
         tokens.append(token)
     return ids, tokens
 
-
-def dumps(value: Any) -> str:
-    return json.dumps(value, default=str)
