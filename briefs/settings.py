@@ -67,13 +67,24 @@ class Settings(BaseSettings):
     catch_up: float = Field(default=6 * 3600.0, ge=0)
     generation_buffer: float = Field(default=300.0, ge=0)
 
+    # Limits on what one job, one brief and one prompt may hold (hostile or just huge data).
+    max_payload_bytes: int = Field(default=64 * 1024, ge=1024)  # a job's JSON payload, checked at enqueue
+    brief_max_projects: int = Field(default=50, ge=1)  # projects in one brief; the rest summarised as a count
+    brief_max_tasks: int = Field(default=25, ge=1)  # tasks per bucket (today, overdue, …) of one project
+    brief_max_text: int = Field(default=500, ge=20)  # characters of any one title, name, description or note
+    prompt_max_chars: int = Field(default=32_000, ge=2_000)  # characters of one LLM prompt
+    brief_max_chars: int = Field(default=200_000, ge=10_000)  # characters of one stored brief's Markdown
+
     # Email.
     smtp_url: SecretStr | None = None
+    smtp_allow_insecure: bool = False  # allow a password over plain SMTP (a local relay only)
     email_from: str = "briefs@localhost"
     public_url: str | None = None
+    secret_key: SecretStr | None = None  # signs unsubscribe links; email is refused without it (demo aside)
 
     # Operations.
     health_port: int | None = None
+    health_host: str = "0.0.0.0"  # all interfaces: what Procfile platforms route $PORT to
     log_format: str = "text"
     log_level: str = "INFO"
 
