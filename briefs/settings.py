@@ -7,6 +7,7 @@ working directory is read too. Durations are in seconds.
 
 from __future__ import annotations
 
+import re
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated
@@ -15,6 +16,8 @@ from urllib.parse import urlsplit, urlunsplit
 import platformdirs
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def _default_data_dir() -> Path:
@@ -96,6 +99,14 @@ class Settings(BaseSettings):
             raise ValueError("BRIEFS_LOG_FORMAT must be 'text' or 'json'")
         return value
 
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        value = value.strip().upper()
+        if value not in LOG_LEVELS:
+            raise ValueError(f"BRIEFS_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}")
+        return value
+
     @field_validator("handler_modules", mode="before")
     @classmethod
     def _split_modules(cls, value: object) -> object:
@@ -113,17 +124,29 @@ class Settings(BaseSettings):
         return bool(self.openai_api_key and self.openai_api_key.get_secret_value())
 
 
+_SECRET_PARAM = re.compile(r"((?:^|[?&;\s])(?:password|passwd|pass|pwd|secret|token|api_key|apikey)=)([^&;\s]*)", re.I)
+
+
 def redact_url(url: str) -> str:
-    """A URL with its password replaced, safe for logs and error messages."""
+    """A URL (or libpq keyword conninfo) with every credential masked, safe for logs and error messages.
+
+    Masks the password of ``user:password@host`` and the value of ``password=`` (and
+    similar names) in the query string or in ``key=value`` conninfo. Linear in the input.
+    """
+    text = _SECRET_PARAM.sub(r"\1***", url)
+    if "://" not in text:
+        return text
     try:
-        parts = urlsplit(url)
+        parts = urlsplit(text)
     except ValueError:
         return "<unparseable url>"
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)
-    userinfo = netloc[0].split(":", 1)[0] + ":***"
-    return urlunsplit(parts._replace(netloc=f"{userinfo}@{netloc[1]}"))
+    netloc = parts.netloc
+    if "@" not in netloc:
+        return text
+    userinfo, host = netloc.rsplit("@", 1)
+    if ":" not in userinfo:
+        return text
+    return urlunsplit(parts._replace(netloc=f"{userinfo.split(':', 1)[0]}:***@{host}"))
 
 
 def get_settings(**overrides: object) -> Settings:

@@ -1,0 +1,76 @@
+"""Configuration that must be refused with one clear line, and credentials that must never be printed."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import pytest
+from pydantic import ValidationError
+
+from briefs import logs
+from briefs.db import ConfigError, _register_password, check_database_url
+from briefs.settings import Settings, redact_url
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("garbage", "is not a URL"),
+        ("mysql://u:p@db.example/app", "is a mysql URL; briefs needs PostgreSQL"),
+        ("sqlite:///tmp/x.db", "is a sqlite URL"),
+        ("postgresql://u:p@h:notaport/db", "cannot be parsed"),
+        ("postgresql+asyncpg://h/db", "names the driver 'asyncpg'"),
+        ("postgresql://h/db?sslmode=bogus&connect_timeout", "not a valid PostgreSQL URL"),
+    ],
+)
+def test_unusable_database_urls_are_refused_by_name(url: str, says: str) -> None:
+    with pytest.raises(ConfigError, match=says.replace("(", r"\(")) as err:
+        check_database_url(url)
+    assert "\n" not in str(err.value)
+
+
+def test_refusal_never_echoes_the_password() -> None:
+    with pytest.raises(ConfigError) as err:
+        check_database_url("host=db password=hunter2-secret")
+    assert "hunter2" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["postgresql://u:p@h:5432/db", "postgres://h/db", "postgresql+psycopg://u@h/db?sslmode=require"],
+)
+def test_postgresql_urls_pass(url: str) -> None:
+    assert check_database_url(url) == url
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("postgresql://u:s3cret@h/db", "postgresql://u:***@h/db"),
+        ("postgresql://u@h/db?password=s3cret&sslmode=require", "postgresql://u@h/db?password=***&sslmode=require"),
+        ("postgresql://u@h/db?sslmode=require&PASSWORD=s3cret", "postgresql://u@h/db?sslmode=require&PASSWORD=***"),
+        ("host=h user=u password=s3cret dbname=db", "host=h user=u password=*** dbname=db"),
+        ("smtp://mailer:s3cret@smtp.example:587", "smtp://mailer:***@smtp.example:587"),
+        ("postgresql://u:p%40s3cret@h/db", "postgresql://u:***@h/db"),
+    ],
+)
+def test_every_form_of_credential_is_masked(url: str, expected: str) -> None:
+    assert redact_url(url) == expected
+
+
+def test_the_database_password_is_a_log_secret() -> None:
+    """A password given as ?password= is registered, so it is masked in any log line, URL or not."""
+    _register_password("postgresql://u@h/db?password=pw-in-query-7")
+    _register_password("postgresql://u:pw%40userinfo-8@h/db")
+    stream = io.StringIO()
+    logs.setup_logging("text", "INFO", stream=stream)
+    logging.getLogger("t").warning("server said: password pw-in-query-7 / pw@userinfo-8 rejected")
+    assert "pw-in-query-7" not in stream.getvalue()
+    assert "pw@userinfo-8" not in stream.getvalue()
+
+
+def test_log_level_is_checked() -> None:
+    with pytest.raises(ValidationError, match="BRIEFS_LOG_LEVEL must be one of"):
+        Settings(_env_file=None, log_level="LOUD")  # type: ignore[call-arg]
+    assert Settings(_env_file=None, log_level=" debug ").log_level == "DEBUG"  # type: ignore[call-arg]
