@@ -19,7 +19,26 @@ import psycopg
 
 log = logging.getLogger(__name__)
 
-SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+
+
+def _sql_dir() -> Path:
+    """The migrations folder: the top-level ``sql/`` of a source tree, or ``briefs/sql`` in an installed wheel.
+
+    pyproject maps the package ``briefs.sql`` to ``sql/``, so both are one import away;
+    the source tree's folder is the fallback when the package cannot be imported.
+    """
+    try:
+        import briefs.sql as package
+    except ImportError:
+        package = None
+    for entry in getattr(package, "__path__", ()):
+        path = Path(entry)
+        if any(path.glob("*.sql")):
+            return path
+    return Path(__file__).resolve().parent.parent / "sql"
+
+
+SQL_DIR = _sql_dir()
 MIGRATION_LOCK_KEY = 0x6272696566_01  # "brief" + 1: stable across processes
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
