@@ -1,16 +1,22 @@
 """Settings: the only place environment variables are read.
 
 Standard names (``DATABASE_URL``, ``OPENAI_API_KEY``, ``OPENAI_BASE_URL``) keep
-their usual spelling; everything else is ``BRIEFS_*``. A ``.env`` file in the
-working directory is read too. Durations are in seconds.
+their usual spelling; everything else is ``BRIEFS_*``. A ``.env`` file is read too
+(see :func:`env_file`: ``BRIEFS_ENV_FILE``, or a ``.env`` in the working directory
+that only its owner can write); it may set exactly these variables, nothing else
+(unknown names are ignored). Durations are in seconds.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import stat
+import warnings
+from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import platformdirs
@@ -22,6 +28,51 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 def _default_data_dir() -> Path:
     return Path(platformdirs.user_data_dir("briefs"))
+
+
+ENV_FILE_VARIABLE = "BRIEFS_ENV_FILE"
+
+
+class EnvFileError(ValueError):
+    """The .env file the operator named cannot be used (the message says why)."""
+
+
+def env_file(environ: Mapping[str, str] | None = None, cwd: Path | None = None) -> Path | None:
+    """The ``.env`` file to read, or None.
+
+    ``BRIEFS_ENV_FILE`` names it explicitly (it must exist; empty means none). Otherwise
+    ``.env`` in the working directory is read only when it is a regular file of this
+    user's (or root's) that nobody else can write: a stray or planted ``.env`` in a
+    shared folder (``/tmp``) must not redirect the database or the LLM endpoint.
+    """
+    environ = os.environ if environ is None else environ
+    named = environ.get(ENV_FILE_VARIABLE)
+    if named is not None:
+        if not named.strip():
+            return None
+        path = Path(named).expanduser()
+        if not path.is_file():
+            raise EnvFileError(f"{ENV_FILE_VARIABLE}={named!r} is not a file")
+        return path
+    path = (cwd or Path.cwd()) / ".env"
+    try:
+        info = path.lstat()
+    except OSError:
+        return None
+    if not stat.S_ISREG(info.st_mode):
+        _ignored(path, "it is not a regular file")
+        return None
+    if info.st_uid not in (os.getuid(), 0):
+        _ignored(path, "another user owns it")
+        return None
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        _ignored(path, "others can write to it")
+        return None
+    return path
+
+
+def _ignored(path: Path, why: str) -> None:
+    warnings.warn(f"ignoring {path}: {why} (name the file with {ENV_FILE_VARIABLE} to use it)", stacklevel=3)
 
 
 class Settings(BaseSettings):
@@ -118,6 +169,12 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_port(cls, value: object) -> object:
         return None if value in ("", "0", 0) else value
+
+    def __init__(self, **values: Any) -> None:
+        # The .env file is chosen per construction (see env_file), not fixed at import.
+        if "_env_file" not in values:
+            values["_env_file"] = env_file()
+        super().__init__(**values)
 
     @cached_property
     def llm_enabled(self) -> bool:

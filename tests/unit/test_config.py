@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import io
 import logging
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
 from briefs import logs
 from briefs.db import ConfigError, _register_password, check_database_url
-from briefs.settings import Settings, redact_url
+from briefs.settings import EnvFileError, Settings, env_file, redact_url
 
 
 @pytest.mark.parametrize(
@@ -74,3 +75,40 @@ def test_log_level_is_checked() -> None:
     with pytest.raises(ValidationError, match="BRIEFS_LOG_LEVEL must be one of"):
         Settings(_env_file=None, log_level="LOUD")  # type: ignore[call-arg]
     assert Settings(_env_file=None, log_level=" debug ").log_level == "DEBUG"  # type: ignore[call-arg]
+
+
+# --------------------------------------------------------------------------- the .env file
+
+
+def test_env_file_in_the_working_directory_is_read(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("BRIEFS_MODEL=from-dotenv\n")
+    (tmp_path / ".env").chmod(0o600)
+    assert env_file({}, tmp_path) == tmp_path / ".env"
+    assert Settings(_env_file=env_file({}, tmp_path)).model == "from-dotenv"  # type: ignore[call-arg]
+
+
+def test_env_file_others_can_write_is_ignored(tmp_path: Path) -> None:
+    """A planted .env in a shared folder must not redirect the database or the LLM endpoint."""
+    planted = tmp_path / ".env"
+    planted.write_text("OPENAI_BASE_URL=http://attacker.example/v1\n")
+    planted.chmod(0o666)
+    with pytest.warns(UserWarning, match="others can write to it"):
+        assert env_file({}, tmp_path) is None
+
+
+def test_env_file_symlink_is_ignored(tmp_path: Path) -> None:
+    target = tmp_path / "real.env"
+    target.write_text("BRIEFS_MODEL=x\n")
+    target.chmod(0o600)
+    (tmp_path / ".env").symlink_to(target)
+    with pytest.warns(UserWarning, match="not a regular file"):
+        assert env_file({}, tmp_path) is None
+
+
+def test_env_file_named_explicitly(tmp_path: Path) -> None:
+    named = tmp_path / "briefs.env"
+    named.write_text("BRIEFS_MODEL=named\n")
+    assert env_file({"BRIEFS_ENV_FILE": str(named)}, tmp_path) == named
+    assert env_file({"BRIEFS_ENV_FILE": ""}, tmp_path) is None  # empty: no .env at all
+    with pytest.raises(EnvFileError, match="is not a file"):
+        env_file({"BRIEFS_ENV_FILE": str(tmp_path / "missing.env")}, tmp_path)
