@@ -33,8 +33,10 @@ __all__ = [
     "dedup_key",
     "load_timezone",
     "local_to_utc",
+    "next_occurrence",
     "occurrences_between",
     "plan",
+    "shown",
 ]
 
 _ONE_DAY = timedelta(days=1)
@@ -42,6 +44,26 @@ _ZERO = timedelta(0)
 # In the tz database's file listing, but not zones a user may pick: "Factory" is the placeholder zone
 # ("-00"), "localtime" is the host's /etc/localtime and "posixrules" a compiler default.
 _NOT_USER_ZONES = frozenset({"Factory", "localtime", "posixrules"})
+# The longest tz database name has 32 characters; anything much longer is not looked up at all.
+MAX_TIMEZONE_CHARS = 64
+# How much of a hostile value a message or log line shows (see :func:`shown`).
+SHOWN_CHARS = 100
+
+
+def shown(value: str, limit: int = SHOWN_CHARS, *, length: int | None = None) -> str:
+    """A value as a message or log line shows it: repr (one line, control characters escaped), clipped.
+
+    A value longer than ``limit`` characters shows its first ``limit`` and its length, so a 60 KB
+    string never reaches a log line or a report reason whole; a repr made long by escapes is clipped too.
+    ``length`` is the length of the whole value when ``value`` is only its beginning.
+    """
+    total = len(value) if length is None else length
+    text = repr(value[:limit])
+    if len(text) > limit + 2:
+        text = text[: limit + 1] + text[0]  # close with the opening quote
+    elif total <= limit:
+        return text
+    return f"{text}… ({total:,} characters)"
 
 
 class InvalidTimezone(ValueError):
@@ -57,8 +79,12 @@ def _known_zones() -> frozenset[str]:
 @functools.lru_cache(maxsize=2048)
 def load_timezone(name: str) -> zoneinfo.ZoneInfo:
     """Return the ZoneInfo for an exact, case-sensitive IANA name, or raise InvalidTimezone."""
-    if not isinstance(name, str) or not name.strip():
-        raise InvalidTimezone(f"timezone {name!r} is empty")
+    if not isinstance(name, str):
+        raise InvalidTimezone(f"timezone of type {type(name).__name__} is not a string")
+    if not name.strip():
+        raise InvalidTimezone(f"timezone {shown(name)} is empty")
+    if len(name) > MAX_TIMEZONE_CHARS:
+        raise InvalidTimezone(f"timezone {shown(name, 40)} is too long for a tz database name")
     if name.startswith("/") or ".." in name or "\\" in name or "\x00" in name:
         raise InvalidTimezone(f"timezone {name!r} looks like a path, not a tz database name")
     if name in _NOT_USER_ZONES:
@@ -68,7 +94,7 @@ def load_timezone(name: str) -> zoneinfo.ZoneInfo:
     try:
         return zoneinfo.ZoneInfo(name)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError) as exc:
-        raise InvalidTimezone(f"timezone {name!r} could not be loaded: {exc}") from exc
+        raise InvalidTimezone(f"timezone {name!r} could not be loaded: {shown(str(exc))}") from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +186,23 @@ def plan(
         elif instant > oldest:  # missed, and strictly less than catch_up ago
             planned.append(Occurrence(brief_date, now, now, True))
     return planned
+
+
+def next_occurrence(pref: Preference, after: datetime) -> tuple[date, datetime] | None:
+    """The first (local brief date, aware UTC instant) occurrence with instant at or after ``after``.
+
+    Looks eight days ahead (a weekly preference always has one by then). None only when the dates run
+    out of Python's range (year 9999). Raises like :func:`plan` for a bad zone or preference.
+    """
+    if after.tzinfo is None or after.utcoffset() is None:
+        raise ValueError("after must be an aware datetime")
+    tz = load_timezone(pref.timezone)
+    after = after.astimezone(UTC)
+    try:
+        found = occurrences_between(pref, tz, after, after + 8 * _ONE_DAY)
+    except OverflowError:
+        return None
+    return found[0] if found else None
 
 
 def dedup_key(user_id: int, brief_date: date) -> str:

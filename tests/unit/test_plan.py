@@ -19,8 +19,10 @@ from scheduler.plan import (
     dedup_key,
     load_timezone,
     local_to_utc,
+    next_occurrence,
     occurrences_between,
     plan,
+    shown,
 )
 
 HOUR = timedelta(hours=1)
@@ -277,6 +279,73 @@ def test_valid_timezones(name: str) -> None:
 
 def test_invalid_timezone_is_a_value_error() -> None:
     assert issubclass(InvalidTimezone, ValueError)
+
+
+@pytest.mark.parametrize(
+    "name", ["Europe/" + "x" * 60_000, "UTC" + "\n" * 100, "\u202e" * 70, "America/" + "A" * 57, "UTC\x00" + "x" * 99]
+)
+def test_a_long_timezone_is_refused_with_a_short_one_line_message(name: str) -> None:
+    with pytest.raises(InvalidTimezone) as info:
+        load_timezone(name)
+    message = str(info.value)
+    assert "too long" in message and f"({len(name):,} characters)" in message
+    assert len(message) < 300 and message.isprintable()
+
+
+@pytest.mark.parametrize("name", ["UTC\x00", "UTC\n", "Europe/Paris\u202e", "\x1b[31mUTC"])
+def test_control_characters_in_a_timezone_are_refused_and_escaped(name: str) -> None:
+    with pytest.raises(InvalidTimezone) as info:
+        load_timezone(name)
+    assert repr(name) in str(info.value) and str(info.value).isprintable()
+
+
+def test_a_timezone_that_is_not_a_string_is_refused() -> None:
+    with pytest.raises(InvalidTimezone, match="not a string"):
+        load_timezone(None)  # type: ignore[arg-type]
+
+
+def test_shown_clips_and_escapes() -> None:
+    assert shown("UTC") == "'UTC'"
+    assert shown("a\nb") == "'a\\nb'"
+    assert shown("x" * 101) == "'" + "x" * 100 + "'… (101 characters)"
+    assert shown("y" * 60_000, 10) == "'yyyyyyyyyy'… (60,000 characters)"
+    assert shown("\u202e" * 30, 20) == "'\\u202e\\u202e\\u202e\\u'… (30 characters)"  # escapes count too
+    assert shown("Europe/Paris", 40, length=60_000) == "'Europe/Paris'… (60,000 characters)"
+
+
+# --- the next occurrence (the dry run's "not due" account) --------------------------------------------------
+
+
+def test_next_occurrence_daily_and_weekly() -> None:
+    now = utc(2026, 3, 10, 7, 30)  # a Tuesday
+    assert next_occurrence(daily("UTC", time(8)), now) == (date(2026, 3, 10), utc(2026, 3, 10, 8))
+    assert next_occurrence(daily("UTC", time(7, 30)), now) == (date(2026, 3, 10), now)  # at now: still next
+    assert next_occurrence(daily("UTC", time(7)), now) == (date(2026, 3, 11), utc(2026, 3, 11, 7))
+    # Weekly on Tuesday, already passed today: a week ahead.
+    assert next_occurrence(weekly("UTC", 2, time(7)), now) == (date(2026, 3, 17), utc(2026, 3, 17, 7))
+    # Sunday 09:00 in Tokyo is Sunday 00:00 UTC.
+    assert next_occurrence(weekly("Asia/Tokyo", 7, time(9)), now) == (date(2026, 3, 15), utc(2026, 3, 15))
+
+
+def test_next_occurrence_across_a_spring_forward_gap() -> None:
+    # 02:30 on 2026-03-08 does not exist in New York: 03:30 EDT.
+    assert next_occurrence(daily("America/New_York", time(2, 30)), utc(2026, 3, 8, 6)) == (
+        date(2026, 3, 8),
+        utc(2026, 3, 8, 7, 30),
+    )
+
+
+def test_next_occurrence_refuses_what_plan_refuses() -> None:
+    with pytest.raises(InvalidTimezone):
+        next_occurrence(daily("Factory", time(8)), utc(2026, 3, 10))
+    with pytest.raises(ValueError, match="aware"):
+        next_occurrence(daily("UTC", time(8)), datetime(2026, 3, 10))
+    with pytest.raises(ValueError, match="frequency"):
+        next_occurrence(dataclasses.replace(daily("UTC", time(8)), frequency="hourly"), utc(2026, 3, 10))
+
+
+def test_next_occurrence_at_the_end_of_the_calendar_is_none() -> None:
+    assert next_occurrence(daily("Pacific/Pago_Pago", time(23)), datetime(9999, 12, 31, 1, tzinfo=UTC)) is None
 
 
 # --- properties -----------------------------------------------------------------------------------------
