@@ -149,25 +149,39 @@ def _last(period: Iterable[tuple[date, str | None]], *stages: str) -> date | Non
 
 # --------------------------------------------------------------------------- the batched loader
 
+# Every value this query returns decodes whatever the rows hold. daily_briefs dates are compared in SQL and
+# only those strictly between two Python dates come back. A queued job's payload date is text that may not be
+# a date at all ('2026-02-30' passes a pattern but fails a ::date cast, which would abort the query): it is
+# compared as text (ISO dates of four-digit years sort like the dates, in the "C" collation) and returned as
+# text, parsed in Python, and dropped when it is not a real date. Stages are clipped (only known names count).
 _HISTORY_SQL = f"""
-SELECT t.user_id, t.before_date, h.brief_date, h.stage
+SELECT t.user_id, t.before_date, h.brief_date, h.brief_text, left(h.stage, 40)
 FROM unnest(%s::bigint[], %s::date[], %s::date[]) AS t(user_id, after_date, before_date)
 JOIN LATERAL (
-    SELECT b.brief_date, b.engagement_stage AS stage
+    SELECT b.brief_date, NULL::text AS brief_text, b.engagement_stage AS stage
     FROM daily_briefs b
     WHERE b.user_id = t.user_id AND b.brief_date > t.after_date AND b.brief_date < t.before_date
       AND b.status IN ({", ".join(f"'{s}'" for s in DELIVERED_STATUSES)})
     UNION ALL
-    SELECT q.brief_date, q.stage
-    FROM (SELECT CASE WHEN j.payload->>'brief_date' ~ '^\\d{{4}}-\\d{{2}}-\\d{{2}}$'
-                      THEN (j.payload->>'brief_date')::date END AS brief_date,
-                 j.payload->>'engagement_stage' AS stage
+    SELECT NULL::date, q.brief_text, q.stage
+    FROM (SELECT j.payload->>'brief_date' COLLATE "C" AS brief_text, j.payload->>'engagement_stage' AS stage
           FROM queue_jobs j
           WHERE j.user_id = t.user_id AND j.job_type = 'generate_daily_brief'
             AND j.status IN ('pending', 'processing')) q
-    WHERE q.brief_date > t.after_date AND q.brief_date < t.before_date
+    WHERE q.brief_text ~ '^[0-9]{{4}}-[0-9]{{2}}-[0-9]{{2}}$'
+      AND q.brief_text > to_char(t.after_date, 'YYYY-MM-DD') AND q.brief_text < to_char(t.before_date, 'YYYY-MM-DD')
 ) h ON true
 """
+
+
+def _payload_date(text: str | None) -> date | None:
+    """A queued job's payload brief_date, or None when it is not a real date ('2026-02-30')."""
+    if text is None:
+        return None
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        return None
 
 
 async def load_histories(conn: Any, wanted: Sequence[tuple[int, date, date]]) -> dict[tuple[int, date], History]:
@@ -184,7 +198,8 @@ async def load_histories(conn: Any, wanted: Sequence[tuple[int, date, date]]) ->
         ([w[0] for w in wanted], [w[1] for w in wanted], [w[2] for w in wanted]),
     )
     found: dict[tuple[int, date], list[tuple[date, str | None]]] = {}
-    for user_id, before, brief_date, stage in await cur.fetchall():
-        if brief_date is not None:
-            found.setdefault((user_id, before), []).append((brief_date, stage))
+    for user_id, before, brief_date, brief_text, stage in await cur.fetchall():
+        day = brief_date if brief_date is not None else _payload_date(brief_text)
+        if day is not None:
+            found.setdefault((user_id, before), []).append((day, stage))
     return {key: History(tuple(rows)) for key, rows in found.items()}
