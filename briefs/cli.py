@@ -1,8 +1,12 @@
 """The ``briefs`` command: the composition root.
 
 Only this module imports ``worker`` and ``scheduler`` (lazily, inside commands).
-Every command prints a one-line error and exits non-zero on a bad argument or an
-unreachable database; no tracebacks for expected failures.
+Every command fails with one line, ``briefs: error: …``, saying what to do, and a
+non-zero exit: a bad argument (2, before any database is started), bad
+configuration, an unreachable or unmigrated database (1), and anything
+unexpected (1; ``BRIEFS_LOG_LEVEL=DEBUG`` logs the traceback). A closed stdout
+(``briefs show 1 | head``) ends the command quietly. Stored text is printed
+without terminal control sequences (:mod:`briefs.terminal`).
 """
 
 from __future__ import annotations
@@ -11,18 +15,23 @@ import argparse
 import asyncio
 import json
 import logging
+import os
+import secrets
+import shutil
+import subprocess
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
 from briefs.db import Database, DatabaseUnavailable
 from briefs.errors import PermanentError
-from briefs.logs import setup_logging
+from briefs.logs import redact, register_secret, setup_logging
 from briefs.migrate import MigrationError
 from briefs.settings import Settings
+from briefs.terminal import one_line, printable
 
 log = logging.getLogger("briefs")
 
@@ -51,13 +60,25 @@ def _parse_date(text: str) -> date:
         raise UsageError(f"not a date: {text!r} (expected YYYY-MM-DD)") from exc
 
 
+MAX_ID = 2**63 - 1  # bigint
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from exc
+        raise argparse.ArgumentTypeError(f"not a number: {text[:40]!r}") from exc
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive: {value}")
+    if value > MAX_ID:
+        raise argparse.ArgumentTypeError(f"too large: {text[:40]} (at most {MAX_ID})")
+    return value
+
+
+def _limit(text: str) -> int:
+    value = _positive(text)
+    if value > 10_000:
+        raise argparse.ArgumentTypeError(f"at most 10000 rows: {value}")
     return value
 
 
@@ -75,6 +96,7 @@ def _age(delta: timedelta | None) -> str:
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
+    rows = [[one_line(str(c), 200) for c in row] for row in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
     lines = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
@@ -82,12 +104,29 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
-async def _with_db(settings: Settings, fn: Callable[[Database], Awaitable[int]]) -> int:
+async def _with_db(settings: Settings, fn: Callable[[Database], Awaitable[int]], *, schema: bool = True) -> int:
+    """Run ``fn`` on the database; with ``schema``, refuse an unmigrated one ("run `briefs migrate`")."""
+    from briefs.migrate import require_schema
+
     db = await Database.connect(settings)
     try:
+        if schema:
+            async with db.raw() as conn:
+                await require_schema(conn)
         return await fn(db)
     finally:
         await db.dispose()
+
+
+def _json(value: Any) -> str:
+    def default(obj: Any) -> Any:
+        if isinstance(obj, datetime | date):
+            return obj.isoformat()
+        if isinstance(obj, timedelta):
+            return obj.total_seconds()
+        return str(obj)
+
+    return json.dumps(value, indent=2, default=default)
 
 
 # --------------------------------------------------------------------------- commands
@@ -103,7 +142,7 @@ async def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
         print(f"applied {len(applied)} migration(s)" if applied else "database is up to date")
         return 0
 
-    return await _with_db(settings, go)
+    return await _with_db(settings, go, schema=False)
 
 
 async def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
@@ -132,9 +171,9 @@ async def cmd_schedule(settings: Settings, args: argparse.Namespace) -> int:
     async def go(db: Database) -> int:
         report = await run_tick(db, settings, now, dry_run=args.dry_run)
         if args.json:
-            print(json.dumps(report.to_dict(), indent=2, default=str))
+            print(_json(report.to_dict()))
         else:
-            print(report.summary())
+            print(printable(report.summary()))
         return 0
 
     return await _with_db(settings, go)
@@ -155,45 +194,64 @@ async def cmd_enqueue(settings: Settings, args: argparse.Namespace) -> int:
         raise UsageError("give a USER_ID or --all (not both)")
     if args.all and args.date:
         raise UsageError("--date applies to one user; --all queues each user's local today")
+    if args.all and args.resend_email:
+        raise UsageError("--resend-email applies to one user's brief (give USER_ID)")
     brief_date = _parse_date(args.date) if args.date else None
+    force = args.force or args.resend_email  # --resend-email regenerates: it implies --force
     hook = queue_hook(settings)
 
     async def go(db: Database) -> int:
         if args.all:
             with Progress("queueing briefs", stream=sys.stderr) as bar:
-                queued, skipped = await enqueue_all(db, force=args.force, enqueue=hook, on_progress=bar.update)
-            print(f"queued {queued} brief job(s); {skipped} already queued or finished")
+                report = await enqueue_all(db, force=force, enqueue=hook, on_progress=bar.update)
+            print(printable(report.summary()))
             return 0
-        print(await enqueue_brief(db, settings, args.user_id, brief_date, force=args.force, enqueue=hook))
+        line = await enqueue_brief(
+            db, settings, args.user_id, brief_date, force=force, enqueue=hook, resend_email=args.resend_email
+        )
+        print(line)
         return 0
 
     return await _with_db(settings, go)
 
 
 async def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
-    from briefs.service import load_brief_markdown
+    from briefs.service import show_brief
 
     brief_date = _parse_date(args.date) if args.date else None
 
     async def go(db: Database) -> int:
-        text = await load_brief_markdown(db, args.user_id, brief_date)
-        if text is None:
-            which = f"for {brief_date}" if brief_date else "yet"
-            print(f"briefs: no brief for user {args.user_id} {which}", file=sys.stderr)
-            return 1
-        print(text)
+        text = await show_brief(db, args.user_id, brief_date)
+        print(printable(text))
         return 0
 
     return await _with_db(settings, go)
 
 
 async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    from briefs.service import llm_health
     from worker import queue
 
     async def go(db: Database) -> int:
         async with db.raw() as conn:
             rows = await queue.stats(conn)
             failures = await queue.recent_failures(conn, 3600)
+        llm = await llm_health(db)
+        if args.json:
+            queue_rows = [
+                {
+                    "job_type": r["job_type"],
+                    "status": r["status"],
+                    "jobs": r["jobs"],
+                    "oldest_pending_seconds": (
+                        r["oldest_pending_age"].total_seconds() if r["oldest_pending_age"] is not None else None
+                    ),
+                    "next_run_at": r.get("next_run_at"),
+                }
+                for r in rows
+            ]
+            print(_json({"queue": queue_rows, "failures_last_hour": failures, "llm": llm}))
+            return 0
         if not rows:
             print("queue is empty")
         else:
@@ -207,9 +265,40 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
                 )
             )
         print(f"\nfailures in the last hour: {failures}")
+        print(_llm_text(llm))
         return 0
 
     return await _with_db(settings, go)
+
+
+def _llm_text(llm: dict[str, Any]) -> str:
+    """The LLM health facts of ``briefs status`` for humans (the JSON form has the same facts)."""
+    briefs = llm["briefs"]
+    if not briefs:
+        return "LLM, last hour: no briefs finished"
+    if llm["llm_disabled_briefs"] == briefs:
+        return f"LLM, last hour: disabled (no OPENAI_API_KEY); {briefs} deterministic brief(s)"
+    lines = [
+        f"LLM, last hour: {briefs} brief(s), {llm['calls']} call(s), {llm['failed_calls']} failed"
+        + (f" ({llm['llm_disabled_briefs']} brief(s) without the LLM)" if llm["llm_disabled_briefs"] else "")
+    ]
+    if llm["errors_by_kind"]:
+        kinds = ", ".join(f"{one_line(kind, 40)} {n}" for kind, n in llm["errors_by_kind"].items())
+        lines.append(f"  errors by kind: {kinds}")
+    if llm["fell_back"]:
+        share = llm["fell_back_share"] or 0
+        lines.append(
+            f"  fell back to deterministic text: {llm['fell_back']} of {briefs} brief(s) ({share:.0%})"
+        )
+    last = llm["last_error"]
+    if last:
+        at = last["at"]
+        when = datetime.fromisoformat(at).astimezone(UTC).strftime("%H:%M:%SZ") if isinstance(at, str) else "-"
+        lines.append(f"  last error: {one_line(last['hint'], 120)}")
+        lines.append(
+            f"    {when}, user {last['user_id']}, {last['part']}: {one_line(last['error'] or '-', 200)}"
+        )
+    return "\n".join(lines)
 
 
 async def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
@@ -218,6 +307,9 @@ async def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
     async def go(db: Database) -> int:
         async with db.raw() as conn:
             rows = await queue.list_jobs(conn, status=args.status, job_type=args.type, limit=args.limit)
+        if args.json:
+            print(_json([{**r, "last_error": _clip(r.get("last_error"), 2000)} for r in rows]))
+            return 0
         if not rows:
             print("no jobs")
             return 0
@@ -231,7 +323,7 @@ async def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
                         f"{r['attempts']}/{r['max_attempts']}",
                         r["run_at"].astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ"),
                         str(r["user_id"] or "-"),
-                        (r["last_error"] or "")[:60],
+                        one_line(r["last_error"] or "", 60),
                     ]
                     for r in rows
                 ],
@@ -241,6 +333,12 @@ async def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
         return 0
 
     return await _with_db(settings, go)
+
+
+def _clip(text: str | None, limit: int) -> str | None:
+    if text is None or len(text) <= limit:
+        return text
+    return f"{text[:limit]}… [truncated {len(text) - limit:,} chars]"
 
 
 async def cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
@@ -270,6 +368,54 @@ async def cmd_cancel(settings: Settings, args: argparse.Namespace) -> int:
     return await _with_db(settings, go)
 
 
+def _split_password(url: str) -> tuple[str, str | None]:
+    """(connection string without the password, the password): the password goes to psql
+    in PGPASSWORD, never in its argv (visible to every user in ``ps``)."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    params = conninfo_to_dict(url)
+    password = params.pop("password", None)
+    return make_conninfo(**params), None if password is None else str(password)
+
+
+async def cmd_dsn(settings: Settings, args: argparse.Namespace) -> int:
+    """Print the libpq URL of the database in use (password masked unless --show-password)."""
+    from briefs.db import resolve_url
+
+    url, where = await asyncio.to_thread(resolve_url, settings)
+    print(url if args.show_password else redact(url))
+    if not settings.database_url:
+        print(
+            f"briefs: {where}: it runs while a briefs process uses it (`briefs run`); "
+            "`briefs psql` opens a session on it",
+            file=sys.stderr,
+        )
+    return 0
+
+
+async def cmd_psql(settings: Settings, args: argparse.Namespace) -> int:
+    """Run psql on the database in use (the embedded one is started, and kept while psql runs)."""
+    psql = shutil.which("psql")
+    if psql is None:
+        raise UsageError(
+            "psql is not installed (e.g. apt install postgresql-client); "
+            "`briefs dsn --show-password` prints the URL for another client"
+        )
+    from briefs.db import resolve_url
+
+    url, _ = await asyncio.to_thread(resolve_url, settings)
+    bare, password = _split_password(url)
+    env = dict(os.environ)
+    if password:
+        env["PGPASSWORD"] = password
+    proc = await asyncio.to_thread(subprocess.Popen, [psql, bare, *args.psql_args], env=env)
+    while True:
+        try:
+            return await asyncio.to_thread(proc.wait)
+        except KeyboardInterrupt:  # Ctrl-C belongs to psql (it cancels the query)
+            continue
+
+
 async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     """Everything in one process: migrate, then the scheduler and a worker side by side."""
     from briefs.migrate import migrate_url
@@ -282,6 +428,12 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     from worker.main import health_max_age as worker_health_max_age
     from worker.runner import Worker
 
+    if args.demo and settings.secret_key is None:
+        # Email links are signed; the demo must work without configuration.
+        key = secrets.token_urlsafe(32)
+        register_secret(key)
+        settings = settings.model_copy(update={"secret_key": SecretStr(key)})
+        log.debug("demo: BRIEFS_SECRET_KEY is unset; signing this process's email links with a random key")
     db = await Database.connect(settings)
     services: dict[str, object] = {}
     health = None
@@ -289,8 +441,9 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
         with Progress("migrating", stream=sys.stderr) as bar:
             await migrate_url(db.url, on_step=lambda m, i, n: bar.update(i, n, m.name))
         demo_user: int | None = None
+        demo_since = datetime.now(UTC)
         if args.demo:
-            demo_user = await _seed_demo(db)
+            demo_user = await _seed_demo(db, settings)
         worker = Worker(db, settings, build_handlers(settings), services=services)
         daemon = SchedulerDaemon(db, settings)
         stop = asyncio.Event()
@@ -315,7 +468,7 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
         worker_task = asyncio.create_task(worker.run(), name="worker")
         side = [asyncio.create_task(stop.wait(), name="stop")]
         if demo_user is not None:
-            side.append(asyncio.create_task(_show_when_ready(db, demo_user), name="demo"))
+            side.append(asyncio.create_task(_show_when_ready(db, demo_user, demo_since), name="demo"))
         await asyncio.wait([worker_task, side[0]], return_when=asyncio.FIRST_COMPLETED)
         worker.stop()
         await daemon.stop()
@@ -330,29 +483,46 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
         await db.dispose()
 
 
-async def _seed_demo(db: Database) -> int:
-    from briefs.demo import seed
-    from briefs.progress import Progress
+async def _seed_demo(db: Database, settings: Settings) -> int:
+    """Seed the demo users and make sure a brief for the first one is on its way.
 
+    The first run's brief comes from the scheduler (due a minute from now). On a second
+    run the same day, today's brief already exists and the scheduler rightly will not
+    make it again, so a fresh one is queued now (forced) and the banner says so.
+    """
+    from briefs.demo import seed, todays_brief_made
+    from briefs.progress import Progress
+    from briefs.service import enqueue_brief
+
+    now = datetime.now(UTC)
     with Progress("seeding demo users", stream=sys.stderr) as bar:
         async with db.raw() as conn:
-            users = await seed(conn, datetime.now(UTC), on_user=lambda i, n, email: bar.update(i, n, email))
+            users = await seed(conn, now, on_user=lambda i, n, email: bar.update(i, n, email))
     first_id, email, when = users[0]
+    brief_date = await todays_brief_made(db, first_id, when)
+    if brief_date is None:
+        how = (
+            f"wants a brief at {when:%H:%M:%S} UTC, a minute from now.\n"
+            "      Briefs are generated ahead of the user's time, so it appears here in a few seconds."
+        )
+    else:
+        await enqueue_brief(db, settings, first_id, brief_date, force=True, enqueue=queue_hook(settings), now=now)
+        how = (
+            f"already has today's brief ({brief_date}) from an earlier demo run,\n"
+            "      so a fresh one is being made now (regenerated, not re-mailed); it appears here in a few seconds."
+        )
     print(
-        f"demo: {len(users)} users ready; {email} (user {first_id}) wants a brief at "
-        f"{when:%H:%M:%S} UTC, a minute from now.\n"
-        f"      Briefs are generated ahead of the user's time, so it appears here in a few seconds.\n"
+        f"demo: {len(users)} users ready; {email} (user {first_id}) {how}\n"
         f"      Watch it: `briefs status`, `briefs jobs`; read it: `briefs show {first_id}`.",
         flush=True,
     )
     return first_id
 
 
-async def _show_when_ready(db: Database, user_id: int) -> None:
-    """Print the demo user's brief as soon as it is written."""
+async def _show_when_ready(db: Database, user_id: int, since: datetime) -> None:
+    """Print the demo user's brief as soon as one finishes after ``since``."""
     from briefs.service import load_brief_markdown
 
-    started = datetime.now(UTC)
     while True:
         await asyncio.sleep(1.0)
         try:
@@ -361,14 +531,16 @@ async def _show_when_ready(db: Database, user_id: int) -> None:
                     """SELECT brief_date FROM daily_briefs
                        WHERE user_id = %s AND status IN ('completed', 'partial') AND completed_at >= %s
                        ORDER BY completed_at DESC LIMIT 1""",
-                    (user_id, started),
+                    (user_id, since),
                 )
                 row = await cur.fetchone()
+            if row:
+                text = await load_brief_markdown(db, user_id, row[0])
         except Exception:
+            log.debug("demo: brief not readable yet", exc_info=True)
             continue
         if row:
-            text = await load_brief_markdown(db, user_id, row[0])
-            print(f"\n===== brief for user {user_id}, {row[0]} =====\n{text}\n=====", flush=True)
+            print(f"\n===== brief for user {user_id}, {row[0]} =====\n{printable(text or '')}\n=====", flush=True)
             print(f"demo: that was `briefs show {user_id}`. `briefs status` shows the queue. Ctrl-C stops.", flush=True)
             return
 
@@ -403,16 +575,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("enqueue", help="queue one user's brief now (or every user's, with --all)")
     p.add_argument("user_id", type=_positive, nargs="?", metavar="USER_ID")
     p.add_argument("--all", action="store_true", help="every user with an active preference")
-    p.add_argument("--date", help="local brief date YYYY-MM-DD (default: the user's today)")
-    p.add_argument("--force", action="store_true", help="regenerate even if a brief exists")
+    p.add_argument(
+        "--date",
+        help="local brief date YYYY-MM-DD (default: the user's today; without --force, "
+        "from 7 days back to tomorrow in the user's timezone)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="regenerate even if a brief exists, and accept any --date (the email is not sent again)",
+    )
+    p.add_argument(
+        "--resend-email",
+        action="store_true",
+        help="regenerate (implies --force) and email the new brief even if that date's email was sent",
+    )
     p.set_defaults(fn=cmd_enqueue)
 
-    sub.add_parser("status", help="queue counts, oldest pending, recent failures").set_defaults(fn=cmd_status)
+    p = sub.add_parser("status", help="queue counts, oldest pending, recent failures, LLM health")
+    p.add_argument("--json", action="store_true", help="the same facts as JSON")
+    p.set_defaults(fn=cmd_status)
 
     p = sub.add_parser("jobs", help="list jobs, newest first")
     p.add_argument("--status", choices=["pending", "processing", "completed", "failed", "cancelled"])
     p.add_argument("--type", help="job type")
-    p.add_argument("--limit", type=_positive, default=50)
+    p.add_argument("--limit", type=_limit, default=50)
+    p.add_argument("--json", action="store_true", help="the same facts as JSON (full last error)")
     p.set_defaults(fn=cmd_jobs)
 
     p = sub.add_parser("retry", help="requeue a failed or cancelled job, or every failed job")
@@ -428,54 +616,108 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("user_id", type=_positive, metavar="USER_ID")
     p.add_argument("--date", help="local brief date YYYY-MM-DD (default: the latest)")
     p.set_defaults(fn=cmd_show)
+
+    p = sub.add_parser("dsn", help="print the libpq URL of the database in use")
+    p.add_argument("--show-password", action="store_true", help="print the password (default: masked)")
+    p.set_defaults(fn=cmd_dsn)
+
+    p = sub.add_parser("psql", help="open psql on the database in use (extra arguments go to psql)")
+    p.add_argument("psql_args", nargs=argparse.REMAINDER, metavar="PSQL_ARGS")
+    p.set_defaults(fn=cmd_psql)
     return parser
 
 
 SERVICES = frozenset({"run", "worker", "scheduler"})
+DEBUG_HINT = "set BRIEFS_LOG_LEVEL=DEBUG for the traceback"
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader went away (`briefs show 1 | head`): not an error. Point stdout at
+        # /dev/null so the interpreter's final flush does not complain either.
+        _silence_stdout()
+        return 1
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no real stdout (tests capture it): nothing left to flush
+        pass
+
+
+def _error(message: str) -> None:
+    print(f"briefs: error: {message}", file=sys.stderr)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.command != "psql":
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.psql_args = [*extra, *args.psql_args]
     try:
         settings = Settings()
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
-        print(f"briefs: error: invalid configuration: {problems}", file=sys.stderr)
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'settings'}: {one_line(e['msg'], 200)}" for e in exc.errors()
+        )
+        _error(f"invalid configuration: {problems}")
+        return 2
+    except Exception as exc:  # an unreadable .env, say: still one line
+        _error(f"invalid configuration: {one_line(redact(_first_line(exc)), 300)}")
         return 2
     # Services log at INFO; one-shot commands keep stderr for warnings and their error line,
     # unless BRIEFS_LOG_LEVEL says otherwise.
     quiet = args.command not in SERVICES and "log_level" not in settings.model_fields_set
-    setup_logging(
-        settings.log_format,
-        "WARNING" if quiet else settings.log_level,
-        secrets=(
-            settings.openai_api_key.get_secret_value() if settings.openai_api_key else None,
-            settings.smtp_url.get_secret_value() if settings.smtp_url else None,
-        ),
-    )
+    try:
+        setup_logging(
+            settings.log_format,
+            "WARNING" if quiet else settings.log_level,
+            secrets=tuple(
+                secret.get_secret_value() if secret else None
+                for secret in (settings.openai_api_key, settings.smtp_url, settings.secret_key)
+            ),
+        )
+    except ValueError as exc:
+        _error(f"invalid configuration: BRIEFS_LOG_LEVEL: {one_line(str(exc), 200)}")
+        return 2
     try:
         return asyncio.run(args.fn(settings, args))
     except UsageError as exc:
-        print(f"briefs: error: {exc}", file=sys.stderr)
+        _error(str(exc))
         return 2
     except (DatabaseUnavailable, MigrationError, PermanentError) as exc:
-        print(f"briefs: error: {exc}", file=sys.stderr)
+        _error(one_line(redact(str(exc)), 2000))
         return 1
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:
-        from briefs.db import is_connection_error
-        from briefs.logs import redact
-
-        if is_connection_error(exc):
-            print(f"briefs: error: database unavailable: {redact(_first_line(exc))}", file=sys.stderr)
-            return 1
-        qerr = _queue_error()
-        if qerr is not None and isinstance(exc, qerr):
-            print(f"briefs: error: {exc}", file=sys.stderr)
-            return 1
+    except BrokenPipeError:
         raise
+    except Exception as exc:
+        return _unexpected(exc)
+
+
+def _unexpected(exc: Exception) -> int:
+    """The last resort: one line for any exception, the traceback only at debug level."""
+    from briefs.db import is_connection_error
+
+    log.debug("unexpected error", exc_info=exc)
+    text = one_line(redact(_first_line(exc)), 300)
+    local_os_error = isinstance(exc, OSError) and not isinstance(exc, ConnectionError | TimeoutError)
+    if is_connection_error(exc) and not local_os_error:
+        _error(f"database unavailable: {text}")
+        return 1
+    qerr = _queue_error()
+    if qerr is not None and isinstance(exc, qerr):
+        _error(text)
+        return 1
+    _error(f"unexpected {type(exc).__name__}: {text} ({DEBUG_HINT})")
+    return 1
 
 
 def _queue_error() -> type[Exception] | None:

@@ -2,7 +2,10 @@
 
 Idempotent: users are keyed by email, and a user's projects are only created the
 first time. Each run moves the first demo user's brief time to one minute from
-now (in their timezone) so a newcomer sees a brief being made right away.
+now (in their timezone) so a newcomer sees a brief being made right away; on a
+second run the same day :func:`todays_brief_made` tells ``briefs run --demo`` that
+today's brief exists already, and it queues a fresh one (forced) instead of
+promising one the scheduler will rightly never make.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import psycopg
+
+from briefs.generator import brief_dedup_key
 
 
 @dataclass(frozen=True)
@@ -108,9 +113,11 @@ async def seed(
             await _projects(conn, user_id, local_now.date(), now)
         at = user.time_of_day
         frequency, weekday = user.frequency, user.day_of_week
+        when = datetime.combine(local_now.date(), at, tz)
         if index == 0:
-            # The showcase: due one minute from now, local time.
-            at = (local_now + timedelta(minutes=1)).time().replace(microsecond=0)
+            # The showcase: due one minute from now, local time (its local date may be tomorrow).
+            when = (local_now + timedelta(minutes=1)).replace(microsecond=0)
+            at = when.time().replace(tzinfo=None)
             frequency, weekday = "daily", None
         await conn.execute(
             """INSERT INTO brief_preferences (user_id, frequency, day_of_week, time_of_day, is_active, email_enabled)
@@ -120,7 +127,6 @@ async def seed(
                    time_of_day = EXCLUDED.time_of_day, is_active = true, updated_at = now()""",
             (user_id, frequency, weekday, at),
         )
-        when = datetime.combine(local_now.date(), at, tz)
         seeded.append((user_id, user.email, when.astimezone(UTC)))
         if on_user:
             on_user(index + 1, len(DEMO_USERS), user.email)
@@ -156,3 +162,25 @@ async def _projects(conn: psycopg.AsyncConnection[Any], user_id: int, today: dat
                 "INSERT INTO notes (project_id, user_id, title, content, updated_at) VALUES (%s, %s, %s, %s, %s)",
                 (project_id, user_id, title, content, now - timedelta(hours=30)),
             )
+
+
+async def todays_brief_made(db: Any, user_id: int, when: datetime) -> date | None:
+    """The demo user's brief date (the local date of ``when``) if that brief is already made.
+
+    "Made" is what stops the scheduler from queueing it again: a finished brief, or a
+    completed job with that date's dedup key. A pending or running job will still
+    produce it; a failed or cancelled one is replaced by the scheduler.
+    """
+    async with db.raw() as conn:
+        cur = await conn.execute("SELECT timezone FROM users WHERE id = %s", (user_id,))
+        row = await cur.fetchone()
+        tz = ZoneInfo(row[0]) if row and row[0] in {u.timezone for u in DEMO_USERS} else UTC
+        day = when.astimezone(tz).date()
+        cur = await conn.execute(
+            """SELECT EXISTS (SELECT 1 FROM daily_briefs
+                              WHERE user_id = %(uid)s AND brief_date = %(day)s AND status IN ('completed', 'partial'))
+                   OR EXISTS (SELECT 1 FROM queue_jobs WHERE dedup_key = %(key)s AND status = 'completed')""",
+            {"uid": user_id, "day": day, "key": brief_dedup_key(user_id, day)},
+        )
+        made = await cur.fetchone()
+    return day if made and made[0] else None

@@ -1,28 +1,72 @@
-"""What the CLI asks of briefs: queue briefs now, print a stored brief.
+"""What the CLI asks of briefs: queue briefs now, print a stored brief, report LLM health.
 
 Queueing goes through the caller's ``enqueue`` hook (the same hook type the
 generator uses for its follow-up jobs): ``briefs`` does not import ``worker``,
 the CLI passes ``worker.queue``'s bulk insert.
+
+Every stored value is treated as hostile: a user's timezone may be any text (a
+bad one skips that user with a reason, never the whole ``--all`` run), and
+metadata read for the LLM health report is type-checked in SQL before it is used.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
-from datetime import UTC, date, datetime
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from briefs.db import Database
 from briefs.errors import PermanentError
 from briefs.generator import BRIEF_JOB, BriefRequest, EnqueueHook, FollowUp, brief_dedup_key
-from briefs.loading import zone
 from briefs.render import STANDARD
 
 MANUAL_PRIORITY = 10  # a brief someone asked for by hand runs ahead of scheduled ones (50)
 ALL_BATCH = 1000
+DATE_PAST_DAYS = 7  # `briefs enqueue --date` accepts the user's today - 7 days …
+DATE_FUTURE_DAYS = 1  # … through tomorrow, unless forced
+_ZONE_NAME = re.compile(r"[A-Za-z0-9_+\-]+(?:/[A-Za-z0-9_+\-]+)*")
+_ZONE_MAX = 64  # the longest IANA name is 32 characters
 
 
-def _manual_job(user_id: int, day: date, now: datetime, *, force: bool) -> FollowUp:
-    request = BriefRequest(user_id, day, now.astimezone(UTC), STANDARD, email=False, catch_up=False, force=force)
+class BadRequest(PermanentError):
+    """A request that cannot be honoured as given (the message says what to change)."""
+
+
+class NotFound(PermanentError):
+    """What was asked for does not exist (the message says what does)."""
+
+
+def user_zone(name: object) -> ZoneInfo:
+    """The user's IANA zone; ``ValueError`` with a short, safe reason when the stored name is unusable.
+
+    The name is checked before it reaches the filesystem: ``ZoneInfo`` of a 60 KB name raises
+    ``OSError`` (file name too long), which would read as a lost database connection.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError("no timezone")
+    shown = repr(name[:40]) + ("…" if len(name) > 40 else "")
+    if len(name) > _ZONE_MAX or not _ZONE_NAME.fullmatch(name) or ".." in name:
+        raise ValueError(f"invalid timezone {shown}")
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        raise ValueError(f"unknown timezone {shown}") from None
+
+
+def _manual_job(user_id: int, day: date, now: datetime, *, force: bool, resend_email: bool = False) -> FollowUp:
+    request = BriefRequest(
+        user_id,
+        day,
+        now.astimezone(UTC),
+        STANDARD,
+        email=False,
+        catch_up=False,
+        force=force,
+        resend_email=resend_email and force,
+    )
     return FollowUp(
         job_type=BRIEF_JOB,
         payload=request.to_payload(),
@@ -43,15 +87,35 @@ async def enqueue_brief(
     force: bool,
     enqueue: EnqueueHook,
     now: datetime | None = None,
+    resend_email: bool = False,
 ) -> str:
-    """Queue one brief to run now; returns a line for humans. Unknown user → PermanentError."""
+    """Queue one brief to run now; returns a line for humans.
+
+    Unknown user → :class:`NotFound`. Without ``force`` the brief date must lie between the
+    user's today - ``DATE_PAST_DAYS`` and tomorrow (:class:`BadRequest` otherwise): a date
+    far back or ahead has no meaningful "done in the last 24 hours". ``resend_email`` (with
+    ``force``) mails the regenerated brief even if that date's email was already sent.
+    """
     now = now or datetime.now(UTC)
     async with db.raw() as conn:
-        cur = await conn.execute("SELECT timezone FROM users WHERE id = %s", (user_id,))
+        cur = await conn.execute("SELECT left(timezone, %s) FROM users WHERE id = %s", (_ZONE_MAX + 1, user_id))
         row = await cur.fetchone()
         if row is None:
-            raise PermanentError(f"no user with id {user_id}")
-        day = brief_date or now.astimezone(zone(row[0])).date()
+            raise NotFound(f"no user with id {user_id}")
+        if brief_date is None or not force:
+            try:
+                today = now.astimezone(user_zone(row[0])).date()
+            except ValueError as exc:
+                raise BadRequest(
+                    f"user {user_id}'s timezone is unusable ({exc}): fix users.timezone, or pass --date with --force"
+                ) from None
+        day = brief_date or today
+        if not force and not today - timedelta(days=DATE_PAST_DAYS) <= day <= today + timedelta(days=DATE_FUTURE_DAYS):
+            raise BadRequest(
+                f"brief date {day.isoformat()} is outside {today - timedelta(days=DATE_PAST_DAYS)} .. "
+                f"{today + timedelta(days=DATE_FUTURE_DAYS)} (user {user_id}'s today - {DATE_PAST_DAYS} days .. "
+                "tomorrow); pass --force to queue it anyway"
+            )
         key = brief_dedup_key(user_id, day)
         what = f"user {user_id}, brief date {day.isoformat()}"
         if not force:
@@ -61,7 +125,7 @@ async def enqueue_brief(
             existing = await cur.fetchone()
             if existing and existing[0] in ("completed", "partial"):
                 return f"the brief for {what} is already {existing[0]}; pass --force to regenerate it"
-        [new_id] = await enqueue(conn, [_manual_job(user_id, day, now, force=force)])
+        [new_id] = await enqueue(conn, [_manual_job(user_id, day, now, force=force, resend_email=resend_email)])
         if new_id is None:
             cur = await conn.execute(
                 """SELECT id, status FROM queue_jobs
@@ -71,7 +135,31 @@ async def enqueue_brief(
             live = await cur.fetchone()
             ident = f"job {live[0]}, {live[1]}" if live else "job finished meanwhile; try again"
             return f"a brief job for {what} is already pending ({ident})"
-    return f"queued job {new_id} for {what}" + (" (forced)" if force else "")
+    note = " (forced; the email is sent again)" if force and resend_email else " (forced)" if force else ""
+    return f"queued job {new_id} for {what}{note}"
+
+
+@dataclass
+class EnqueueAllReport:
+    queued: int = 0
+    already: int = 0  # already queued, or finished (without force)
+    skipped: list[tuple[int, str]] = field(default_factory=list)  # (user_id, reason)
+
+    def summary(self, shown: int = 20) -> str:
+        lines = [f"queued {self.queued} brief job(s); {self.already} already queued or finished"]
+        if self.skipped:
+            lines[0] += f"; skipped {len(self.skipped)} user(s)"
+            lines += [f"  user {uid}: {reason}" for uid, reason in self.skipped[:shown]]
+            if len(self.skipped) > shown:
+                lines.append(f"  … and {len(self.skipped) - shown} more")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "queued": self.queued,
+            "already": self.already,
+            "skipped": [{"user_id": uid, "reason": reason} for uid, reason in self.skipped],
+        }
 
 
 async def enqueue_all(
@@ -81,34 +169,40 @@ async def enqueue_all(
     enqueue: EnqueueHook,
     now: datetime | None = None,
     on_progress: Callable[[int, int], None] | None = None,
-) -> tuple[int, int]:
+) -> EnqueueAllReport:
     """Queue today's brief (each user's local today) for every user with an active preference.
 
     Works in keyset batches of 1,000 users, one bulk insert each. Without ``force``
-    users whose brief for that date is already finished are left out. Returns
-    (queued, already queued or finished).
+    users whose brief for that date is already finished are left out. A user whose
+    timezone is unusable is skipped with the reason; the others are queued.
     """
     now = now or datetime.now(UTC)
     async with db.raw() as conn:
         cur = await conn.execute("SELECT count(*) FROM brief_preferences WHERE is_active")
         total = (await cur.fetchone() or (0,))[0]
-    queued = skipped = seen = 0
+    report = EnqueueAllReport()
+    seen = 0
     after = 0
     while True:
         async with db.raw() as conn:
             cur = await conn.execute(
-                """SELECT u.id, u.timezone FROM brief_preferences p JOIN users u ON u.id = p.user_id
+                """SELECT u.id, left(u.timezone, %(zmax)s) FROM brief_preferences p JOIN users u ON u.id = p.user_id
                    WHERE p.is_active AND p.user_id > %(after)s AND u.id > %(after)s
                    ORDER BY p.user_id LIMIT %(batch)s""",
-                {"after": after, "batch": ALL_BATCH},
+                {"after": after, "batch": ALL_BATCH, "zmax": _ZONE_MAX + 1},
             )
             rows = await cur.fetchall()
             if not rows:
                 break
             after = rows[-1][0]
-            days = {user_id: now.astimezone(zone(tz_name)).date() for user_id, tz_name in rows}
+            days: dict[int, date] = {}
+            for user_id, tz_name in rows:
+                try:
+                    days[user_id] = now.astimezone(user_zone(tz_name)).date()
+                except ValueError as exc:
+                    report.skipped.append((user_id, str(exc)))
             finished: set[int] = set()
-            if not force:
+            if not force and days:
                 cur = await conn.execute(
                     """SELECT b.user_id FROM daily_briefs b
                        JOIN unnest(%s::bigint[], %s::date[]) AS t(user_id, brief_date)
@@ -117,16 +211,16 @@ async def enqueue_all(
                     (list(days), list(days.values())),
                 )
                 finished = {r[0] for r in await cur.fetchall()}
-            skipped += len(finished)
+            report.already += len(finished)
             jobs = [_manual_job(uid, day, now, force=force) for uid, day in days.items() if uid not in finished]
             ids = await enqueue(conn, jobs) if jobs else []
             new = sum(1 for i in ids if i is not None)
-            queued += new
-            skipped += len(jobs) - new
+            report.queued += new
+            report.already += len(jobs) - new
         seen += len(rows)
         if on_progress:
             on_progress(seen, max(total, seen))
-    return queued, skipped
+    return report
 
 
 async def load_brief_markdown(db: Database, user_id: int, brief_date: date | None) -> str | None:
@@ -146,3 +240,121 @@ async def load_brief_markdown(db: Database, user_id: int, brief_date: date | Non
             )
         row = await cur.fetchone()
     return row[0] if row and row[0] is not None else None
+
+
+async def show_brief(db: Database, user_id: int, brief_date: date | None) -> str:
+    """The brief's Markdown, or :class:`NotFound` saying whether the user exists and what they have."""
+    text = await load_brief_markdown(db, user_id, brief_date)
+    if text is not None:
+        return text
+    async with db.raw() as conn:
+        cur = await conn.execute(
+            """SELECT u.id, (SELECT max(brief_date) FROM daily_briefs b
+                             WHERE b.user_id = u.id AND b.summary_markdown IS NOT NULL)
+               FROM users u WHERE u.id = %s""",
+            (user_id,),
+        )
+        row = await cur.fetchone()
+    if row is None:
+        raise NotFound(f"no user with id {user_id}")
+    latest = row[1]
+    if latest is None:
+        raise NotFound(f"user {user_id} has no brief yet; queue one with `briefs enqueue {user_id}`")
+    raise NotFound(f"user {user_id} has no brief for {brief_date}; the latest is {latest} (`briefs show {user_id}`)")
+
+
+# --------------------------------------------------------------------------- LLM health (`briefs status`)
+
+LLM_WINDOW = timedelta(hours=1)
+ERROR_HINTS = {
+    "auth": "check OPENAI_API_KEY",
+    "quota": "the account is out of quota or credit: check billing with the provider",
+    "rate_limit": "rate limited: lower BRIEFS_LLM_RPM or BRIEFS_LLM_CONCURRENCY",
+    "server": "the provider is failing (5xx); calls are retried, nothing to change here",
+    "timeout": "calls time out: check OPENAI_BASE_URL, or raise BRIEFS_LLM_TIMEOUT",
+    "connection": "cannot reach the LLM: check OPENAI_BASE_URL and the network",
+    "malformed": "the model's replies do not fit the expected shape: check BRIEFS_MODEL",
+    "rejected": "the provider refused the request: check BRIEFS_MODEL and the prompt limits",
+    "disabled": "no OPENAI_API_KEY: briefs are deterministic",
+}
+
+# Everything read from metadata is checked in SQL (jsonb_typeof) and cut (left()): a row
+# with a string where a number belongs, or a megabyte of error text, cannot break the report.
+_LLM_HEALTH_SQL = """
+WITH b AS (
+    SELECT id, user_id, completed_at, metadata AS m
+    FROM daily_briefs
+    WHERE completed_at >= %(since)s AND completed_at <= %(now)s AND status IN ('completed', 'partial', 'failed')
+),
+errs AS (
+    SELECT b.completed_at AS at, b.user_id, left(b.m ->> 'summary_error_kind', 40) AS kind,
+           left(b.m ->> 'summary_error', 500) AS error, NULL::text AS http_status, 'summary' AS part
+    FROM b WHERE b.m ->> 'summary_source' = 'fallback'
+    UNION ALL
+    SELECT b.completed_at, b.user_id, left(p.metadata ->> 'error_kind', 40),
+           left(coalesce(p.metadata ->> 'error', p.error), 500), left(p.metadata ->> 'http_status', 10), 'project'
+    FROM b JOIN project_daily_briefs p ON p.daily_brief_id = b.id
+    WHERE p.metadata ->> 'source' = 'fallback'
+)
+SELECT
+    (SELECT count(*) FROM b) AS briefs,
+    (SELECT count(*) FROM b WHERE b.m ->> 'llm' = 'enabled') AS llm_briefs,
+    (SELECT count(*) FROM b WHERE b.m ->> 'llm' = 'disabled') AS llm_disabled,
+    (SELECT coalesce(sum(CASE WHEN jsonb_typeof(b.m -> 'llm_requests') = 'number'
+                             THEN least(greatest((b.m ->> 'llm_requests')::numeric, 0), 1e9) END), 0)
+     FROM b) AS requests,
+    (SELECT coalesce(sum(CASE WHEN jsonb_typeof(b.m -> 'llm_failures') = 'number'
+                             THEN least(greatest((b.m ->> 'llm_failures')::numeric, 0), 1e9) END), 0)
+     FROM b) AS failures,
+    (SELECT count(*) FROM b
+     WHERE b.m ->> 'summary_source' = 'fallback'
+        OR EXISTS (SELECT 1 FROM project_daily_briefs p
+                   WHERE p.daily_brief_id = b.id AND p.metadata ->> 'source' = 'fallback')) AS fell_back,
+    (SELECT coalesce(jsonb_object_agg(kind, n), '{}'::jsonb)
+     FROM (SELECT coalesce(kind, 'unknown') AS kind, count(*) AS n FROM errs
+           WHERE kind IS DISTINCT FROM 'disabled' GROUP BY 1) k) AS by_kind,
+    (SELECT to_jsonb(e) FROM (SELECT at, user_id, kind, error, http_status, part FROM errs
+                               WHERE kind IS DISTINCT FROM 'disabled'
+                               ORDER BY at DESC, (http_status IS NOT NULL) DESC LIMIT 1) e) AS last_error
+"""
+
+
+async def llm_health(db: Database, now: datetime | None = None, window: timedelta = LLM_WINDOW) -> dict[str, Any]:
+    """LLM health over the briefs finished in the last ``window``: calls, errors by kind, the
+    last error with its hint, and the share of briefs that fell back to deterministic text.
+
+    A wrong API key shows here (every call a 401, every brief a fallback) even though the
+    briefs come out ``partial`` and their jobs ``completed``.
+    """
+    now = now or datetime.now(UTC)
+    async with db.raw() as conn:
+        cur = await conn.execute(_LLM_HEALTH_SQL, {"since": now - window, "now": now})
+        row = await cur.fetchone()
+    assert row is not None
+    briefs, llm_briefs, disabled, requests, failures, fell_back, by_kind, last = row
+    last_error = None
+    if last:
+        kind = last.get("kind") or "unknown"
+        status = last.get("http_status")
+        hint = ERROR_HINTS.get(kind, "see project_daily_briefs.error")
+        last_error = {
+            "at": last.get("at"),
+            "user_id": last.get("user_id"),
+            "part": last.get("part"),
+            "kind": kind,
+            "http_status": int(status) if isinstance(status, str) and status.isdigit() else None,
+            "error": last.get("error"),
+            "hint": f"{status if isinstance(status, str) and status.isdigit() else kind}: {hint}",
+        }
+    return {
+        "window_seconds": int(window.total_seconds()),
+        "briefs": int(briefs),
+        "llm_enabled_briefs": int(llm_briefs),
+        "llm_disabled_briefs": int(disabled),
+        "calls": int(requests),
+        "failed_calls": int(failures),
+        "errors_by_kind": {str(k): int(v) for k, v in sorted(by_kind.items())},
+        "fell_back": int(fell_back),
+        "fell_back_share": round(fell_back / briefs, 3) if briefs else None,
+        "last_error": last_error,
+    }

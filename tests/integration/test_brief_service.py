@@ -9,7 +9,7 @@ import pytest
 
 from briefs.cli import queue_hook
 from briefs.errors import PermanentError
-from briefs.service import enqueue_all, load_brief_markdown
+from briefs.service import BadRequest, enqueue_all, load_brief_markdown
 from briefs.service import enqueue_brief as _enqueue_brief
 
 
@@ -46,14 +46,14 @@ async def test_enqueue_then_show(briefs_harness: Any, brief_seed: Any) -> None:
     brief_seed.busy_project(uid, "Atlas", day)
     assert await load_brief_markdown(h.db, uid, None) is None
 
-    await enqueue_brief(h.db, h.settings(), uid, day, force=False)
+    await enqueue_brief(h.db, h.settings(), uid, day, force=False, now=NOW)
     await h.run(h.settings(), services={})
     text = await load_brief_markdown(h.db, uid, day)
     assert text is not None and "### Atlas" in text and "Friday 20 November 2026" in text
     assert await load_brief_markdown(h.db, uid, None) == text
     assert await load_brief_markdown(h.db, uid, date(2026, 11, 21)) is None
 
-    line = await enqueue_brief(h.db, h.settings(), uid, day, force=False)
+    line = await enqueue_brief(h.db, h.settings(), uid, day, force=False, now=NOW)
     assert line == (
         f"the brief for user {uid}, brief date 2026-11-20 is already completed; pass --force to regenerate it"
     )
@@ -70,14 +70,47 @@ async def test_enqueue_all_queues_each_users_local_today(briefs_harness: Any, br
     brief_seed.user("Off", preference=False)
     progress: list[tuple[int, int]] = []
     hook = queue_hook(h.settings())
-    queued, skipped = await enqueue_all(
-        h.db, force=False, enqueue=hook, now=NOW, on_progress=lambda *a: progress.append(a)
-    )
-    assert (queued, skipped) == (2, 0)
+    report = await enqueue_all(h.db, force=False, enqueue=hook, now=NOW, on_progress=lambda *a: progress.append(a))
+    assert (report.queued, report.already, report.skipped) == (2, 0, [])
     assert progress[-1] == (2, 2)
     keys = sorted(j["dedup_key"] for j in await h.jobs())
     assert keys == sorted([f"brief:{tokyo}:2026-11-24", f"brief:{utc}:2026-11-23"])
-    assert await enqueue_all(h.db, force=False, enqueue=hook, now=NOW) == (0, 2)
+    again = await enqueue_all(h.db, force=False, enqueue=hook, now=NOW)
+    assert (again.queued, again.already, again.skipped) == (0, 2, [])
+
+
+@pytest.mark.parametrize(
+    ("tz", "reason"),
+    [
+        # ZoneInfo raised OSError (file name too long), reported as 'database unavailable' for everyone
+        ("Z" * 60_000, "invalid timezone 'ZZZZ"),
+        ("../../../etc/passwd", "invalid timezone '../../../etc/passwd'"),
+        ("Mars/Olympus_Mons", "unknown timezone 'Mars/Olympus_Mons'"),
+        ("", "no timezone"),
+    ],
+)
+async def test_enqueue_all_skips_a_bad_timezone_and_queues_the_rest(
+    briefs_harness: Any, brief_seed: Any, tz: str, reason: str
+) -> None:
+    h = briefs_harness
+    before = brief_seed.user("Before", tz="Asia/Tokyo")
+    bad = brief_seed.user("Bad", tz=tz)
+    after = brief_seed.user("After")
+    report = await enqueue_all(h.db, force=True, enqueue=queue_hook(h.settings()), now=NOW)
+    assert report.queued == 2 and report.already == 0
+    [(uid, why)] = report.skipped
+    assert uid == bad and why.startswith(reason) and len(why) < 80
+    assert sorted(j["user_id"] for j in await h.jobs()) == [before, after]
+    assert f"user {bad}: {why}" in report.summary()
+
+
+async def test_enqueue_one_user_with_a_bad_timezone_is_a_clear_error(briefs_harness: Any, brief_seed: Any) -> None:
+    h = briefs_harness
+    uid = brief_seed.user("Bad", tz="Q" * 60_000)
+    with pytest.raises(BadRequest, match=f"user {uid}'s timezone is unusable"):
+        await enqueue_brief(h.db, h.settings(), uid, None, force=False, now=NOW)
+    line = await enqueue_brief(h.db, h.settings(), uid, date(2026, 11, 23), force=True, now=NOW)
+    assert line.startswith("queued job ")  # an explicit date, forced: the timezone is not needed
 
 
 def test_cli_enqueue_and_show(clean_db: str, capsys: Any, monkeypatch: Any) -> None:
@@ -96,9 +129,10 @@ def test_cli_enqueue_and_show(clean_db: str, capsys: Any, monkeypatch: Any) -> N
     monkeypatch.setenv("DATABASE_URL", clean_db)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.chdir("/")  # no .env
-    assert main(["enqueue", str(uid), "--date", "2026-11-20"]) == 0
-    assert f"for user {uid}, brief date 2026-11-20" in capsys.readouterr().out
+    today = datetime.now(UTC).date().isoformat()
+    assert main(["enqueue", str(uid), "--date", today]) == 0
+    assert f"for user {uid}, brief date {today}" in capsys.readouterr().out
     assert main(["show", str(uid)]) == 1
-    assert "no brief for user" in capsys.readouterr().err
+    assert f"briefs: error: user {uid} has no brief yet" in capsys.readouterr().err
     assert main(["enqueue", "999"]) == 1
     assert "no user with id 999" in capsys.readouterr().err
