@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,8 +28,8 @@ def _briefs(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]
     )
 
 
-def test_run_demo_makes_a_brief_and_stops_cleanly(tmp_path: Path) -> None:
-    env = _env(tmp_path / "data")
+def _run_demo(env: dict[str, str]) -> str:
+    """`briefs run --demo` until it has printed a brief, then SIGTERM; returns what it printed."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "briefs.cli", "run", "--demo"],
         env=env,
@@ -65,7 +66,24 @@ def test_run_demo_makes_a_brief_and_stops_cleanly(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    return text
+
+
+def test_run_demo_makes_a_brief_and_stops_cleanly(tmp_path: Path) -> None:
+    env = _env(tmp_path / "data")
+    first = _run_demo(env)
+    assert "a minute from now" in first
 
     jobs = _briefs(env, "jobs", "--status", "processing")
     assert jobs.returncode == 0, jobs.stderr
     assert jobs.stdout.strip() == "no jobs"
+
+    # Run it again the same day: today's brief exists and the scheduler will not make it twice.
+    # The demo says so, makes a fresh one at once, and prints it (it used to wait forever).
+    second = _run_demo(env)
+    assert "already has today's brief" in second and "a fresh one is being made now" in second, second
+    assert second.count("===== brief for user 1") == 1
+    if shutil.which("psql"):  # psql is optional; when it is here, `briefs psql` reaches the embedded server
+        sql = "SELECT metadata->>'revision' FROM daily_briefs WHERE user_id = 1"
+        revision = _briefs(env, "psql", "-At", "-c", sql)
+        assert (revision.returncode, revision.stdout.split()) == (0, ["2"]), revision
