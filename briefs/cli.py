@@ -428,12 +428,8 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     from worker.main import health_max_age as worker_health_max_age
     from worker.runner import Worker
 
-    if args.demo and settings.secret_key is None:
-        # Email links are signed; the demo must work without configuration.
-        key = secrets.token_urlsafe(32)
-        register_secret(key)
-        settings = settings.model_copy(update={"secret_key": SecretStr(key)})
-        log.debug("demo: BRIEFS_SECRET_KEY is unset; signing this process's email links with a random key")
+    if args.demo:
+        settings = demo_settings(settings)
     db = await Database.connect(settings)
     services: dict[str, object] = {}
     health = None
@@ -481,6 +477,17 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
             await health.stop()
         await close_services(services)  # type: ignore[arg-type]
         await db.dispose()
+
+
+def demo_settings(settings: Settings) -> Settings:
+    """The demo must work unconfigured: email links are signed, so without BRIEFS_SECRET_KEY
+    this process signs with a random key of its own (links from this run stop working after it)."""
+    if settings.secret_key is not None:
+        return settings
+    key = secrets.token_urlsafe(32)
+    register_secret(key)
+    log.debug("demo: BRIEFS_SECRET_KEY is unset; signing this process's email links with a random key")
+    return settings.model_copy(update={"secret_key": SecretStr(key)})
 
 
 async def _seed_demo(db: Database, settings: Settings) -> int:

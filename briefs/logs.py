@@ -230,7 +230,8 @@ class TextFormatter(logging.Formatter):
         line = self.formatMessage(record)
         ctx = getattr(record, "job", None)
         if ctx:
-            line += " [job={job_id} type={job_type} user={user_id} attempt={attempt}]".format(**ctx)
+            tag = " [job={job_id} type={job_type} user={user_id} attempt={attempt}]".format(**ctx)
+            line += bounded_redact(tag.replace("\n", " ").replace("\r", " "), 400)  # job_type is a stored value
         exc = _exc_text(self, record)
         if exc:
             line += "\n" + exc

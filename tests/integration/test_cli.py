@@ -388,3 +388,20 @@ def test_psql_missing_is_one_line(cli: Cli, monkeypatch: Any) -> None:
     monkeypatch.setenv("PATH", "/nonexistent")
     code, _, err = cli("psql")
     assert code == 2 and "psql is not installed" in _one_error_line(err)
+
+
+def test_the_demo_signs_email_without_configuration(caplog: Any) -> None:
+    from briefs import logs
+    from briefs.cli import demo_settings
+    from tests.conftest import make_settings
+
+    bare = make_settings("postgresql://h/db", secret_key=None)
+    with caplog.at_level(logging.DEBUG, logger="briefs"):
+        demo = demo_settings(bare)
+    assert bare.secret_key is None and demo.secret_key is not None
+    key = demo.secret_key.get_secret_value()
+    assert len(key) >= 32 and logs.redact(f"key {key}") == "key ***"  # never logged
+    assert demo_settings(make_settings("postgresql://h/db", secret_key=None)).secret_key != demo.secret_key
+    assert any("BRIEFS_SECRET_KEY is unset" in r.getMessage() for r in caplog.records)
+    configured = make_settings("postgresql://h/db", secret_key="operator-key-0123456789")
+    assert demo_settings(configured) is configured
