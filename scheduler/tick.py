@@ -23,7 +23,7 @@ Per page of active preferences (keyset pagination, ``settings.scheduler_page_siz
     1. one SELECT: preferences joined with users (timezone, last visit);
     2. plan every user in Python (memoised per tick on (timezone, frequency,
        weekday, time): users that share a schedule share a plan); an invalid
-       timezone skips that user with a reason, never the tick;
+       timezone or an unusable row skips that user with a reason, never the tick;
     3. one SELECT on ``queue_jobs … WHERE dedup_key = ANY(…)``: a pending,
        processing or completed brief job for (user, local date) blocks a new one
        (failed and cancelled ones do not);
@@ -33,6 +33,28 @@ Per page of active preferences (keyset pagination, ``settings.scheduler_page_siz
     6. one ``enqueue_many`` (a multi-row INSERT … ON CONFLICT DO NOTHING).
     Five statements per page at most, whatever the page size. One NOTIFY per tick
     (notifications are delivered at commit anyway).
+
+Hostile rows
+    psycopg decodes a whole result at once, so one value Python cannot hold (a
+    ``time_of_day`` of ``24:00``, an ``infinity`` or BC ``timestamptz``) would fail the
+    page, i.e. every user. Every query the tick decodes therefore guards its risky
+    columns in SQL: instants outside (0001-01-03, 9999-12-29) come back NULL (two days
+    of margin keep any zone's local time inside Python's years 1..9999), a time of
+    ``24:00`` comes back NULL, and a timezone longer than 255 characters is not sent at
+    all. The page query adds one column that says what was wrong with the row, with the
+    raw value clipped; that user is skipped with ``invalid_timezone: …``,
+    ``invalid_preference: …`` or ``invalid_last_visit: …``. A queue row with an unusable
+    ``notify_at`` reads as "no instant" (a pending scheduler job is then moved to its
+    planned instant); a dedup key the scheduler would not write is left alone.
+    Messages and log lines show hostile values clipped (:func:`scheduler.plan.shown`).
+
+The report
+    A real tick lists what it enqueued, moved, cancelled and skipped, and counts the
+    rest (``deduplicated``, ``not_due_count``). A detailed tick (the default for a dry
+    run: ``briefs schedule --once --dry-run --json``) accounts for every user it looked
+    at: also ``deduplicated_users`` (user, date, the existing job) and ``not_due``
+    (each user's next brief date, ``notify_at`` and ``run_at``; a weekly user's may be
+    days ahead). Planning the next occurrence of every user is what a real tick avoids.
 
 Moving and cancelling pending jobs
     Only jobs the scheduler made are touched (their payload says ``"source":
@@ -75,7 +97,17 @@ from psycopg.types.json import Jsonb
 from briefs import engagement, metrics
 from briefs.db import Database
 from briefs.settings import Settings
-from scheduler.plan import InvalidTimezone, Occurrence, Preference, dedup_key, load_timezone, local_to_utc, plan
+from scheduler.plan import (
+    InvalidTimezone,
+    Occurrence,
+    Preference,
+    dedup_key,
+    load_timezone,
+    local_to_utc,
+    next_occurrence,
+    plan,
+    shown,
+)
 from worker import queue
 from worker.queue import NewJob
 
@@ -86,6 +118,8 @@ JOB_TYPE = "generate_daily_brief"
 PRIORITY = 50
 SOURCE = "scheduler"  # payload["source"] of the jobs this module makes (the only ones it moves or cancels)
 _MIN_ID = -(2**63)
+_LIVE_FIRST = {"pending": 0, "processing": 1, "completed": 2}
+_WARN_SKIPS = 10  # per tick, the first users skipped for bad data are logged as warnings, the rest at debug
 
 PlanKey = tuple[str, str, int | None, time]
 
@@ -102,14 +136,21 @@ class TickReport:
     completed job. ``moved``/``cancelled``: pending jobs changed (job_id, user_id, brief_date, reason; moves
     also from_notify_at, notify_at, run_at, catch_up). ``skipped``: {user_id, reason} with reasons
     ``invalid_timezone: …``, ``engagement: …``, ``engagement_error: …``, ``invalid_preference: …``,
-    ``plan_error: …``. ``queries``: statements issued, the advisory lock included.
+    ``plan_error: …``, ``invalid_last_visit: …``. ``queries``: statements issued, the advisory lock
+    included. ``not_due_count``: users with nothing to do this tick. A ``detailed`` report also lists
+    ``deduplicated_users`` (user_id, brief_date, job_id, status of the job that blocks the brief) and
+    ``not_due`` (user_id and the next brief_date, notify_at, run_at; None when there is none within a week).
     """
 
     now: datetime
     dry_run: bool = False
+    detailed: bool = False
     users_seen: int = 0
     enqueued: list[dict[str, Any]] = field(default_factory=list)
     deduplicated: int = 0
+    deduplicated_users: list[dict[str, Any]] = field(default_factory=list)
+    not_due_count: int = 0
+    not_due: list[dict[str, Any]] = field(default_factory=list)
     moved: list[dict[str, Any]] = field(default_factory=list)
     cancelled: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[dict[str, Any]] = field(default_factory=list)
@@ -144,6 +185,10 @@ class TickReport:
             "cancelled": [_jsonable(c) for c in self.cancelled],
             "skipped": [_jsonable(s) for s in self.skipped],
             "skipped_by_kind": self.skipped_by_kind(),
+            "detailed": self.detailed,
+            "deduplicated_users": [_jsonable(d) for d in self.deduplicated_users],
+            "not_due_count": self.not_due_count,
+            "not_due": [_jsonable(n) for n in self.not_due],
         }
 
     def summary(self) -> str:
@@ -155,7 +200,8 @@ class TickReport:
             f"{head}: {self.users_seen} active preference(s) in {self.pages} page(s), "
             f"{self.queries} queries, {self.duration_s:.3f}s",
             f"  enqueued {len(self.enqueued)}, already queued {self.deduplicated}, "
-            f"moved {len(self.moved)}, cancelled {len(self.cancelled)}, skipped {len(self.skipped)}",
+            f"moved {len(self.moved)}, cancelled {len(self.cancelled)}, skipped {len(self.skipped)}, "
+            f"not due {self.not_due_count}",
         ]
         kinds = self.skipped_by_kind()
         if kinds:
@@ -167,6 +213,15 @@ class TickReport:
             )
         if len(self.enqueued) > 5:
             lines.append(f"  … and {len(self.enqueued) - 5} more (use --json for all)")
+        for item in self.skipped[:5]:
+            lines.append(f"  - user {item['user_id']} skipped: {item['reason']}")
+        if len(self.skipped) > 5:
+            lines.append(f"  … and {len(self.skipped) - 5} more skipped (use --json for all)")
+        for n in self.not_due[:5]:
+            when = f"{n['brief_date']} at {_iso(n['notify_at'])}" if n["notify_at"] else "no brief within a week"
+            lines.append(f"  · user {n['user_id']} not due: next {when}")
+        if len(self.not_due) > 5:
+            lines.append(f"  … and {len(self.not_due) - 5} more not due (use --json for all)")
         return "\n".join(lines)
 
 
@@ -254,6 +309,8 @@ class _Planner:
         self.catch_up = timedelta(seconds=settings.catch_up)
         self.buffer = timedelta(seconds=settings.generation_buffer)
         self.cache: dict[PlanKey, list[Occurrence] | Exception] = {}
+        self.next_cache: dict[PlanKey, dict[str, Any]] = {}
+        self.warned = 0
 
     def plan(self, key: PlanKey, user_id: int) -> list[Occurrence] | Exception:
         """The occurrences of a schedule (timezone, frequency, weekday, time), or the exception that rejects it.
@@ -271,9 +328,35 @@ class _Planner:
             except InvalidTimezone as exc:
                 found = exc
             except ValueError:
-                found = ValueError(f"invalid_preference: frequency={frequency!r} day_of_week={day_of_week!r}")
+                found = ValueError(
+                    f"invalid_preference: frequency={shown(str(frequency), 40)} day_of_week={day_of_week!r}"
+                )
             self.cache[key] = found
         return found
+
+    def next_due(self, key: PlanKey, user_id: int) -> dict[str, Any]:
+        """The next occurrence of a schedule at or after now (brief_date, notify_at, run_at), for a not-due user."""
+        found = self.next_cache.get(key)
+        if found is None:
+            tz, frequency, day_of_week, at = key
+            try:
+                nxt = next_occurrence(Preference(user_id, tz, frequency, day_of_week, at), self.now)
+            except (ValueError, OverflowError):
+                nxt = None
+            if nxt is None:
+                found = {"brief_date": None, "notify_at": None, "run_at": None}
+            else:
+                day, instant = nxt
+                found = {"brief_date": day, "notify_at": instant, "run_at": max(self.now, instant - self.buffer)}
+            self.next_cache[key] = found
+        return found
+
+    def skip_bad(self, report: TickReport, user_id: int, reason: str) -> None:
+        """Skip a user whose data is unusable: a warning for the first few per tick, then debug lines."""
+        report.skip(user_id, reason)
+        self.warned += 1
+        level = logging.WARNING if self.warned <= _WARN_SKIPS else logging.DEBUG
+        log.log(level, "user %s skipped: %s", user_id, reason)
 
     def recheck(self, user: _User, job: _Pending) -> _Change | None:
         """Check a pending job outside this tick's plan against the user's current preference."""
@@ -282,7 +365,10 @@ class _Planner:
             return None  # not a key we wrote: leave it alone
         if user.frequency == "weekly" and day.isoweekday() != user.day_of_week:
             return _Change(job, True, f"preference changed: no brief on {day} any more")
-        intended = local_to_utc(day, user.time_of_day, load_timezone(user.timezone))
+        try:
+            intended = local_to_utc(day, user.time_of_day, load_timezone(user.timezone))
+        except OverflowError:
+            return None  # a date at the end of the calendar (9999-12-31 west of UTC): not a job we wrote
         if intended == job.notify_at:
             return _email_patch(job, user.email)
         if intended >= self.now:  # the brief's new instant is ahead (beyond this tick's window): wait for it
@@ -302,20 +388,64 @@ def _email_patch(job: _Pending, email: bool) -> _Change | None:
     return _Change(job, False, "email preference changed", job.notify_at, None, job.catch_up, email)
 
 
-def _parse_key(key: str) -> date | None:
-    parts = key.split(":")
-    if len(parts) != 3 or parts[0] != "brief":
+def _parse_key(key: str, user_id: int) -> date | None:
+    """The brief date of a key exactly as :func:`dedup_key` writes it for this user, else None."""
+    prefix = f"brief:{user_id}:"
+    if len(key) != len(prefix) + 10 or not key.startswith(prefix):
         return None
     try:
-        return date.fromisoformat(parts[2])
+        day = date.fromisoformat(key[len(prefix) :])
     except ValueError:
         return None
+    return day if dedup_key(user_id, day) == key else None  # fromisoformat also reads '2026-W10-2' and others
+
+
+def _problem(text: str) -> str:
+    """The skip reason for the page query's ``problem`` column: a kind letter, then the raw value (clipped)."""
+    kind, value = text[:1], text[1:]
+    if kind == "z":
+        length, _, head = value.partition(" ")
+        return f"invalid_timezone: timezone {shown(head, 40, length=int(length))} is too long for a tz database name"
+    if kind == "t":
+        return f"invalid_preference: time_of_day {shown(value)} is out of range (00:00 to 23:59:59)"
+    if kind == "v":
+        return f"invalid_last_visit: last_visit_at {shown(value)} is outside the dates the scheduler can use"
+    return f"invalid_preference: {shown(text)}"
+
+
+def _clip(text: str) -> str:
+    """A message (from an exception) as it goes into a reason or log line: short and on one line."""
+    return text if len(text) <= 100 and text.isprintable() else shown(text)
 
 
 # --------------------------------------------------------------------------- SQL
 
-_PAGE = """
-SELECT p.user_id, u.timezone, p.frequency, p.day_of_week, p.time_of_day, p.email_enabled, u.last_visit_at
+_INSTANT_FROM = "'0001-01-03 00:00+00'"
+_INSTANT_UNTIL = "'9999-12-29 00:00+00'"
+
+
+def _instant(column: str) -> str:
+    """SQL: the instant if Python can hold it in any zone (years 1..9999, two days of margin), else NULL."""
+    return f"CASE WHEN {column} > {_INSTANT_FROM} AND {column} < {_INSTANT_UNTIL} THEN {column} END"
+
+
+# The last column says what makes a row unusable (kind letter + raw value, clipped), NULL for a good row (one
+# short-circuit test per row); the guarded columns are then NULL. Every value of every row decodes, so one row
+# cannot fail the page.
+_PAGE = f"""
+SELECT p.user_id,
+       CASE WHEN octet_length(u.timezone) <= 255 THEN u.timezone END,
+       p.frequency, p.day_of_week,
+       CASE WHEN p.time_of_day < '24:00' THEN p.time_of_day END,
+       p.email_enabled,
+       {_instant("u.last_visit_at")},
+       CASE WHEN octet_length(u.timezone) > 255 OR p.time_of_day >= '24:00'
+                 OR NOT (u.last_visit_at > {_INSTANT_FROM} AND u.last_visit_at < {_INSTANT_UNTIL})
+            THEN CASE WHEN octet_length(u.timezone) > 255
+                      THEN 'z' || length(u.timezone) || ' ' || left(u.timezone, 40)
+                      WHEN p.time_of_day >= '24:00' THEN 't' || p.time_of_day::text
+                      ELSE 'v' || left(u.last_visit_at::text, 100) END
+       END
 FROM brief_preferences p
 JOIN users u ON u.id = p.user_id
 WHERE p.is_active AND p.user_id > %(after)s
@@ -325,8 +455,8 @@ LIMIT %(page)s
 """
 
 # Scheduler-made jobs say so in their payload; hand-made ones are never moved or cancelled.
-_PENDING = """
-SELECT j.id, j.user_id, j.dedup_key, j.notify_at,
+_PENDING = f"""
+SELECT j.id, j.user_id, j.dedup_key, {_instant("j.notify_at")},
        coalesce(j.payload->'catch_up' = 'true'::jsonb, false),
        coalesce(j.payload->'email' = 'true'::jsonb, false)
 FROM queue_jobs j
@@ -334,8 +464,8 @@ WHERE j.status = 'pending' AND j.job_type = %s AND j.user_id IS NOT NULL AND j.d
   AND j.payload->>'source' = %s
 """
 
-_DEDUP = """
-SELECT j.dedup_key, j.id, j.status, j.user_id, j.notify_at, coalesce(j.payload->>'source' = %s, false),
+_DEDUP = f"""
+SELECT j.dedup_key, j.id, j.status, j.user_id, {_instant("j.notify_at")}, coalesce(j.payload->>'source' = %s, false),
        coalesce(j.payload->'catch_up' = 'true'::jsonb, false),
        coalesce(j.payload->'email' = 'true'::jsonb, false)
 FROM queue_jobs j
@@ -346,7 +476,7 @@ WHERE j.dedup_key = ANY(%s) AND j.job_type = %s AND j.status IN ('pending', 'pro
 _CHANGE = """
 UPDATE queue_jobs j
 SET status = CASE WHEN c.cancel THEN 'cancelled' ELSE j.status END,
-    notify_at = CASE WHEN c.cancel THEN j.notify_at ELSE c.notify_at END,
+    notify_at = CASE WHEN c.cancel OR c.notify_at IS NULL THEN j.notify_at ELSE c.notify_at END,
     run_at = CASE WHEN c.cancel OR c.run_at IS NULL THEN j.run_at ELSE c.run_at END,
     payload = CASE WHEN c.cancel THEN j.payload ELSE j.payload || c.patch END,
     finished_at = CASE WHEN c.cancel THEN now() ELSE j.finished_at END,
@@ -362,12 +492,18 @@ RETURNING j.id
 # --------------------------------------------------------------------------- the tick
 
 
-async def run_tick(db: Database, settings: Settings, now: datetime, *, dry_run: bool = False) -> TickReport:
-    """Run one tick at the instant ``now`` (aware); see the module docstring."""
+async def run_tick(
+    db: Database, settings: Settings, now: datetime, *, dry_run: bool = False, detailed: bool | None = None
+) -> TickReport:
+    """Run one tick at the instant ``now`` (aware); see the module docstring.
+
+    ``detailed`` (default: the same as ``dry_run``) makes the report account for every user it looked at
+    (``deduplicated_users``, ``not_due`` with the next due time), at the cost of planning every user.
+    """
     if now.tzinfo is None or now.utcoffset() is None:
         raise ValueError("run_tick needs an aware datetime for now")
     now = now.astimezone(UTC)
-    report = TickReport(now=now, dry_run=dry_run)
+    report = TickReport(now=now, dry_run=dry_run, detailed=dry_run if detailed is None else detailed)
     started = time_mod.perf_counter()
     async with db.raw() as raw:
         conn = _Counted(raw)
@@ -421,7 +557,7 @@ async def _load_pending(conn: _Counted) -> dict[int, list[_Pending]]:
     pending: dict[int, list[_Pending]] = {}
     for job_id, user_id, key, notify_at, catch_up, email in await cur.fetchall():
         pending.setdefault(user_id, []).append(
-            _Pending(job_id, user_id, key, _parse_key(key), notify_at, catch_up, email)
+            _Pending(job_id, user_id, key, _parse_key(key, user_id), notify_at, catch_up, email)
         )
     return pending
 
@@ -436,15 +572,24 @@ async def _page(
 ) -> None:
     now = planner.now
     cache = planner.cache
+    detailed = report.detailed
     due: list[_Due] = []
     changes: list[_Change] = []
-    for row in rows:  # (user_id, timezone, frequency, day_of_week, time_of_day, email_enabled, last_visit_at)
+    not_due = 0
+    # (user_id, timezone, frequency, day_of_week, time_of_day, email_enabled, last_visit_at, problem)
+    for row in rows:
         user_id = row[0]
-        jobs = pending.pop(user_id, None)
+        jobs = pending.pop(user_id, None)  # a skipped user's pending jobs are left as they are
+        if row[7] is not None:
+            planner.skip_bad(report, user_id, _problem(row[7]))
+            continue
         schedule = row[1:5]
         occurrences = cache.get(schedule)
         if not occurrences and not jobs and occurrences is not None:
-            continue  # the common case: nothing due and nothing queued
+            not_due += 1  # the common case: nothing due and nothing queued
+            if detailed:
+                report.not_due.append({"user_id": user_id, **planner.next_due(schedule, user_id)})
+            continue
         if occurrences is None:
             try:
                 occurrences = planner.plan(schedule, user_id)
@@ -452,21 +597,21 @@ async def _page(
                 log.exception("planning failed for user %s", user_id)
                 occurrences = exc
         if isinstance(occurrences, InvalidTimezone):
-            log.warning("user %s skipped: invalid timezone: %s", user_id, occurrences)
-            report.skip(user_id, f"invalid_timezone: {occurrences}")
+            planner.skip_bad(report, user_id, f"invalid_timezone: {occurrences}")
             continue
         if isinstance(occurrences, ValueError):
-            report.skip(user_id, str(occurrences))
+            planner.skip_bad(report, user_id, _clip(str(occurrences)))
             continue
         if isinstance(occurrences, Exception):
-            report.skip(user_id, f"plan_error: {type(occurrences).__name__}: {occurrences}")
+            report.skip(user_id, f"plan_error: {type(occurrences).__name__}: {_clip(str(occurrences))}")
             continue
-        user = _User(*row)
+        user = _User(*row[:7])
         keys = set()
         for occ in occurrences:
             key = dedup_key(user_id, occ.brief_date)
             keys.add(key)
             due.append(_Due(user, occ, key))
+        changed = len(changes)
         for job in jobs or ():
             if job.dedup_key in keys:
                 continue  # reconciled with the plan below
@@ -477,6 +622,11 @@ async def _page(
                 continue
             if change is not None:
                 changes.append(change)
+        if not occurrences and len(changes) == changed:
+            not_due += 1  # queued jobs, all as they should be, and nothing due now
+            if detailed:
+                report.not_due.append({"user_id": user_id, **planner.next_due(schedule, user_id)})
+    report.not_due_count += not_due
 
     # Deduplicate against existing jobs: one query for the whole page.
     new: list[_Due] = []
@@ -493,6 +643,11 @@ async def _page(
             change = _reconcile(d, rows, now)
             if change is None:
                 report.deduplicated += 1
+                if detailed:
+                    job = min(rows, key=lambda r: _LIVE_FIRST.get(r[2], 3))  # the job that blocks: live first
+                    report.deduplicated_users.append(
+                        {"user_id": d.user.user_id, "brief_date": d.occ.brief_date, "job_id": job[1], "status": job[2]}
+                    )
             else:
                 changes.append(change)
     await _apply(conn, changes, report)
@@ -561,11 +716,14 @@ async def _enqueue(conn: _Counted, settings: Settings, new: list[_Due], report: 
     # Engagement inputs: history only matters for users inactive 4+ days; one query for all of them.
     wanted: list[tuple[int, date, date]] = []
     for d in new:
-        tz = load_timezone(d.user.timezone)
-        if engagement.needs_history(d.user.last_visit_at, d.occ.brief_date, tz):
-            visited = engagement.visit_date(d.user.last_visit_at, tz)
-            assert visited is not None
-            wanted.append((d.user.user_id, visited, d.occ.brief_date))
+        try:
+            tz = load_timezone(d.user.timezone)
+            if engagement.needs_history(d.user.last_visit_at, d.occ.brief_date, tz):
+                visited = engagement.visit_date(d.user.last_visit_at, tz)
+                assert visited is not None
+                wanted.append((d.user.user_id, visited, d.occ.brief_date))
+        except Exception:  # decide() meets the same error below and skips just this user
+            pass
     histories = await engagement.load_histories(conn, wanted)
 
     # A user with two occurrences in one tick: the earlier decision is history for the later one.
@@ -590,8 +748,9 @@ async def _enqueue(conn: _Counted, settings: Settings, new: list[_Due], report: 
         if isinstance(decision, BaseException):
             if not isinstance(decision, Exception):
                 raise decision
-            log.error("engagement check failed for user %s: %r", d.user.user_id, decision)
-            report.skip(d.user.user_id, f"engagement_error: {type(decision).__name__}: {decision}")
+            reason = f"engagement_error: {type(decision).__name__}: {_clip(str(decision))}"
+            log.error("engagement check failed for user %s: %s", d.user.user_id, reason)
+            report.skip(d.user.user_id, reason)
             continue
         if not decision.send:
             report.skip(d.user.user_id, decision.reason or "engagement: skipped")
@@ -628,6 +787,10 @@ async def _enqueue(conn: _Counted, settings: Settings, new: list[_Due], report: 
     for (d, stage), job_id in zip(sent, ids, strict=True):
         if job_id is None and not report.dry_run:
             report.deduplicated += 1  # a live job with this key appeared since the dedup query
+            if report.detailed:
+                report.deduplicated_users.append(
+                    {"user_id": d.user.user_id, "brief_date": d.occ.brief_date, "job_id": None, "status": None}
+                )
             continue
         report.enqueued.append(
             {

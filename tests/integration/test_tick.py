@@ -432,3 +432,43 @@ async def test_report_to_dict_and_summary(db: Database, settings: Settings, sche
     assert first["brief_date"] == "2026-03-10" and first["notify_at"] == "2026-03-10T08:00:00Z"
     text = report.summary()
     assert "enqueued 7" in text and "and 2 more" in text
+
+
+async def test_a_huge_engagement_error_is_clipped_in_the_reason_and_the_log(
+    db: Database,
+    settings: Settings,
+    sched_seed: SchedulerSeed,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from briefs import engagement
+
+    broken = sched_seed.user("UTC", "08:00", last_visit_at=utc("2026-03-01T00:00:00Z"))
+
+    def decide(*args: Any, **kw: Any) -> engagement.Decision:
+        raise RuntimeError("line one\nline two " + "z" * 60_000)
+
+    monkeypatch.setattr(engagement, "decide", decide)
+    report = await tick(db, settings, "2026-03-10T07:30:00Z")
+    [skip] = report.skipped
+    assert skip["user_id"] == broken and skip["reason"].startswith("engagement_error: RuntimeError: 'line one\\nline")
+    assert len(skip["reason"]) < 200 and "(60,018 characters)" in skip["reason"]
+    assert all(len(r.getMessage()) < 500 and "\n" not in r.getMessage() for r in caplog.records)
+
+
+def test_pending_job_keys_are_read_only_as_the_scheduler_writes_them() -> None:
+    from scheduler.tick import _parse_key
+
+    assert _parse_key("brief:7:2026-03-10", 7) == date(2026, 3, 10)
+    for key in (
+        "brief:7:2026-03-10",  # another user's key
+        "brief:7:20260310",  # fromisoformat reads it, dedup_key never writes it
+        "brief:7:2026-W11-2",
+        "brief:7:2026-02-30",
+        "brief:7:99999-01-01",
+        "brief:07:2026-03-10",
+        "brief:7:2026-03-10:x",
+        "brief:7:" + "9" * 10_000,
+        "",
+    ):
+        assert _parse_key(key, 8 if key == "brief:7:2026-03-10" else 7) is None, key
