@@ -1,6 +1,8 @@
-"""Errors shared by every part. The worker decides retry vs fail from ``permanent``."""
+"""Errors shared by every part. The worker decides retry vs fail with :func:`is_permanent`."""
 
 from __future__ import annotations
+
+import psycopg
 
 
 class PermanentError(Exception):
@@ -17,3 +19,30 @@ class RetryLater(Exception):
     def __init__(self, message: str, delay: float | None = None) -> None:
         super().__init__(message)
         self.delay = delay
+
+
+# Errors that the same input raises again on every retry: arithmetic out of range (a date
+# past year 9999: OverflowError), structures nested too deeply, text that is not valid
+# Unicode, and values PostgreSQL or psycopg refuse (SQLSTATE class 22, "data exception", and
+# psycopg's own DataError for a value Python cannot represent).
+NEVER_SUCCEEDS: tuple[type[BaseException], ...] = (ArithmeticError, RecursionError, UnicodeError, psycopg.DataError)
+
+
+def is_permanent(error: BaseException) -> bool:
+    """Whether retrying the job can never help.
+
+    An explicit ``permanent`` attribute decides (:class:`PermanentError`, :class:`RetryLater`,
+    a library's own flag); otherwise the kinds in :data:`NEVER_SUCCEEDS` are permanent, also
+    when wrapped by SQLAlchemy (``orig``), and an exception group is permanent when every
+    error in it is. Anything else (timeouts, connection errors, 5xx, unexpected bugs) is
+    transient and retried with backoff until ``max_attempts``.
+    """
+    flag = getattr(error, "permanent", None)
+    if isinstance(flag, bool):
+        return flag
+    if isinstance(error, BaseExceptionGroup):
+        return bool(error.exceptions) and all(is_permanent(e) for e in error.exceptions)
+    orig = getattr(error, "orig", None)  # SQLAlchemy's DBAPIError wraps the driver's error
+    if isinstance(orig, BaseException) and orig is not error and is_permanent(orig):
+        return True
+    return isinstance(error, NEVER_SUCCEEDS)

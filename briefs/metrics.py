@@ -1,8 +1,44 @@
-"""Prometheus metrics, shared by every part of the process (exposed on /metrics)."""
+"""Prometheus metrics, shared by every part of the process (exposed on /metrics).
+
+Label values come from a bounded set: a job type gets a label of its own only when
+this process knows it (the built-in types, and the types the worker has handlers
+for); every other job type (a typo, a job for a newer release, hostile rows) is
+counted under ``other``. Thousands of distinct job types in the queue therefore
+add one series, not thousands.
+"""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterable
+
 from prometheus_client import Counter, Gauge, Histogram
+
+OTHER = "other"
+MAX_KNOWN_JOB_TYPES = 200  # registered types beyond this share the "other" label too
+
+_KNOWN_JOB_TYPES: set[str] = {"noop", "generate_daily_brief", "send_brief_email"}
+_KNOWN_LOCK = threading.Lock()
+
+
+def register_job_types(names: Iterable[str]) -> None:
+    """Give these job types labels of their own (the worker registers its handlers' types)."""
+    with _KNOWN_LOCK:
+        for name in names:
+            if len(_KNOWN_JOB_TYPES) >= MAX_KNOWN_JOB_TYPES:
+                break
+            if isinstance(name, str) and 0 < len(name) <= 100:
+                _KNOWN_JOB_TYPES.add(name)
+
+
+def known_job_types() -> list[str]:
+    with _KNOWN_LOCK:
+        return sorted(_KNOWN_JOB_TYPES)
+
+
+def job_type_label(job_type: object) -> str:
+    """The label for a job type: itself when known, else ``other``."""
+    return job_type if job_type in _KNOWN_JOB_TYPES else OTHER  # type: ignore[return-value]
 
 JOBS_CLAIMED = Counter("briefs_jobs_claimed_total", "Jobs claimed by this process", ["job_type"])
 JOBS_COMPLETED = Counter("briefs_jobs_completed_total", "Jobs completed", ["job_type"])

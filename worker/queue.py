@@ -18,19 +18,36 @@ round trip and one commit per statement, no planning per call.
 from __future__ import annotations
 
 import json
+import logging
+import math
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
 import psycopg
-from psycopg.types.json import Jsonb, set_json_loads
+from psycopg.types.json import set_json_loads
+
+from briefs.settings import Settings
+
+log = logging.getLogger(__name__)
 
 NOTIFY_CHANNEL = "briefs_queue"
 DEFAULT_PRIORITY = 100
 FINISHED = ("completed", "failed", "cancelled")
+
+# What one job may hold. The payload limit is BRIEFS_MAX_PAYLOAD_BYTES (callers pass
+# settings.max_payload_bytes; this default is the setting's). The others keep a row
+# insertable (index entries, column types) and readable back by every worker.
+DEFAULT_MAX_PAYLOAD_BYTES: int = Settings.model_fields["max_payload_bytes"].default
+MAX_PAYLOAD_DEPTH = 64  # nesting of objects and arrays in a payload
+MAX_JOB_TYPE_CHARS = 200
+MAX_DEDUP_KEY_BYTES = 1000  # the unique index refuses entries over ~2.7 kB
+MAX_ERROR_CHARS = 8000  # of last_error
+INT4_MAX = 2**31 - 1
+INT8_MAX = 2**63 - 1
 
 Conn = psycopg.AsyncConnection[Any]
 # The hot statements also run on a cursor kept for the purpose (a connection's execute()
@@ -63,12 +80,16 @@ class Job:
     notify_at: datetime | None
     run_at: datetime
     token: UUID
+    # Set when the claimed row could not be read (a value Python cannot represent, JSON it
+    # cannot parse): the reason. The unreadable fields hold placeholders; the worker fails the
+    # job at once, permanently, without running it.
+    problem: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class FailOutcome:
     status: str  # 'pending' (will retry) or 'failed'
-    run_at: datetime
+    run_at: datetime | None  # when it will be retried (None when failed for good)
     attempts: int
 
 
@@ -76,19 +97,147 @@ class QueueError(RuntimeError):
     """An operator action that cannot be done (message is for humans)."""
 
 
+class JobRejected(QueueError):
+    """A job that cannot be enqueued as given (payload too big, not JSON, a field out of range)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A job of a bulk enqueue that was refused (and not inserted); the others went in."""
+
+    index: int  # position in the list given to enqueue_many
+    job_type: str  # shortened for messages
+    reason: str
+
+
+class EnqueueResult(list[int | None]):
+    """Per input job: the new id, or None (deduplicated, or refused: see ``rejected``)."""
+
+    rejected: list[Rejected]
+
+    def __init__(self, ids: Iterable[int | None] = (), rejected: list[Rejected] | None = None) -> None:
+        super().__init__(ids)
+        self.rejected = rejected or []
+
+
+class JsonText(str):
+    """JSON text already checked by :func:`dump_json`: PostgreSQL will accept it as jsonb."""
+
+    __slots__ = ()
+
+
+def dump_json(value: Any, *, limit: int | None = None, max_depth: int | None = None) -> JsonText:
+    """Encode ``value`` as JSON that PostgreSQL's jsonb accepts, or raise ValueError saying why not.
+
+    Refused: what is not JSON (NaN and infinities, non-JSON types, cycles, integers
+    past Python's digit limit), NUL characters (jsonb cannot hold ``\\u0000``), unpaired
+    surrogates (not UTF-8), nesting deeper than ``max_depth``, more than ``limit`` bytes.
+    """
+    try:
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except RecursionError:
+        raise ValueError("is nested too deeply to encode as JSON") from None
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"is not JSON ({_clip(str(exc), 200)})") from None
+    if "\\u0000" in text and _has_nul_escape(text):
+        raise ValueError("contains a NUL character (\\u0000), which PostgreSQL cannot store")
+    if text.isascii():
+        size = len(text)
+    else:
+        try:
+            size = len(text.encode())
+        except UnicodeEncodeError:
+            raise ValueError("contains an unpaired surrogate (not valid UTF-8)") from None
+    if limit is not None and size > limit:
+        raise ValueError(f"is {size:,} bytes of JSON, over the limit of {limit:,} bytes")
+    if max_depth is not None and text.count("[") + text.count("{") > max_depth and _depth(value, max_depth) > max_depth:
+        raise ValueError(f"is nested more than {max_depth} levels deep")
+    return JsonText(text)
+
+
+def _has_nul_escape(text: str) -> bool:
+    """A real ``\\u0000`` escape (an even number of backslashes before it), not the text ``\\\\u0000``."""
+    start = 0
+    while (at := text.find("\\u0000", start)) >= 0:
+        slashes = 0
+        while at - slashes - 1 >= 0 and text[at - slashes - 1] == "\\":
+            slashes += 1
+        if slashes % 2 == 0:
+            return True
+        start = at + 1
+    return False
+
+
+def _depth(value: Any, limit: int) -> int:
+    """Nesting depth of containers in ``value``, counted no further than ``limit + 1`` (iterative)."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Iterable[Any] = item.values()
+        elif isinstance(item, list | tuple):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if depth > limit:
+            return deepest
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list | tuple))
+    return deepest
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text):,} characters)"
+
+
+def short_repr(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` for messages, cut to about ``limit`` characters."""
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]!r}… ({len(value):,} characters)"
+    return _clip(repr(value), limit)
+
+
+def safe_text(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """Text PostgreSQL can store in a text column: cut to ``limit``, no NUL, valid UTF-8."""
+    text = _clip(text, limit)
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    if not text.isascii():
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+MAX_RETRY_DELAY = 30 * 86400.0  # the longest a retry may be put off (a handler's RetryLater included)
+
+
 def backoff_seconds(attempts: int, base: float, cap: float) -> float:
     """Exponential backoff with jitter: half fixed, half random, so retries spread out."""
-    delay = min(cap, base * (2 ** max(attempts - 1, 0)))
+    delay = min(cap, base * 2.0 ** min(max(attempts - 1, 0), 60))  # the exponent is capped: attempts may be huge
     return delay / 2 + random.random() * delay / 2
+
+
+def clamp_delay(seconds: Any) -> float:
+    """A retry delay PostgreSQL can add to now(): finite, from 0 to :data:`MAX_RETRY_DELAY` seconds.
+
+    ``make_interval`` silently wraps around on huge values (a retry in the distant past).
+    """
+    try:
+        value = float(seconds)
+    except (TypeError, ValueError, OverflowError):
+        return 0.0
+    if math.isnan(value):
+        return 0.0
+    return min(max(value, 0.0), MAX_RETRY_DELAY)
 
 
 # --------------------------------------------------------------------------- enqueue
 
 _ENQUEUE = """
 INSERT INTO queue_jobs (job_type, payload, priority, run_at, max_attempts, dedup_key, user_id, notify_at)
-SELECT t.job_type, t.payload, t.priority, coalesce(t.run_at, now()), t.max_attempts,
+SELECT t.job_type, t.payload::jsonb, t.priority, coalesce(t.run_at, now()), t.max_attempts,
        t.dedup_key, t.user_id, t.notify_at
-FROM unnest(%s::text[], %s::jsonb[], %s::smallint[], %s::timestamptz[], %s::int[],
+FROM unnest(%s::text[], %s::text[], %s::smallint[], %s::timestamptz[], %s::int[],
             %s::text[], %s::bigint[], %s::timestamptz[])
      AS t(job_type, payload, priority, run_at, max_attempts, dedup_key, user_id, notify_at)
 ON CONFLICT DO NOTHING
@@ -96,46 +245,134 @@ RETURNING id, dedup_key
 """
 
 
-async def enqueue_many(
-    conn: Conn, jobs: Sequence[NewJob], *, default_max_attempts: int = 5, notify: bool = True
-) -> list[int | None]:
-    """Insert jobs with one statement; returns, per input, the new id or None when deduplicated.
+def _int_in(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
-    A job whose ``dedup_key`` matches a live (pending or running) job, or an
-    earlier job of the same batch, is not inserted. One NOTIFY wakes idle
-    workers when the transaction commits.
+
+def _storable_text(value: str) -> bool:
+    return "\x00" not in value and (value.isascii() or _utf8(value))
+
+
+def _utf8(value: str) -> bool:
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_job(job: NewJob, *, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> JsonText:
+    """The job's payload as JSON text, or :class:`JobRejected` saying what is wrong with the job.
+
+    Every field is checked against what the table and the workers accept, so one bad job
+    cannot fail a bulk insert for the others, and a job that goes in can be read back.
     """
+    kind = job.job_type
+    if not isinstance(kind, str) or not kind or len(kind) > MAX_JOB_TYPE_CHARS or not _storable_text(kind):
+        raise JobRejected(f"job type {short_repr(kind)} must be a non-empty string of at most "
+                          f"{MAX_JOB_TYPE_CHARS} characters")
+    name = short_repr(kind, 60)
+    if not isinstance(job.payload, dict):
+        raise JobRejected(f"{name} job: payload must be a JSON object, not {type(job.payload).__name__}")
+    try:
+        payload = dump_json(job.payload, limit=max_payload_bytes, max_depth=MAX_PAYLOAD_DEPTH)
+    except ValueError as exc:
+        hint = " (BRIEFS_MAX_PAYLOAD_BYTES)" if "over the limit" in str(exc) else ""
+        raise JobRejected(f"{name} job: payload {exc}{hint}") from None
+    if not _int_in(job.priority, -(2**15), 2**15 - 1):
+        raise JobRejected(f"{name} job: priority must be an integer from -32768 to 32767, "
+                          f"got {short_repr(job.priority)}")
+    if job.max_attempts is not None and not _int_in(job.max_attempts, 1, INT4_MAX):
+        raise JobRejected(f"{name} job: max_attempts must be a positive integer (at most {INT4_MAX}), "
+                          f"got {short_repr(job.max_attempts)}")
+    if job.user_id is not None and not _int_in(job.user_id, -INT8_MAX - 1, INT8_MAX):
+        raise JobRejected(f"{name} job: user_id must be a 64-bit integer, got {short_repr(job.user_id)}")
+    for field_name in ("run_at", "notify_at"):
+        value = getattr(job, field_name)
+        if value is not None and not isinstance(value, datetime):
+            raise JobRejected(f"{name} job: {field_name} must be a datetime, got {short_repr(value)}")
+    key = job.dedup_key
+    if key is not None:
+        if not isinstance(key, str) or not _storable_text(key):
+            raise JobRejected(f"{name} job: dedup_key must be text without NUL characters, got {short_repr(key)}")
+        size = len(key) if key.isascii() else len(key.encode())
+        if size > MAX_DEDUP_KEY_BYTES:
+            raise JobRejected(f"{name} job: dedup_key is {size:,} bytes, over the limit of {MAX_DEDUP_KEY_BYTES:,}")
+    return payload
+
+
+async def enqueue_many(
+    conn: Conn,
+    jobs: Sequence[NewJob],
+    *,
+    default_max_attempts: int = 5,
+    notify: bool = True,
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+) -> EnqueueResult:
+    """Insert jobs with one statement; returns, per input, the new id or None.
+
+    None means deduplicated (a job whose ``dedup_key`` matches a live (pending or
+    running) job, or an earlier job of the same batch, is not inserted) or refused:
+    a job that fails :func:`check_job` (a payload over ``max_payload_bytes``, pass
+    ``settings.max_payload_bytes``; not a JSON object; a field out of range) is not
+    inserted, never truncated; it is logged and listed in the result's ``rejected``,
+    and the other jobs go in. One NOTIFY wakes idle workers when the transaction commits.
+    """
+    result = EnqueueResult()
     if not jobs:
-        return []
+        return result
+    accepted: list[tuple[NewJob, JsonText]] = []
+    positions: list[int] = []
+    for index, job in enumerate(jobs):
+        try:
+            payload = check_job(job, max_payload_bytes=max_payload_bytes)
+        except JobRejected as exc:
+            kind = job.job_type if isinstance(job.job_type, str) else "?"
+            result.rejected.append(Rejected(index, _clip(kind, 60), str(exc)))
+            log.warning("refused to enqueue job %d of %d: %s", index + 1, len(jobs), exc)
+            continue
+        accepted.append((job, payload))
+        positions.append(index)
+    ids: list[int | None] = [None] * len(jobs)
+    if not accepted:
+        result.extend(ids)
+        return result
     cur = await conn.execute(
         _ENQUEUE,
         (
-            [j.job_type for j in jobs],
-            [Jsonb(j.payload) for j in jobs],
-            [j.priority for j in jobs],
-            [j.run_at for j in jobs],
-            [j.max_attempts or default_max_attempts for j in jobs],
-            [j.dedup_key for j in jobs],
-            [j.user_id for j in jobs],
-            [j.notify_at for j in jobs],
+            [j.job_type for j, _ in accepted],
+            [p for _, p in accepted],
+            [j.priority for j, _ in accepted],
+            [j.run_at for j, _ in accepted],
+            [j.max_attempts or default_max_attempts for j, _ in accepted],
+            [j.dedup_key for j, _ in accepted],
+            [j.user_id for j, _ in accepted],
+            [j.notify_at for j, _ in accepted],
         ),
     )
     rows = await cur.fetchall()
     by_key = {key: id_ for id_, key in rows if key is not None}
     keyless = iter(id_ for id_, key in rows if key is None)
-    result: list[int | None] = []
-    for job in jobs:
+    for (job, _), index in zip(accepted, positions, strict=True):
         if job.dedup_key is None:
-            result.append(next(keyless))
+            ids[index] = next(keyless)
         else:
-            result.append(by_key.pop(job.dedup_key, None))  # pop: a batch duplicate gets None
+            ids[index] = by_key.pop(job.dedup_key, None)  # pop: a batch duplicate gets None
+    result.extend(ids)
     if notify and rows:
         await conn.execute("SELECT pg_notify(%s, '')", (NOTIFY_CHANNEL,))
     return result
 
 
-async def enqueue(conn: Conn, job: NewJob, *, default_max_attempts: int = 5) -> int | None:
-    return (await enqueue_many(conn, [job], default_max_attempts=default_max_attempts))[0]
+async def enqueue(
+    conn: Conn, job: NewJob, *, default_max_attempts: int = 5, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+) -> int | None:
+    """Insert one job; the new id, or None when deduplicated. Raises :class:`JobRejected` for a bad job."""
+    result = await enqueue_many(conn, [job], default_max_attempts=default_max_attempts,
+                                max_payload_bytes=max_payload_bytes)
+    if result.rejected:
+        raise JobRejected(result.rejected[0].reason)
+    return result[0]
 
 
 # --------------------------------------------------------------------------- claim and lease
@@ -181,7 +418,7 @@ picked AS MATERIALIZED (
 claimed AS (
     UPDATE queue_jobs j
     SET status = 'processing',
-        attempts = j.attempts + 1,
+        attempts = least(j.attempts, 2147483646) + 1,  -- a hostile attempts never overflows the claim
         locked_by = %(worker)s,
         processing_token = gen_random_uuid(),
         lease_expires_at = now() + make_interval(secs => %(lease)s),
@@ -200,9 +437,9 @@ _CLAIM = f"WITH {_CLAIM_CTES}\nSELECT * FROM claimed"
 # job to find these few) and looks each row up by primary key instead.
 _COMPLETE = """
     UPDATE queue_jobs j
-    SET status = 'completed', result = d.result, finished_at = now(), updated_at = now(),
+    SET status = 'completed', result = d.result::jsonb, finished_at = now(), updated_at = now(),
         lease_expires_at = NULL, last_error = NULL
-    FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[], %(results)s::jsonb[]) AS d(id, token, result)
+    FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[], %(results)s::text[]) AS d(id, token, result)
     WHERE j.id = d.id AND j.processing_token = d.token AND j.status = %(processing)s
     RETURNING j.id"""
 
@@ -220,7 +457,11 @@ async def claim(conn: Executor, limit: int, worker_id: str, lease_seconds: float
     if limit <= 0:
         return []
     cur = await conn.execute(_CLAIM, {"limit": limit, "worker": worker_id, "lease": lease_seconds})
-    jobs = [Job(*row) for row in await cur.fetchall()]
+    try:
+        jobs = [Job(*row) for row in await cur.fetchall()]
+    except Exception:  # one value that cannot be decoded fails the whole fetch: read row by row
+        rows, problems = _fetch_tolerant(cur)
+        jobs = [_job(row, problems.get(i)) for i, row in enumerate(rows)]
     jobs.sort(key=_claim_order)
     return jobs
 
@@ -243,11 +484,87 @@ async def complete_and_claim(
         {"ids": ids, "tokens": tokens, "results": results, "processing": "processing", "limit": max(limit, 0),
          "worker": worker_id, "lease": lease_seconds},
     )
-    rows = await cur.fetchall()
+    try:
+        rows = await cur.fetchall()
+        jobs = [Job(*row[:11]) for row in rows[:-1]]
+    except Exception:  # as in claim(): the rows that can be read run, the others fail alone
+        rows, problems = _fetch_tolerant(cur)
+        jobs = [_job(row[:11], problems.get(i)) for i, row in enumerate(rows[:-1])]
     written = set(rows[-1][11] or ())  # the last row carries the completed ids
-    jobs = [Job(*row[:11]) for row in rows[:-1]]
     jobs.sort(key=_claim_order)
     return written, jobs
+
+
+_SOME_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _job(row: Sequence[Any], problem: str | None) -> Job:
+    """A claimed job from a row read by :func:`_fetch_tolerant`; unreadable fields get placeholders."""
+    if problem is None:
+        return Job(*row)
+    (id_, job_type, payload, priority, attempts, max_attempts, dedup_key, user_id, notify_at, run_at,
+     token) = row
+    return Job(
+        id=id_,
+        job_type=job_type,
+        payload=payload if isinstance(payload, dict) else {},
+        priority=priority,
+        attempts=attempts,
+        max_attempts=max_attempts,
+        dedup_key=dedup_key,
+        user_id=user_id,
+        notify_at=notify_at if isinstance(notify_at, datetime) else None,
+        run_at=run_at if isinstance(run_at, datetime) else _SOME_TIME,
+        token=token,
+        problem=f"the job's row cannot be read: {problem}",
+    )
+
+
+def _fetch_tolerant(cur: psycopg.AsyncCursor[Any]) -> tuple[list[tuple[Any, ...]], dict[int, str]]:
+    """Every row of the cursor's result, value by value: the slow path after a failed fetch.
+
+    psycopg decodes a result set as a whole, so one value it cannot decode (a timestamp
+    past year 9999 or ``infinity``, JSON nested deeper than Python parses, a number with
+    thousands of digits) fails the fetch of every row. Here each value is decoded on its
+    own; one that fails is replaced with its text (decoded leniently), and the row's index
+    maps to a description of what failed (column and reason). NULLs stay None.
+    """
+    res = cur.pgresult
+    if res is None:
+        raise psycopg.InterfaceError("no result to fetch")
+    adapters = cur.adapters
+    loaders = []
+    for col in range(res.nfields):
+        oid, fmt = res.ftype(col), res.fformat(col)
+        loader_cls = adapters.get_loader(oid, fmt) or adapters.get_loader(0, fmt)
+        loaders.append(loader_cls(oid, cur) if loader_cls is not None else None)
+    names = [(res.fname(col) or b"?").decode(errors="replace") for col in range(res.nfields)]
+    rows: list[tuple[Any, ...]] = []
+    problems: dict[int, str] = {}
+    for row in range(res.ntuples):
+        values: list[Any] = []
+        bad: list[str] = []
+        for col, loader in enumerate(loaders):
+            raw = res.get_value(row, col)
+            if raw is None:
+                values.append(None)
+                continue
+            try:
+                if loader is None:
+                    raise psycopg.DataError("no loader for this type")
+                values.append(loader.load(raw))
+            except Exception as exc:  # RecursionError, ValueError, DataError, …: the value is the problem
+                values.append(bytes(raw).decode("utf-8", "replace"))
+                bad.append(f"{names[col]}: {_clip(_describe(exc), 300)}")
+        rows.append(tuple(values))
+        if bad:
+            problems[row] = "; ".join(bad)
+    return rows, problems
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def _claim_order(job: Job) -> tuple[int, datetime, int]:
@@ -277,10 +594,20 @@ async def heartbeat(conn: Conn, jobs: Iterable[tuple[int, UUID]], lease_seconds:
 
 
 async def set_progress(conn: Conn, job_id: int, token: UUID, progress: dict[str, Any]) -> bool:
+    """Publish a running job's progress; False when the run is no longer ours or the value cannot be stored.
+
+    Progress is advisory: a value PostgreSQL would refuse (NaN, a NUL character, …) is
+    logged and skipped before any statement runs, so the caller's transaction stays usable.
+    """
+    try:
+        text = dump_json(progress)
+    except ValueError as exc:
+        log.warning("progress of job %s not written: it %s", job_id, exc)
+        return False
     cur = await conn.execute(
-        """UPDATE queue_jobs SET progress = %s, updated_at = now()
+        """UPDATE queue_jobs SET progress = %s::jsonb, updated_at = now()
            WHERE id = %s AND processing_token = %s AND status = 'processing'""",
-        (Jsonb(progress), job_id, token),
+        (text, job_id, token),
     )
     return cur.rowcount == 1
 
@@ -293,7 +620,7 @@ async def next_runnable_in(conn: Executor, horizon: datetime | None = None) -> f
     for tomorrow.
     """
     cur = await conn.execute(
-        """SELECT extract(epoch FROM min(run_at) - now())::float8 FROM queue_jobs
+        """SELECT (extract(epoch FROM min(run_at)) - extract(epoch FROM now()))::float8 FROM queue_jobs
            WHERE status = 'pending' AND run_at <= greatest(now(), %s::timestamptz)""",
         (horizon,),
     )
@@ -304,7 +631,11 @@ async def next_runnable_in(conn: Executor, horizon: datetime | None = None) -> f
 # --------------------------------------------------------------------------- finish
 
 async def complete_many(conn: Executor, done: Sequence[tuple[int, UUID, Any]]) -> set[int]:
-    """Mark jobs completed (with their results) if their tokens still hold; returns the ids written."""
+    """Mark jobs completed (with their results) if their tokens still hold; returns the ids written.
+
+    A result is any JSON value (None: no result) or :class:`JsonText` from :func:`dump_json`
+    (sent as it is). A result :func:`dump_json` refuses raises ValueError before any statement.
+    """
     if not done:
         return set()
     ids, tokens, results = _split_done(done)
@@ -312,11 +643,11 @@ async def complete_many(conn: Executor, done: Sequence[tuple[int, UUID, Any]]) -
     return {row[0] for row in await cur.fetchall()}
 
 
-def _split_done(done: Sequence[tuple[int, UUID, Any]]) -> tuple[list[int], list[UUID], list[Jsonb | None]]:
+def _split_done(done: Sequence[tuple[int, UUID, Any]]) -> tuple[list[int], list[UUID], list[str | None]]:
     return (
         [d[0] for d in done],
         [d[1] for d in done],
-        [None if d[2] is None else Jsonb(d[2]) for d in done],
+        [d[2] if d[2] is None or isinstance(d[2], JsonText) else dump_json(d[2]) for d in done],
     )
 
 
@@ -333,16 +664,17 @@ async def fail(
         UPDATE queue_jobs
         SET status = CASE WHEN %(permanent)s OR attempts >= max_attempts THEN 'failed' ELSE 'pending' END,
             run_at = CASE WHEN %(permanent)s OR attempts >= max_attempts THEN run_at
-                          ELSE now() + make_interval(secs => %(delay)s) END,
+                          ELSE now() + make_interval(secs => %(delay)s) END,  -- delay: see retry_delay()
             finished_at = CASE WHEN %(permanent)s OR attempts >= max_attempts THEN now() END,
             last_error = %(error)s,
             lease_expires_at = NULL,
             locked_by = NULL,
             updated_at = now()
         WHERE id = %(id)s AND processing_token = %(token)s AND status = 'processing'
-        RETURNING status, run_at, attempts
+        RETURNING status, CASE WHEN status = 'pending' THEN run_at END, attempts
         """,
-        {"permanent": permanent, "delay": retry_delay, "error": error[:8000], "id": job.id, "token": job.token},
+        {"permanent": permanent, "delay": clamp_delay(retry_delay), "error": safe_text(error), "id": job.id,
+         "token": job.token},
     )
     row = await cur.fetchone()
     return FailOutcome(*row) if row else None
@@ -362,7 +694,7 @@ async def release(conn: Conn, jobs: Iterable[tuple[int, UUID]], reason: str) -> 
         WHERE j.id = d.id AND j.processing_token = d.token AND j.status = 'processing'
         RETURNING j.id
         """,
-        (reason, ids, tokens),
+        (safe_text(reason), ids, tokens),
     )
     rows = await cur.fetchall()
     if rows:
@@ -393,17 +725,17 @@ async def rescue_expired(
         UPDATE queue_jobs j
         SET status = CASE WHEN j.attempts >= j.max_attempts THEN 'failed' ELSE 'pending' END,
             run_at = CASE WHEN j.attempts >= j.max_attempts THEN j.run_at
-                          ELSE now() + make_interval(secs => least(%(cap)s, %(base)s * 2 ^ greatest(j.attempts - 1, 0))
-                                                             * (0.5 + random() / 2)) END,
+                          ELSE now() + make_interval(secs => least(%(cap)s, %(base)s * 2 ^ least(greatest(
+                                                             j.attempts - 1, 0), 60)) * (0.5 + random() / 2)) END,
             finished_at = CASE WHEN j.attempts >= j.max_attempts THEN now() END,
             last_error = format('lease expired: worker %%s stopped heartbeating (attempt %%s of %%s)',
-                                coalesce(j.locked_by, '?'), j.attempts, j.max_attempts),
+                                coalesce(left(j.locked_by, 200), '?'), j.attempts, j.max_attempts),
             locked_by = NULL,
             lease_expires_at = NULL,
             updated_at = now()
         FROM expired
         WHERE j.id = expired.id
-        RETURNING j.id, j.job_type, j.status, j.attempts, j.run_at
+        RETURNING j.id, j.job_type, j.status, j.attempts, CASE WHEN j.status = 'pending' THEN j.run_at END
         """,
         {"limit": limit, "cap": retry_max, "base": retry_base},
     )
@@ -486,11 +818,45 @@ async def _status_of(conn: Conn, job_id: int) -> str:
 # --------------------------------------------------------------------------- inspection
 
 async def stats(conn: Conn) -> list[dict[str, Any]]:
+    """Jobs per type and status (what the ``queue_stats`` view shows), safe with any row in the table.
+
+    Computed here rather than read from the view: an infinite ``run_at`` makes the view's
+    ``now() - run_at`` fail. ``oldest_pending_age`` is a timedelta (``timedelta.max`` for a job
+    due since ``-infinity``); a ``next_run_at`` Python cannot represent comes back as its text.
+    """
     cur = await conn.execute(
-        "SELECT job_type, status, jobs, oldest_pending_age, next_run_at FROM queue_stats ORDER BY job_type, status"
+        """SELECT left(job_type, %(clip)s) AS job_type, status, count(*) AS jobs,
+                  extract(epoch FROM now()) - min(extract(epoch FROM run_at))
+                      FILTER (WHERE status = 'pending' AND run_at <= now()) AS oldest_pending_age,
+                  min(run_at) FILTER (WHERE status = 'pending') AS next_run_at
+           FROM queue_jobs GROUP BY queue_jobs.job_type, status ORDER BY queue_jobs.job_type, status""",
+        {"clip": MAX_JOB_TYPE_CHARS},
     )
+    rows = await _dict_rows(cur)
+    for row in rows:
+        row["oldest_pending_age"] = _age(row["oldest_pending_age"])
+    return rows
+
+
+def _age(seconds: Any) -> timedelta | None:
+    if seconds is None:
+        return None
+    value = float(seconds)
+    if math.isnan(value):
+        return None
+    if value >= timedelta.max.total_seconds():
+        return timedelta.max
+    return timedelta(seconds=max(value, 0.0))
+
+
+async def _dict_rows(cur: psycopg.AsyncCursor[Any]) -> list[dict[str, Any]]:
+    """Rows as dicts; a value Python cannot represent (a timestamp past year 9999, …) comes back as its text."""
     cols = [c.name for c in cur.description or ()]
-    return [dict(zip(cols, row, strict=True)) for row in await cur.fetchall()]
+    try:
+        rows = await cur.fetchall()
+    except Exception:  # one bad value fails the whole fetch: read value by value
+        rows = _fetch_tolerant(cur)[0]
+    return [dict(zip(cols, row, strict=True)) for row in rows]
 
 
 async def recent_failures(conn: Conn, since_seconds: float = 3600) -> int:
@@ -505,17 +871,19 @@ async def recent_failures(conn: Conn, since_seconds: float = 3600) -> int:
 async def list_jobs(
     conn: Conn, *, status: str | None = None, job_type: str | None = None, limit: int = 50
 ) -> list[dict[str, Any]]:
+    """The newest jobs, for humans. Long texts are cut (``last_error`` to 2,000 characters); a
+    timestamp Python cannot represent (``infinity``, past year 9999) comes back as its text."""
     cur = await conn.execute(
-        """SELECT id, job_type, status, priority, attempts, max_attempts, run_at, user_id, dedup_key,
-                  locked_by, last_error, updated_at
+        """SELECT id, left(job_type, %(clip)s) AS job_type, status, priority, attempts, max_attempts, run_at,
+                  user_id, left(dedup_key, %(clip)s) AS dedup_key, left(locked_by, %(clip)s) AS locked_by,
+                  left(last_error, 2000) AS last_error, updated_at
            FROM queue_jobs
            WHERE (%(status)s::text IS NULL OR status = %(status)s)
              AND (%(type)s::text IS NULL OR job_type = %(type)s)
            ORDER BY id DESC LIMIT %(limit)s""",
-        {"status": status, "type": job_type, "limit": limit},
+        {"status": status, "type": job_type, "limit": limit, "clip": MAX_JOB_TYPE_CHARS},
     )
-    cols = [c.name for c in cur.description or ()]
-    return [dict(zip(cols, row, strict=True)) for row in await cur.fetchall()]
+    return await _dict_rows(cur)
 
 
 def _split(jobs: Iterable[tuple[int, UUID]]) -> tuple[list[int], list[UUID]]:

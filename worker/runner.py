@@ -19,9 +19,18 @@ One :class:`Worker` runs up to ``concurrency`` jobs at once. Its pieces:
 
 The claim loop and the completer each own a dedicated autocommit connection
 (outside the pool, like the LISTEN connection): every claim and every batch of
-completions is a single statement, so one round trip and one commit. Everything
-else (heartbeats, failures, releases, maintenance, the handlers' own work) uses
-the pool.
+completions is a single statement, so one round trip and one commit. The lease
+statements (heartbeats, failures, releases, rescues, pruning) share a third
+dedicated connection: handlers use the pool, and a handler that holds every pool
+connection (a long SMTP exchange) must not starve the heartbeats into letting
+leases expire. Nothing of the worker's own bookkeeping waits for the pool.
+
+No row stops the worker: a claimed row that cannot be decoded, a payload that is
+not a JSON object, a job whose attempts are used up, a result PostgreSQL would
+refuse — each fails that one job at once, permanently, with the reason in
+``last_error``; the rest of its claim batch runs normally. Errors that the same
+input raises again (:func:`briefs.errors.is_permanent`) fail once, not
+``max_attempts`` times.
 
 Runs are keyed by their ``processing_token``, not the job id: after a rescue this
 worker may hold a newer run of the same job while the old one winds down.
@@ -52,6 +61,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from briefs import metrics
 from briefs.db import Database, is_connection_error
+from briefs.errors import is_permanent
 from briefs.logs import job_context
 from briefs.settings import Settings
 from worker import queue
@@ -63,6 +73,7 @@ HandlerFn = Callable[["JobContext"], Awaitable[Any]]
 
 CLAIM_APPLICATION_NAME = "briefs-claim"
 COMPLETE_APPLICATION_NAME = "briefs-complete"
+LEASE_APPLICATION_NAME = "briefs-lease"
 
 
 @dataclass(frozen=True)
@@ -141,9 +152,13 @@ def _retryable(exc: BaseException) -> bool:
 
 
 def _metrics_for(job_type: str) -> _TypeMetrics:
+    """The metrics of a job type's label: bounded (unknown types share ``other``), and so is this cache."""
     found = _TYPE_METRICS.get(job_type)
     if found is None:
-        found = _TYPE_METRICS[job_type] = _TypeMetrics(job_type)
+        label = metrics.job_type_label(job_type)
+        found = _TYPE_METRICS.get(label)
+        if found is None:
+            found = _TYPE_METRICS[label] = _TypeMetrics(label)
     return found
 
 
@@ -153,29 +168,40 @@ class _Connection:
     Outside the pool on purpose: a pooled connection is checked out with a ping and
     handed back with a reset, and its transactions cost a BEGIN and a COMMIT round
     trip each; a single autocommit statement is its own transaction (one round trip,
-    one commit). Its session settings (``queue.HOT_PATH_OPTIONS``) suit only the
-    queue's hot statements, so it is never shared.
+    one commit). With ``hot`` (the claim and completion loops) its session settings
+    (``queue.HOT_PATH_OPTIONS``) suit only the queue's hot statements, so it is never
+    shared; the lease connection (not hot) is shared by the worker's bookkeeping tasks,
+    whose statements psycopg runs one at a time.
     """
 
-    def __init__(self, db: Database, application_name: str) -> None:
+    def __init__(self, db: Database, application_name: str, *, hot: bool = True) -> None:
         self.db = db
         self.application_name = application_name
+        self.hot = hot
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._cursor: psycopg.AsyncCursor[Any] | None = None
+        self._connecting = asyncio.Lock()
 
     async def get(self) -> psycopg.AsyncConnection[Any]:
         conn = self._conn
-        if conn is None or conn.closed or conn.broken:
-            await self.close()
-            given = conninfo_to_dict(self.db.url)
-            extra: dict[str, Any] = {"options": f"{given.get('options') or ''} {queue.HOT_PATH_OPTIONS}".strip()}
-            if "connect_timeout" not in given:
-                extra["connect_timeout"] = 10  # a stop must not wait minutes on an unreachable host
-            conn = self._conn = await psycopg.AsyncConnection.connect(
-                self.db.url, autocommit=True, application_name=self.application_name, **extra
-            )
-            queue.prepare_hot_connection(conn)
-            self._cursor = conn.cursor()
+        if conn is not None and not conn.closed and not conn.broken:
+            return conn
+        async with self._connecting:  # several tasks may find it broken at once: one reconnects
+            conn = self._conn
+            if conn is None or conn.closed or conn.broken:
+                await self.close()
+                given = conninfo_to_dict(self.db.url)
+                extra: dict[str, Any] = {}
+                if self.hot:
+                    extra["options"] = f"{given.get('options') or ''} {queue.HOT_PATH_OPTIONS}".strip()
+                if "connect_timeout" not in given:
+                    extra["connect_timeout"] = 10  # a stop must not wait minutes on an unreachable host
+                conn = await psycopg.AsyncConnection.connect(
+                    self.db.url, autocommit=True, application_name=self.application_name, **extra
+                )
+                if self.hot:
+                    queue.prepare_hot_connection(conn)
+                self._conn, self._cursor = conn, conn.cursor()
         return conn
 
     async def cursor(self) -> psycopg.AsyncCursor[Any]:
@@ -228,7 +254,10 @@ class Worker:
         self._side_tasks: list[asyncio.Task[Any]] = []
         self._claim_conn = _Connection(db, CLAIM_APPLICATION_NAME)
         self._done_conn = _Connection(db, COMPLETE_APPLICATION_NAME)
+        # Heartbeats, failures, releases, rescues, pruning: never the pool, which handlers can exhaust.
+        self._lease_conn = _Connection(db, LEASE_APPLICATION_NAME, hot=False)
         self._flush_lock = asyncio.Lock()
+        metrics.register_job_types(handlers)
 
     # ------------------------------------------------------------------ control
 
@@ -425,9 +454,8 @@ class Worker:
                 outcome: Any = None
                 error: BaseException | None = None
                 try:
-                    if handler is None:
-                        known = ", ".join(sorted(self.handlers))
-                        raise _Permanent(f"unknown job type {job.job_type!r} (this worker knows: {known})")
+                    self._check_runnable(job, handler)
+                    assert handler is not None
                     outcome = await handler.fn(JobContext(job, self.db, self.settings, self.services, self.worker_id))
                 except asyncio.CancelledError:
                     if running.lost:
@@ -444,9 +472,15 @@ class Worker:
                 _metrics_for(job.job_type).duration.observe(time.monotonic() - started)
                 if running.lost:
                     return
+                result: queue.JsonText | None = None
+                if error is None and outcome is not None:
+                    try:
+                        result = queue.dump_json(_jsonable(outcome))
+                    except ValueError as exc:  # PostgreSQL would refuse it: fail this job alone, now
+                        error = _Permanent(f"could not store the job's result: it {exc}")
                 if error is None:
                     self._unwritten[job.token] = job
-                    self._done.append((job, _jsonable(outcome)))
+                    self._done.append((job, result))
                     self._done_ready.set()
                 else:
                     await self._record_failure(job, error)
@@ -456,17 +490,30 @@ class Worker:
                 del self._running[job.token]
             self._kick.set()
 
+    def _check_runnable(self, job: Job, handler: Handler | None) -> None:
+        """Raise a permanent error for a job that must not reach a handler (checked before every run)."""
+        if job.problem is not None:
+            raise _Permanent(job.problem)
+        if handler is None:
+            known = ", ".join(sorted(self.handlers))
+            raise _Permanent(f"unknown job type {queue.short_repr(job.job_type)} (this worker knows: {known})")
+        if not isinstance(job.payload, dict):
+            raise _Permanent(f"payload must be a JSON object, got a JSON {_json_kind(job.payload)}")
+        if job.attempts > job.max_attempts:
+            raise _Permanent(f"attempts used up: this would be attempt {job.attempts} of {job.max_attempts}")
+
     async def _record_failure(self, job: Job, error: BaseException) -> None:
-        permanent = bool(getattr(error, "permanent", False))
-        message = str(error) if isinstance(error, _Permanent) else f"{type(error).__name__}: {error}"
+        permanent = is_permanent(error)
+        message = _error_message(error)
         delay = getattr(error, "delay", None)
-        if delay is None:
+        if delay is None or isinstance(delay, bool) or not isinstance(delay, int | float):
             delay = queue.backoff_seconds(job.attempts, self.settings.retry_base, self.settings.retry_max)
+        delay = queue.clamp_delay(delay)
         result: queue.FailOutcome | None = None
         for attempt in range(5):
             try:
-                async with self.db.raw() as conn:
-                    result = await queue.fail(conn, job, message, permanent=permanent, retry_delay=delay)
+                conn = await self._lease_conn.get()
+                result = await queue.fail(conn, job, message, permanent=permanent, retry_delay=delay)
                 break
             except Exception as exc:
                 if not _retryable(exc) or attempt == 4:
@@ -490,7 +537,8 @@ class Worker:
         else:
             self.stats.retried += 1
             type_metrics.retried.inc()
-            self._note_retry(result.run_at)
+            if result.run_at is not None and delay <= self.settings.retry_max:
+                self._note_retry(result.run_at)  # a burst worker waits for it (not for a RetryLater days ahead)
             log.warning("job %s attempt %d failed, retrying at %s: %s", job.id, result.attempts, result.run_at, message)
 
     def _note_retry(self, run_at: datetime) -> None:
@@ -592,8 +640,8 @@ class Worker:
             if not owned:
                 continue
             try:
-                async with self.db.raw() as conn:
-                    alive = await queue.heartbeat(conn, owned, self.settings.lease_seconds)
+                conn = await self._lease_conn.get()
+                alive = await queue.heartbeat(conn, owned, self.settings.lease_seconds)
             except Exception as exc:
                 if not _retryable(exc):
                     raise
@@ -645,33 +693,33 @@ class Worker:
         next_prune = time.monotonic() + random.random() * 60
         while True:
             try:
-                async with self.db.raw() as conn:
-                    rescued = await queue.rescue_expired(
-                        conn, retry_base=self.settings.retry_base, retry_max=self.settings.retry_max
-                    )
+                conn = await self._lease_conn.get()
+                rescued = await queue.rescue_expired(
+                    conn, retry_base=self.settings.retry_base, retry_max=self.settings.retry_max
+                )
                 for job_id, job_type, status, attempts, run_at in rescued:
-                    metrics.JOBS_RESCUED.labels(job_type).inc()
-                    if status == "pending":
+                    metrics.JOBS_RESCUED.labels(metrics.job_type_label(job_type)).inc()
+                    if run_at is not None:
                         self._note_retry(run_at)
-                    log.warning("rescued job %s (%s) after its lease expired: now %s, attempt %d", job_id, job_type,
-                                status, attempts)
+                    log.warning("rescued job %s (%s) after its lease expired: now %s, attempt %d", job_id,
+                                queue.short_repr(job_type), status, attempts)
                 if rescued:
                     self._wake_up()
                 if time.monotonic() >= next_prune:
                     next_prune = time.monotonic() + prune_every
                     await self.prune()
             except Exception as exc:
-                if not _retryable(exc):
-                    raise
-                log.warning("queue maintenance failed (%s); will retry", _first_line(exc))
+                # Whatever the cause, maintenance never stops the worker: it is tried again next round.
+                level = logging.WARNING if _retryable(exc) else logging.ERROR
+                log.log(level, "queue maintenance failed (%s); will retry", _first_line(exc))
             await asyncio.sleep(rescue_every * (0.75 + random.random() / 2))
 
     async def prune(self) -> int:
         total = 0
         retention = self.settings.retention_days * 86400
         while True:
-            async with self.db.raw() as conn:
-                deleted = await queue.prune(conn, retention)
+            conn = await self._lease_conn.get()
+            deleted = await queue.prune(conn, retention)
             total += deleted
             if deleted == 0:
                 break
@@ -721,8 +769,8 @@ class Worker:
             return
         try:
             async with asyncio.timeout(1.0 if self._aborting else 10.0):
-                async with self.db.raw() as conn:
-                    released = await queue.release(conn, [(job.id, job.token) for job in jobs], reason)
+                conn = await self._lease_conn.get()
+                released = await queue.release(conn, [(job.id, job.token) for job in jobs], reason)
             self.stats.released += len(released)
             log.info("released %d job(s) back to pending (attempts restored)", len(released))
         except Exception as exc:
@@ -740,6 +788,7 @@ class Worker:
         await asyncio.gather(*self._side_tasks, return_exceptions=True)
         await self._claim_conn.close()
         await self._done_conn.close()
+        await self._lease_conn.close()
 
     # ------------------------------------------------------------------ helpers
 
@@ -779,6 +828,28 @@ def _jsonable(value: Any) -> Any:
     if value is None or isinstance(value, dict | list | str | int | float | bool):
         return value
     return {"value": str(value)}
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    return "null" if value is None else type(value).__name__
+
+
+def _error_message(error: BaseException) -> str:
+    """What ``last_error`` says: the text of a permanent-by-the-worker error, else ``Type: text``."""
+    try:
+        text = str(error)
+    except Exception:  # an exception whose __str__ fails still gets recorded
+        text = "(message could not be read)"
+    text = queue.safe_text(text)
+    return text if isinstance(error, _Permanent) else f"{type(error).__name__}: {text}"
 
 
 def _first_line(exc: BaseException) -> str:

@@ -174,6 +174,37 @@ def test_worker_recovers_when_its_connections_are_terminated(clean_db: str, test
     assert len(ids) == 400
 
 
+@pytest.mark.slow
+def test_poison_rows_fail_alone_and_the_worker_process_keeps_running(clean_db: str, test_runs: str) -> None:
+    """Bug: one claimed row psycopg could not decode made the worker exit with a traceback; its claim batch
+    sat in processing until the lease expired, and every restart cost the innocent jobs an attempt."""
+    url = clean_db
+    with WorkerProcess(url, "--concurrency", "5", LEASE_SECONDS=2) as w:
+        w.wait_started()
+        with psycopg.connect(url, autocommit=True, application_name="test-admin") as conn:
+            conn.execute(
+                """INSERT INTO queue_jobs (job_type, payload, notify_at, run_at)
+                   SELECT 'record', '{}', CASE WHEN g % 4 = 0 THEN 'infinity'::timestamptz END,
+                          CASE WHEN g % 4 = 1 THEN '-infinity'::timestamptz ELSE now() END
+                   FROM generate_series(1, 40) g"""
+            )
+            conn.execute("INSERT INTO queue_jobs (job_type, payload) VALUES ('record', %s::jsonb)",
+                         ('{"a":' * 5000 + "1" + "}" * 5000,))
+            conn.execute("SELECT pg_notify('briefs_queue', '')")
+        wait_for(lambda: statuses(url) == {"completed": 20, "failed": 21}, 30, "20 completed, 21 failed")
+        assert w.proc.poll() is None  # still running
+        w.signal(signal.SIGTERM)
+        assert w.wait(15) == 0
+        log = w.log()
+    assert "Traceback" not in log
+    failed = query(url, "SELECT attempts, last_error FROM queue_jobs WHERE status = 'failed'")
+    assert {attempts for attempts, _ in failed} == {1}
+    assert all(error.startswith("the job's row cannot be read: ") for _, error in failed)
+    assert all("lease expired" not in error for _, error in failed)
+    assert query(url, "SELECT DISTINCT attempts FROM queue_jobs WHERE status = 'completed'") == [(1,)]
+    assert scalar(url, "SELECT count(*) FROM test_runs") == 20  # the poison rows never reached the handler
+
+
 # --------------------------------------------------------------------------- the CLI's error behaviour
 
 
