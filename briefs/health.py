@@ -5,12 +5,16 @@ A deliberately small asyncio HTTP server (three GET routes, no framework) on
 (the worker's claim loop, the scheduler) has not completed a cycle within its
 allowed staleness, or when the database does not answer within two seconds.
 ``/readyz`` also requires the schema to be migrated. ``/metrics`` refreshes the
-queue gauges from ``queue_stats`` and serves the Prometheus exposition.
+queue gauges (counted like the ``queue_stats`` view, labels bounded: see
+:mod:`briefs.metrics`) and serves the Prometheus exposition, rendered in a thread so
+a scrape never blocks the event loop. ``HEAD`` gets the headers without the body.
+Bound to ``BRIEFS_HEALTH_HOST`` (default all interfaces) unless a host is given.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -26,6 +30,22 @@ from briefs.db import Database
 log = logging.getLogger(__name__)
 
 DB_TIMEOUT = 2.0
+READ_TIMEOUT = 5.0  # to receive the request line and headers
+MAX_LINE = 8 * 1024  # bytes of the request line, or of one header line
+MAX_HEADER_BYTES = 32 * 1024  # bytes of all header lines together
+MAX_HEADERS = 100
+MAX_CONNECTIONS = 256  # served at once; more are closed at once (bounds the file descriptors used)
+LINGER_SECONDS = 1.0  # after refusing a request, read (and drop) what the client still sends, so it
+LINGER_BYTES = 1024 * 1024  # sees the answer instead of a reset; bounded in time and bytes
+
+REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+           431: "Request Header Fields Too Large", 500: "Internal Server Error", 503: "Service Unavailable"}
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass
@@ -48,18 +68,28 @@ class LoopCheck:
 
 
 class HealthServer:
-    def __init__(self, db: Database, port: int, host: str = "0.0.0.0") -> None:
+    """``/healthz``, ``/readyz``, ``/metrics`` on ``host:port``.
+
+    ``host`` defaults to ``BRIEFS_HEALTH_HOST`` (``db.settings.health_host``, all
+    interfaces unless set: what Procfile platforms route to). Requests are bounded:
+    a request line or header line over :data:`MAX_LINE` bytes, or headers over
+    :data:`MAX_HEADER_BYTES` in all, get 431; a malformed request 400; at most
+    :data:`MAX_CONNECTIONS` are served at once (more are closed at once).
+    """
+
+    def __init__(self, db: Database, port: int, host: str | None = None) -> None:
         self.db = db
         self.port = port
-        self.host = host
+        self.host = host if host is not None else db.settings.health_host
         self.loops: list[LoopCheck] = []
         self._server: asyncio.Server | None = None
+        self._active = 0
 
     def watch(self, name: str, last: Callable[[], float | None], max_age: float) -> None:
         self.loops.append(LoopCheck(name, last, max_age, started=time.monotonic()))
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        self._server = await asyncio.start_server(self._handle, self.host, self.port, limit=MAX_LINE)
         sockets = self._server.sockets or ()
         if sockets:
             self.port = sockets[0].getsockname()[1]
@@ -102,56 +132,128 @@ class HealthServer:
         return ok, {"status": "ok" if ok else "failing", "checks": checks}
 
     async def refresh_queue_gauges(self) -> None:
+        """Set the queue gauges from the table: one series per known job type, the rest under ``other``.
+
+        Aggregated in SQL (a few rows whatever is in the queue) and safe with any row:
+        ages are computed from epochs, so an infinite ``run_at`` gives an infinite age,
+        not an error.
+        """
         try:
             async with asyncio.timeout(DB_TIMEOUT):
                 async with self.db.raw() as conn:
-                    cur = await conn.execute("SELECT job_type, status, jobs, oldest_pending_age FROM queue_stats")
+                    cur = await conn.execute(
+                        """SELECT CASE WHEN job_type = ANY(%s) THEN job_type ELSE %s END AS label, status, count(*),
+                                  extract(epoch FROM now()) - min(extract(epoch FROM run_at))
+                                      FILTER (WHERE status = 'pending' AND run_at <= now())
+                           FROM queue_jobs GROUP BY 1, 2""",
+                        (metrics.known_job_types(), metrics.OTHER),
+                    )
                     rows = await cur.fetchall()
-        except Exception:
-            log.debug("queue gauges not refreshed", exc_info=True)
+        except Exception as exc:
+            log.debug("queue gauges not refreshed: %s", type(exc).__name__)
             return
         metrics.QUEUE_DEPTH.clear()
         metrics.QUEUE_OLDEST_PENDING.clear()
-        for job_type, status, jobs, oldest in rows:
-            metrics.QUEUE_DEPTH.labels(job_type, status).set(jobs)
+        for label, status, jobs, oldest in rows:
+            metrics.QUEUE_DEPTH.labels(label, status).set(jobs)
             if status == "pending":
-                metrics.QUEUE_OLDEST_PENDING.labels(job_type).set(oldest.total_seconds() if oldest else 0)
+                metrics.QUEUE_OLDEST_PENDING.labels(label).set(float(oldest) if oldest is not None else 0.0)
 
     # ------------------------------------------------------------------ HTTP
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._active >= MAX_CONNECTIONS:
+            writer.transport.abort()
+            return
+        self._active += 1
         try:
-            async with asyncio.timeout(5):
-                request = await reader.readline()
-                while (await reader.readline()) not in (b"\r\n", b"\n", b""):
-                    pass
-            parts = request.decode("latin-1").split()
-            method, path = (parts[0], parts[1].split("?", 1)[0]) if len(parts) >= 2 else ("", "")
+            await self._serve(reader, writer)
+        except Exception as exc:  # never a traceback from a client's doing; the server goes on
+            log.warning("health request failed: %s: %s", type(exc).__name__, str(exc)[:200])
+        finally:
+            self._active -= 1
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(READ_TIMEOUT):
+                method, path = await self._read_request(reader)
+        except _Refused as refused:
+            await self._send(writer, refused.status, f"{refused}\n".encode(), "text/plain")
+            await self._linger(reader, writer)
+            return
+        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
+            return
+        head = method == "HEAD"
+        try:
             if method not in ("GET", "HEAD"):
                 await self._send(writer, 405, b"method not allowed\n", "text/plain")
-            elif path == "/healthz" or path == "/readyz":
+            elif path in ("/healthz", "/readyz"):
                 ok, body = await self.health(ready=path == "/readyz")
-                await self._send(writer, 200 if ok else 503, json.dumps(body).encode() + b"\n", "application/json")
+                await self._send(writer, 200 if ok else 503, json.dumps(body).encode() + b"\n", "application/json",
+                                 head=head)
             elif path == "/metrics":
                 await self.refresh_queue_gauges()
-                await self._send(writer, 200, generate_latest(), CONTENT_TYPE_LATEST)
+                exposition = await asyncio.to_thread(generate_latest)  # CPU work off the event loop
+                await self._send(writer, 200, exposition, CONTENT_TYPE_LATEST, head=head)
             else:
-                await self._send(writer, 404, b"not found\n", "text/plain")
-        except (TimeoutError, ConnectionError):
+                await self._send(writer, 404, b"not found\n", "text/plain", head=head)
+        except ConnectionError:
             pass
-        finally:
-            writer.close()
-            try:
-                await writer.wait_closed()
-            except ConnectionError:
-                pass
 
     @staticmethod
-    async def _send(writer: asyncio.StreamWriter, status: int, body: bytes, content_type: str) -> None:
-        reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}[status]
-        head = (
-            f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
+    async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str]:
+        """(method, path) of a request whose head fits the limits, or :class:`_Refused`."""
+        line = await _read_line(reader, "request line")
+        parts = line.decode("latin-1").split()
+        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+            raise _Refused(400, "bad request line")
+        total = 0
+        for _ in range(MAX_HEADERS + 1):
+            header = await _read_line(reader, "header line")
+            if header in (b"\r\n", b"\n"):
+                return parts[0], parts[1].split("?", 1)[0]
+            total += len(header)
+            if total > MAX_HEADER_BYTES:
+                raise _Refused(431, f"headers over {MAX_HEADER_BYTES} bytes")
+        raise _Refused(431, f"more than {MAX_HEADERS} headers")
+
+    @staticmethod
+    async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """After an early answer, drop what the client is still sending for a moment, then close."""
+        with contextlib.suppress(Exception):
+            if writer.can_write_eof():
+                writer.write_eof()
+            received = 0
+            async with asyncio.timeout(LINGER_SECONDS):
+                while received < LINGER_BYTES:
+                    chunk = await reader.read(65536)
+                    if not chunk:
+                        break
+                    received += len(chunk)
+
+    @staticmethod
+    async def _send(
+        writer: asyncio.StreamWriter, status: int, body: bytes, content_type: str, *, head: bool = False
+    ) -> None:
+        """The response; for HEAD the same headers (Content-Length included) and no body."""
+        head_lines = (
+            f"HTTP/1.1 {status} {REASONS[status]}\r\nContent-Type: {content_type}\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
         )
-        writer.write(head.encode() + body)
+        writer.write(head_lines.encode() + (b"" if head else body))
         await writer.drain()
+
+
+async def _read_line(reader: asyncio.StreamReader, what: str) -> bytes:
+    """One CRLF- (or LF-) terminated line of at most MAX_LINE bytes; 431 when longer, 400 when cut short."""
+    try:
+        return await reader.readuntil(b"\n")
+    except asyncio.LimitOverrunError:
+        raise _Refused(431, f"{what} over {MAX_LINE} bytes") from None
+    except asyncio.IncompleteReadError as exc:
+        if exc.partial:
+            raise _Refused(400, f"{what} cut short") from None
+        raise

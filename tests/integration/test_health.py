@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import tempfile
 import urllib.error
 import urllib.request
@@ -116,3 +117,108 @@ async def test_healthz_follows_the_database_down_and_back() -> None:
                 await db.dispose()
         finally:
             await asyncio.to_thread(server.cleanup)
+
+
+# --------------------------------------------------------------------------- hostile requests
+
+
+def _exchange(port: int, request: bytes, *, send_in_background: bool = False) -> bytes:
+    """Send ``request`` and read the answer until the server closes; a reset after the answer is fine.
+
+    With ``send_in_background`` the request is written by a thread while this one reads, as a client
+    streaming a huge request would: the server may answer (and close) before it has all of it.
+    """
+    import socket
+    import threading
+
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+
+    def send() -> None:
+        try:
+            sock.sendall(request)
+            sock.shutdown(socket.SHUT_WR)  # the request is all there is
+        except OSError:
+            pass  # the server stopped reading: expected for an oversized request
+
+    sender = threading.Thread(target=send, daemon=True)
+    if send_in_background:
+        sender.start()
+    else:
+        send()
+    chunks = []
+    try:
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    except OSError:
+        pass
+    finally:
+        sock.close()
+        if send_in_background:
+            sender.join(10)
+    return b"".join(chunks)
+
+
+async def test_oversized_or_malformed_requests_are_refused_without_a_traceback(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    health = HealthServer(db, 0, host="127.0.0.1")
+    await health.start()
+    try:
+        huge_line = b"GET /" + b"a" * 10_000_000 + b" HTTP/1.1\r\n\r\n"
+        many_headers = b"GET /healthz HTTP/1.1\r\n" + b"".join(
+            b"X-Filler-%d: %s\r\n" % (i, b"b" * 1000) for i in range(200)) + b"\r\n"
+        one_long_header = b"GET /healthz HTTP/1.1\r\nX-Long: " + b"c" * 200_000 + b"\r\n\r\n"
+        answers = {
+            "10 MB request line": await asyncio.to_thread(_exchange, health.port, huge_line, send_in_background=True),
+            "200 KB of headers": await asyncio.to_thread(_exchange, health.port, many_headers,
+                                                         send_in_background=True),
+            "one 200 KB header": await asyncio.to_thread(_exchange, health.port, one_long_header,
+                                                         send_in_background=True),
+            "garbage": await asyncio.to_thread(_exchange, health.port, b"\x00\xff garbage\r\n\r\n"),
+            "no version": await asyncio.to_thread(_exchange, health.port, b"GET /healthz\r\n\r\n"),
+            "cut short": await asyncio.to_thread(_exchange, health.port, b"GET /healthz HTTP/1.1\r\nHost: x"),
+        }
+        assert answers["10 MB request line"].startswith(b"HTTP/1.1 431 ")
+        assert answers["200 KB of headers"].startswith(b"HTTP/1.1 431 ")
+        assert answers["one 200 KB header"].startswith(b"HTTP/1.1 431 ")
+        assert answers["garbage"].startswith(b"HTTP/1.1 400 ")
+        assert answers["no version"].startswith(b"HTTP/1.1 400 ")
+        assert answers["cut short"].startswith(b"HTTP/1.1 400 ")
+        # And the server still answers real probes.
+        assert (await get(health.port, "/healthz"))[0] == 200
+    finally:
+        await health.stop()
+    assert [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()] == []
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+async def test_head_sends_the_headers_and_no_body(db: Database) -> None:
+    health = HealthServer(db, 0, host="127.0.0.1")
+    await health.start()
+    try:
+        for path, status in (("/healthz", b"200"), ("/metrics", b"200"), ("/nope", b"404")):
+            answer = await asyncio.to_thread(_exchange, health.port, f"HEAD {path} HTTP/1.1\r\n\r\n".encode())
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 " + status), answer[:200]
+            assert b"Content-Length: " in head
+            assert body == b""
+    finally:
+        await health.stop()
+
+
+async def test_the_bind_address_comes_from_the_settings(database_url: str) -> None:
+    assert make_settings(database_url).health_host == "0.0.0.0"  # the default suits Procfile platforms
+    db = Database(make_settings(database_url, health_host="127.0.0.1"), database_url, pool_size=1)
+    health = HealthServer(db, 0)  # no host given, as worker/main.py, scheduler/daemon.py and the CLI call it
+    await health.start()
+    try:
+        assert health.host == "127.0.0.1"
+        assert health._server is not None
+        assert {s.getsockname()[0] for s in health._server.sockets} == {"127.0.0.1"}
+        assert (await get(health.port, "/healthz"))[0] == 200
+    finally:
+        await health.stop()
+        await db.dispose()
