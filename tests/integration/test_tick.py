@@ -6,7 +6,7 @@ Every tick gets its ``now`` explicitly; nothing here freezes or reads the clock.
 from __future__ import annotations
 
 import json
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
 import psycopg
@@ -472,3 +472,26 @@ def test_pending_job_keys_are_read_only_as_the_scheduler_writes_them() -> None:
         "",
     ):
         assert _parse_key(key, 8 if key == "brief:7:2026-03-10" else 7) is None, key
+
+
+@pytest.mark.parametrize(
+    ("frequency", "day_of_week", "fragment"),
+    [
+        ("hourly", None, "frequency='hourly'"),
+        ("weekly", None, "day_of_week=None"),
+        ("weekly", 8, "day_of_week=8"),
+        ("daily\n" + "d" * 60_000, None, "(60,006 characters)"),
+    ],
+)
+def test_a_preference_the_schema_would_refuse_is_skipped_not_raised(
+    settings: Settings, frequency: str, day_of_week: int | None, fragment: str
+) -> None:
+    # The CHECK constraints refuse these rows (tests/integration/test_hostile_scheduler.py); a database
+    # without them still never stops a tick.
+    from scheduler.tick import _Planner
+
+    found = _Planner(utc("2026-03-10T07:30:00Z"), settings).plan(("UTC", frequency, day_of_week, time(8)), 1)
+    assert isinstance(found, ValueError)
+    reason = str(found)
+    assert reason.startswith("invalid_preference: ") and fragment in reason
+    assert len(reason) < 200 and reason.isprintable()

@@ -52,6 +52,26 @@ async def test_queries_per_page_do_not_depend_on_page_size(
     assert report.queries == 4 + 3 * pages
 
 
+async def test_hostile_rows_on_every_page_keep_the_statement_count(
+    db: Database, database_url: str, sched_seed: SchedulerSeed
+) -> None:
+    settings = make_settings(database_url, scheduler_page_size=50)
+    sched_seed.many(400, ZONES, "08:00", last_visit_at=NOW - timedelta(days=5))
+    # Every tenth user gets one of four kinds of bad row; every page holds some.
+    sched_seed.execute(
+        """UPDATE users SET last_visit_at = CASE WHEN id % 40 = 0 THEN 'infinity'::timestamptz
+                                                 WHEN id % 40 = 10 THEN '0044-03-15 BC'::timestamptz
+                                                 ELSE last_visit_at END,
+                            timezone = CASE WHEN id % 40 = 20 THEN repeat('x', 5000) ELSE timezone END
+           WHERE id % 10 = 0"""
+    )
+    sched_seed.execute("UPDATE brief_preferences SET time_of_day = '24:00' WHERE user_id % 40 = 30")
+    report = await run_tick(db, settings, NOW)
+    assert report.pages == 8 and len(report.enqueued) == 360 and len(report.skipped) == 40
+    assert report.skipped_by_kind() == {"invalid_last_visit": 20, "invalid_timezone": 10, "invalid_preference": 10}
+    assert report.queries == 4 + 4 * 8
+
+
 async def test_two_schedulers_at_once_make_each_job_once(
     db: Database, database_url: str, settings: Settings, sched_seed: SchedulerSeed
 ) -> None:
