@@ -39,7 +39,7 @@ MASK = "***"
 # back, so each starting point costs at most the distance to the next delimiter, and the
 # lookbehinds make the starting points of one pattern cover disjoint stretches of text.
 _SCHEME_URL = re.compile(
-    r"(?<![a-z0-9+.\-])(?P<head>[a-z0-9+.\-]++://[^:/@\s]*+:)(?P<pw>(?:[^@/\s]*+@)++)",
+    r"(?<![a-z0-9+.\-])(?P<head>[a-z0-9+.\-]++://[^:/@\s]*+:)(?P<pw>[^@/\s]++@(?:[^@/\s]*+@)*+)",
     re.I,
 )
 # user:password@host without a scheme (conninfo fragments, "connecting to app:pw@db:5432").

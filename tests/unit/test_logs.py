@@ -230,3 +230,8 @@ def test_progress_bar_and_log_lines_never_share_a_line() -> None:
     for line in shown:
         assert not ("queueing [" in line and ("in the middle" in line or "after" in line)), line
     assert any(line.endswith("after") for line in shown)
+
+
+def test_an_empty_password_is_not_invented() -> None:
+    # the embedded server's URL has an empty password: nothing to mask, nothing to imply
+    assert logs.redact("postgresql://postgres:@/briefs?host=/tmp/x") == "postgresql://postgres:@/briefs?host=/tmp/x"
