@@ -86,15 +86,15 @@ def load_timezone(name: str) -> zoneinfo.ZoneInfo:
     if len(name) > MAX_TIMEZONE_CHARS:
         raise InvalidTimezone(f"timezone {shown(name, 40)} is too long for a tz database name")
     if name.startswith("/") or ".." in name or "\\" in name or "\x00" in name:
-        raise InvalidTimezone(f"timezone {name!r} looks like a path, not a tz database name")
+        raise InvalidTimezone(f"timezone {shown(name)} looks like a path, not a tz database name")
     if name in _NOT_USER_ZONES:
-        raise InvalidTimezone(f"timezone {name!r} is not a real location zone")
+        raise InvalidTimezone(f"timezone {shown(name)} is not a real location zone")
     if name not in _known_zones():
-        raise InvalidTimezone(f"timezone {name!r} is not in the tz database (names are case-sensitive)")
+        raise InvalidTimezone(f"timezone {shown(name)} is not in the tz database (names are case-sensitive)")
     try:
         return zoneinfo.ZoneInfo(name)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError) as exc:
-        raise InvalidTimezone(f"timezone {name!r} could not be loaded: {shown(str(exc))}") from exc
+        raise InvalidTimezone(f"timezone {shown(name)} could not be loaded: {shown(str(exc))}") from exc
 
 
 @dataclass(frozen=True, slots=True)

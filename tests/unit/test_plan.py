@@ -292,6 +292,13 @@ def test_a_long_timezone_is_refused_with_a_short_one_line_message(name: str) -> 
     assert len(message) < 300 and message.isprintable()
 
 
+def test_a_timezone_of_escapes_stays_short_in_the_message() -> None:
+    name = "\u202e" * 60  # short enough to be looked up, but its repr is six times longer
+    with pytest.raises(InvalidTimezone) as info:
+        load_timezone(name)
+    assert len(str(info.value)) < 200 and "(60 characters)" in str(info.value)
+
+
 @pytest.mark.parametrize("name", ["UTC\x00", "UTC\n", "Europe/Paris\u202e", "\x1b[31mUTC"])
 def test_control_characters_in_a_timezone_are_refused_and_escaped(name: str) -> None:
     with pytest.raises(InvalidTimezone) as info:
