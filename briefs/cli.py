@@ -22,7 +22,7 @@ import subprocess
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 from pydantic import SecretStr, ValidationError
 
@@ -555,8 +555,15 @@ async def _show_when_ready(db: Database, user_id: int, since: datetime) -> None:
 # --------------------------------------------------------------------------- parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with the one-line error of every other failure (and where to read more)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"briefs: error: {one_line(message, 300)} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="briefs", description="Daily AI briefs, delivered at each user's local time.")
+    parser = _Parser(prog="briefs", description="Daily AI briefs, delivered at each user's local time.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="migrate, then run the scheduler and a worker in one process")

@@ -157,10 +157,12 @@ def test_bad_arguments_are_refused_before_any_database(cli: Cli, monkeypatch: An
         code, _, err = cli(*args)
         assert code == 2, args
         assert "unavailable" not in _one_error_line(err)
-    for args in (["show", "99999999999999999999"], ["jobs", "--limit", "0"], ["status", "--bogus"]):
+    for args in (["show", "99999999999999999999"], ["jobs", "--limit", "0"], ["status", "--bogus"], []):
+        cli.capsys.readouterr()
         with pytest.raises(SystemExit) as exit_:
             main(args)
         assert exit_.value.code == 2
+        assert "--help`" in _one_error_line(cli.capsys.readouterr().err)  # one line, no usage block
 
 
 def test_show_says_whether_the_user_exists(cli: Cli, seed: BriefSeed, clean_db: str) -> None:
