@@ -3,6 +3,10 @@
 Used for quiet projects (nothing today, overdue or recently done: an LLM call
 would add nothing), when no API key is configured, and as the fallback when the
 LLM fails for a project or for the summary. Pure functions of the loaded data.
+
+Counts are the buckets' full counts (``ProjectContext.total``: a bucket may hold
+only its first tasks), and a count of zero is left out, never spelled out. Text
+here is plain (cleaned, one line, clipped); the Markdown templates escape it.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from datetime import date
 from typing import Any
 
 from briefs.loading import ProjectContext, TaskItem
-from briefs.render import Group, Section, short_date
+from briefs.render import Group, Section, plain_inline, short_date
 
 MAX_ITEMS = 10
 MAX_ACTIONS = 7
@@ -33,30 +37,35 @@ def _task_line(task: TaskItem, *, show_due: bool = True) -> str:
         bits.append("high priority")
     if task.status in ("blocked", "in_progress"):
         bits.append(task.status.replace("_", " "))
-    title = " ".join(task.title.split())
+    title = plain_inline(task.title)
     return f"{title} ({', '.join(bits)})" if bits else title
 
 
-def _group(heading: str, items: Sequence[str]) -> Group | None:
+def _group(heading: str, items: Sequence[str], total: int | None = None) -> Group | None:
+    """At most MAX_ITEMS items, then one "… and N more" line (N counts the whole bucket)."""
     if not items:
         return None
-    if len(items) > MAX_ITEMS:
-        items = [*items[:MAX_ITEMS], f"… and {len(items) - MAX_ITEMS} more"]
+    total = max(len(items), total or 0)
+    if total > MAX_ITEMS:
+        items = [*items[:MAX_ITEMS], f"… and {total - min(len(items), MAX_ITEMS)} more"]
     return Group(heading, tuple(items))
 
 
 def counts_sentence(p: ProjectContext) -> str:
     parts = []
-    if p.overdue:
+    overdue, today, done, upcoming = (p.total(b) for b in ("overdue", "today", "completed", "upcoming"))
+    if overdue:
         high = p.overdue_high
-        parts.append(_plural(len(p.overdue), "overdue task") + (f" ({high} high priority)" if high else ""))
-    if p.today:
-        parts.append(f"{len(p.today)} starting or due today")
-    if p.completed:
-        parts.append(f"{len(p.completed)} completed in the last 24 hours")
-    if p.upcoming:
-        parts.append(f"{len(p.upcoming)} due in the next 7 days")
+        parts.append(_plural(overdue, "overdue task") + (f" ({high} high priority)" if high else ""))
+    if today:
+        parts.append(f"{today} starting or due today")
+    if done:
+        parts.append(f"{done} completed in the last 24 hours")
+    if upcoming:
+        parts.append(f"{upcoming} due in the next 7 days")
     if not parts:
+        if not p.open_tasks:
+            return "No open tasks."
         return f"{_plural(p.open_tasks, 'open task')}, nothing due this week."
     return "; ".join(parts).capitalize() + "."
 
@@ -66,45 +75,45 @@ def project_section(p: ProjectContext, *, source: str = "deterministic", note: s
     if p.quiet:
         summary = "Quiet day: nothing due or starting today, nothing overdue, nothing completed in the last 24 hours."
         if p.upcoming:
-            summary += f" {_plural(len(p.upcoming), 'task')} due in the next 7 days."
+            summary += f" {_plural(p.total('upcoming'), 'task')} due in the next 7 days."
         elif p.open_tasks:
             summary += f" {_plural(p.open_tasks, 'open task')}."
     else:
         summary = counts_sentence(p)
     groups = [
-        _group("Overdue", [_task_line(t) for t in p.overdue]),
-        _group("Today", [_task_line(t, show_due=False) for t in p.today]),
-        _group("Done in the last 24 hours", [" ".join(t.title.split()) for t in p.completed]),
-        _group("Coming up this week", [_task_line(t) for t in p.upcoming]),
+        _group("Overdue", [_task_line(t) for t in p.overdue[:MAX_ITEMS]], p.total("overdue")),
+        _group("Today", [_task_line(t, show_due=False) for t in p.today[:MAX_ITEMS]], p.total("today")),
+        _group("Done in the last 24 hours", [plain_inline(t.title) for t in p.completed[:MAX_ITEMS]],
+               p.total("completed")),
+        _group("Coming up this week", [_task_line(t) for t in p.upcoming[:MAX_ITEMS]], p.total("upcoming")),
         _group(
             "Recent notes",
             [
-                " ".join(n.title.split()) + (f": {_clip(n.content, 120)}" if n.content.strip() else "")
+                plain_inline(n.title) + (f": {_clip(n.content, 120)}" if n.content.strip() else "")
                 for n in p.notes
             ],
         ),
     ]
-    return Section(p.id, p.name, summary, tuple(g for g in groups if g), source=source, note=note)
+    return Section(p.id, plain_inline(p.name), summary, tuple(g for g in groups if g), source=source, note=note)
 
 
 def _clip(text: str, limit: int) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+    return plain_inline(text, limit)
 
 
 def compact_line(p: ProjectContext, section: Section | None) -> dict[str, Any]:
     """One project, compactly, for the executive summary prompt (every project gets one)."""
     top = [t.title for t in p.overdue[:2]] + [t.title for t in p.today[:2]]
     return {
-        "name": p.name,
-        "overdue": len(p.overdue),
+        "name": _clip(p.name, 120),
+        "overdue": p.total("overdue"),
         "overdue_high": p.overdue_high,
-        "today": len(p.today),
-        "upcoming": len(p.upcoming),
-        "completed": len(p.completed),
+        "today": p.total("today"),
+        "upcoming": p.total("upcoming"),
+        "completed": p.total("completed"),
         "open": p.open_tasks,
         "top": [_clip(t, 80) for t in top[:3]],
-        "summary": section.summary if section else counts_sentence(p),
+        "summary": _clip(section.summary if section else counts_sentence(p), 300),
     }
 
 
@@ -123,7 +132,7 @@ def priority_actions(projects: Sequence[ProjectContext], brief_date: date, limit
         days = (brief_date - t.due_date).days if t.due_date else 0
         late = f"{_plural(days, 'day')} overdue"
         prio = ", high priority" if t.high else ""
-        actions.append(f"{p.name}: {_clip(t.title, 100)} ({late}{prio})")
+        actions.append(f"{_clip(p.name, 100)}: {_clip(t.title, 100)} ({late}{prio})")
         seen.add(t.id)
     today = sorted(
         ((t, p) for p in projects for t in p.today if t.id not in seen),
@@ -134,43 +143,59 @@ def priority_actions(projects: Sequence[ProjectContext], brief_date: date, limit
             break
         when = "due today" if t.due_date == brief_date else "starts today"
         prio = ", high priority" if t.high else ""
-        actions.append(f"{p.name}: {_clip(t.title, 100)} ({when}{prio})")
+        actions.append(f"{_clip(p.name, 100)}: {_clip(t.title, 100)} ({when}{prio})")
     return actions
 
 
-def executive_summary(projects: Sequence[ProjectContext]) -> str:
-    n = len(projects)
-    overdue = sum(len(p.overdue) for p in projects)
+def executive_summary(projects: Sequence[ProjectContext], more_projects: int = 0) -> str:
+    """Counts across the projects (zero counts left out), the busiest ones, and how many were quiet.
+
+    ``more_projects``: active projects left out of the brief (they count as active, not in the rest).
+    """
+    n = len(projects) + more_projects
+    overdue = sum(p.total("overdue") for p in projects)
     high = sum(p.overdue_high for p in projects)
-    today = sum(len(p.today) for p in projects)
-    upcoming = sum(len(p.upcoming) for p in projects)
-    done = sum(len(p.completed) for p in projects)
+    today = sum(p.total("today") for p in projects)
+    upcoming = sum(p.total("upcoming") for p in projects)
+    done = sum(p.total("completed") for p in projects)
     quiet = sum(1 for p in projects if p.quiet)
-    first = (
-        f"Across your {_plural(n, 'active project')}: {_plural(overdue, 'overdue task')}"
-        + (f" ({high} high priority)" if high else "")
-        + f", {today} starting or due today, {upcoming} due in the next 7 days"
-        + f" and {done} completed in the last 24 hours."
-    )
+    counts = []
+    if overdue:
+        counts.append(_plural(overdue, "overdue task") + (f" ({high} high priority)" if high else ""))
+    if today:
+        counts.append(f"{today} starting or due today")
+    if upcoming:
+        counts.append(f"{upcoming} due in the next 7 days")
+    if done:
+        counts.append(f"{done} completed in the last 24 hours")
+    head = f"Across your {_plural(n, 'active project')}"
+    if counts:
+        listed = counts[0] if len(counts) == 1 else ", ".join(counts[:-1]) + " and " + counts[-1]
+        first = f"{head}: {listed}."
+    else:
+        first = f"{head}: nothing overdue, due soon or completed in the last 24 hours."
     busiest = sorted(
         (p for p in projects if p.overdue or p.today),
-        key=lambda p: (-p.overdue_high, -len(p.overdue), -len(p.today), p.name.lower()),
+        key=lambda p: (-p.overdue_high, -p.total("overdue"), -p.total("today"), p.name.lower()),
     )[:3]
     parts = [first]
     if busiest:
-        names = ", ".join(f"{p.name} ({counts_short(p)})" for p in busiest)
+        names = ", ".join(f"{_clip(p.name, 100)} ({counts_short(p)})" for p in busiest)
         parts.append(f"Needing attention most: {names}.")
     if quiet:
         parts.append(f"{_plural(quiet, 'project')} had a quiet day.")
+    if more_projects:
+        parts.append(f"{_plural(more_projects, 'quieter project')} {'is' if more_projects == 1 else 'are'} "
+                     "not in this brief.")
     return " ".join(parts)
 
 
 def counts_short(p: ProjectContext) -> str:
     bits = []
     if p.overdue:
-        bits.append(f"{len(p.overdue)} overdue")
+        bits.append(f"{p.total('overdue')} overdue")
     if p.today:
-        bits.append(f"{len(p.today)} today")
+        bits.append(f"{p.total('today')} today")
     return ", ".join(bits) or "quiet"
 
 

@@ -8,8 +8,9 @@
    ``partial`` brief is left alone unless ``force``. A brief found ``processing`` (a
    crashed or timed-out earlier run) or ``failed`` is *resumed*: project sections
    that the earlier run already got from the LLM are kept, everything else is redone.
-   ``force`` redoes everything, bumps ``metadata.revision`` and clears
-   ``email_sent_at`` so the new content is mailed (if email is wanted).
+   ``force`` redoes everything and bumps ``metadata.revision``; it clears
+   ``email_sent_at`` (so the new content is mailed again, if email is wanted) only
+   when the request also says ``resend_email``.
 2. **Per project, concurrently** (at most ``settings.llm_brief_concurrency`` per
    brief; the LLM client also enforces the process-wide limit) and **isolated**:
    quiet projects and LLM-less setups get a deterministic section; otherwise the
@@ -18,11 +19,29 @@
    ``queue_jobs.progress`` (throttled). Sections that finish together are written
    together: a finished section whose siblings are still at the LLM waits for them
    at most ``SECTION_BATCH_WINDOW`` (the last one to finish writes at once).
-3. **Executive summary** over a compact line for *every* project, and priority
-   actions (LLM, or deterministic: overdue high-priority work first).
+3. **Executive summary** over a compact line for *every* included project (and
+   the count of those left out), and priority actions (LLM, or deterministic:
+   overdue high-priority work first).
 4. **Render** the Markdown brief and write the final row, fenced by ``run_id``.
    Follow-up jobs (the email) are handed to the caller's ``enqueue`` hook *inside
    that same transaction*, so a brief is never completed without its email job.
+
+Limits (settings): ``brief_max_projects`` projects per brief, the most active
+first (the rest are one "and N more" line), ``brief_max_tasks`` tasks per bucket,
+``brief_max_text`` characters per name, title or note (all in SQL, see
+:mod:`briefs.loading`); every prompt fits ``prompt_max_chars`` (instructions
+included) and the stored Markdown ``brief_max_chars`` (:mod:`briefs.render`).
+
+Hostile text. Everything written to the database goes through ``render.scrub``
+(no NUL, no lone surrogate, no control character but newline and tab, no NaN);
+the Markdown escapes every user and model string. A batch of sections that still
+fails to save is saved one by one, and a section that cannot be saved becomes a
+``failed`` fallback section with the error; never a failed brief.
+
+LLM health: a fallback section's metadata has ``error_kind`` (``LLMError.kind``,
+or ``internal``/``save``) and ``http_status``; the brief's metadata has
+``summary_error_kind`` when the summary fell back, ``llm_requests`` (HTTP requests
+for this brief, retries included) and ``llm_failures`` (calls that ended in an error).
 
 Statuses. A project row is ``completed`` when its section is what was intended
 (from the LLM, or deterministic by design: quiet project, no API key) and
@@ -53,9 +72,9 @@ from psycopg.types.json import Jsonb
 from briefs import deterministic, render
 from briefs.db import Database
 from briefs.errors import PermanentError
-from briefs.llm import ExecutiveSummary, LLMClient, LLMError, ProjectBrief
-from briefs.loading import BriefContext, ProjectContext, UserContext, anchor_for, load_projects, load_user
-from briefs.render import STAGES, STANDARD, BriefView, Section
+from briefs.llm import ExecutiveSummary, LLMClient, LLMError, ProjectBrief, instructions
+from briefs.loading import BriefContext, Limits, ProjectContext, UserContext, anchor_for, load_projects, load_user
+from briefs.render import STAGES, STANDARD, BriefView, Section, clip, plain_inline, scrub
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +106,26 @@ class BriefSuperseded(RuntimeError):
     """Another run took this brief over (our run_id is no longer the brief's); stop writing."""
 
 
+# A statement refused for what it carries (psycopg.Error) or a value psycopg cannot send (ValueError:
+# e.g. UnicodeEncodeError). A lost connection is not about the data: that one fails the run (retried).
+_SAVE_ERRORS = (psycopg.Error, ValueError)
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    """The database went away (no SQLSTATE, class 08, or a shutdown), as opposed to refusing a value."""
+    if isinstance(exc, psycopg.InterfaceError):
+        return True
+    if isinstance(exc, psycopg.OperationalError):
+        state = exc.sqlstate or ""
+        return not state or state.startswith(("08", "57P"))
+    return False
+
+
+def _unavailable(project: ProjectContext) -> Section:
+    return Section(project.id, plain_inline(project.name), "This project's section could not be prepared today.",
+                   source="fallback")
+
+
 # --------------------------------------------------------------------------- request and outcome
 
 
@@ -99,6 +138,7 @@ class BriefRequest:
     email: bool = False
     catch_up: bool = False
     force: bool = False
+    resend_email: bool = False  # with force: mail the regenerated brief even if today's was sent
 
     @classmethod
     def from_payload(
@@ -131,7 +171,7 @@ class BriefRequest:
             log.warning("unknown engagement stage %r; using %r", stage, STANDARD)
             stage = STANDARD
         flags = {}
-        for name in ("email", "catch_up", "force"):
+        for name in ("email", "catch_up", "force", "resend_email"):
             value = payload.get(name, False)
             if not isinstance(value, bool):
                 raise PermanentError(f"generate_daily_brief: {name} must be true or false, got {value!r}")
@@ -147,6 +187,7 @@ class BriefRequest:
             "email": self.email,
             "catch_up": self.catch_up,
             "force": self.force,
+            "resend_email": self.resend_email,
         }
 
 
@@ -229,7 +270,7 @@ _SQL = {
         UPDATE daily_briefs
         SET status = 'processing', engagement_stage = %(stage)s, notify_at = coalesce(%(notify)s, notify_at),
             started_at = now(), completed_at = NULL, error = NULL, metadata = %(meta)s, progress = %(progress)s,
-            email_sent_at = CASE WHEN %(force)s THEN NULL ELSE email_sent_at END, updated_at = now()
+            email_sent_at = CASE WHEN %(resend)s THEN NULL ELSE email_sent_at END, updated_at = now()
         WHERE id = %(id)s
     """,
     "drop_all_sections": "DELETE FROM project_daily_briefs WHERE daily_brief_id = %s",
@@ -310,7 +351,7 @@ async def generate(
 async def mark_failed(db: Database, request: BriefRequest, error: str) -> None:
     """The job gave up: a brief left ``processing`` becomes ``failed`` with the error (a later job may redo it)."""
     async with db.raw() as conn:
-        await conn.execute(_SQL["mark_failed"], (error[:4000], request.user_id, request.brief_date))
+        await conn.execute(_SQL["mark_failed"], (clip(render.clean(error), 4000), request.user_id, request.brief_date))
 
 
 class _Run:
@@ -333,7 +374,10 @@ class _Run:
         self.brief_id = 0
         self.revision = 1
         self.kept: dict[int, dict[str, Any]] = {}
-        self.llm_broken: str | None = None  # set after an auth error: skip the LLM for the rest
+        self.llm_broken: LLMError | None = None  # set after an auth error: skip the LLM for the rest
+        self.limits = Limits.of(settings)
+        self.llm_requests = 0  # HTTP requests for this brief, retries included
+        self.llm_failures = 0  # complete() calls that ended in LLMError
         self.total = 0
         self.done = 0
         self.failed = 0
@@ -350,20 +394,20 @@ class _Run:
     async def run(self) -> BriefOutcome:
         req = self.req
         async with self.db.raw() as conn:
-            user = await load_user(conn, req.user_id)
+            user = await load_user(conn, req.user_id, self.limits)
             if user is None:
                 raise PermanentError(f"user {req.user_id} does not exist")
             # Loaded before the claim so the claim carries the first progress (projects_total): one
             # statement less. Nothing is visible before the commit, so the order is not observable.
             anchor = anchor_for(req.brief_date, user.tz, req.notify_at)
-            projects = await load_projects(conn, user, req.brief_date, anchor)
+            projects, more = await load_projects(conn, user, req.brief_date, anchor, self.limits)
             self.total = len(projects)
             self.phase = "projects"
             skipped = await self._claim(conn, user)
             if skipped is not None:
                 return skipped
             await self._publish_progress(conn, self._progress_value())
-        ctx = BriefContext(user, req.brief_date, anchor, tuple(projects))
+        ctx = BriefContext(user, req.brief_date, anchor, tuple(projects), more)
 
         results = await self._projects(ctx) if projects else []
 
@@ -418,7 +462,7 @@ class _Run:
                 "notify": req.notify_at,
                 "meta": Jsonb(meta),
                 "progress": Jsonb(progress),
-                "force": req.force,
+                "resend": req.force and req.resend_email,
             },
         )
         if resume:
@@ -436,8 +480,14 @@ class _Run:
 
         async def one(project: ProjectContext) -> None:
             kept = self.kept.get(project.id)
+            section = None
             if kept is not None:
-                result = _ProjectResult(project, Section.from_dict(kept["section"]), "completed", None, kept)
+                try:
+                    section = Section.from_dict(kept["section"])
+                except (KeyError, TypeError, ValueError):
+                    log.warning("project %s: the kept section is unreadable; redoing it", project.id)
+            if kept is not None and section is not None:
+                result = _ProjectResult(project, section, "completed", None, kept)
                 self._count([result])
             else:
                 result = await self._project(ctx, project, limit)
@@ -462,6 +512,14 @@ class _Run:
             raise group.exceptions[0] from None
         return [results[p.id] for p in ctx.projects]
 
+    def _prompt_budget(self, schema: type[Any]) -> int:
+        """Characters left for our messages once the client appends the schema's JSON instructions."""
+        return max(1000, self.settings.prompt_max_chars - len(instructions(schema)) - 2)
+
+    def _note_llm(self, attempts: int, *, failed: bool) -> None:
+        self.llm_requests += attempts
+        self.llm_failures += 1 if failed else 0
+
     async def _project(self, ctx: BriefContext, project: ProjectContext, limit: asyncio.Semaphore) -> _ProjectResult:
         """One project's section. Never raises (except cancellation): failures become fallback sections."""
         try:
@@ -474,25 +532,30 @@ class _Run:
                 return _ProjectResult(project, section, "completed", None, {"source": "deterministic",
                                                                              "reason": "llm disabled"})
             if self.llm_broken is not None:
-                return self._fallback(project, self.llm_broken, permanent=True)
-            messages = render.project_messages(project, ctx.brief_date, self.req.engagement_stage)
+                return self._llm_fallback(project, self.llm_broken)
+            messages = render.project_messages(
+                project, ctx.brief_date, self.req.engagement_stage, max_text=self.limits.text,
+                max_chars=self._prompt_budget(ProjectBrief),
+            )
             async with limit:
                 if self.llm_broken is not None:
-                    return self._fallback(project, self.llm_broken, permanent=True)
+                    return self._llm_fallback(project, self.llm_broken)
                 self._at_llm += 1
                 self._llm_idle.clear()
                 try:
                     reply = await self.llm.complete(messages, ProjectBrief, purpose="project_brief")
                 except LLMError as exc:
+                    self._note_llm(exc.attempts, failed=True)
                     if exc.permanent and exc.status in AUTH_STATUSES:
-                        self.llm_broken = str(exc)
+                        self.llm_broken = exc
                     log.warning("project %s: LLM failed, using the deterministic section: %s", project.id, exc)
-                    return self._fallback(project, str(exc), permanent=exc.permanent)
+                    return self._llm_fallback(project, exc)
                 finally:
                     self._at_llm -= 1
                     if not self._at_llm:
                         self._llm_idle.set()
-            section = render.section_from_llm(project.id, project.name, reply.value)
+            self._note_llm(reply.attempts, failed=False)
+            section = render.section_from_llm(project.id, project.name, reply.value, max_text=self.limits.text)
             meta = {
                 "source": "llm",
                 "model": reply.model,
@@ -504,43 +567,95 @@ class _Run:
             return _ProjectResult(project, section, "completed", None, meta)
         except Exception as exc:  # isolation: one project's bug never sinks the brief
             log.exception("project %s: unexpected error; using the deterministic section", project.id)
-            return self._fallback(project, f"{type(exc).__name__}: {exc}", permanent=False)
+            return self._fallback(project, f"{type(exc).__name__}: {exc}", permanent=False, kind="internal")
 
-    def _fallback(self, project: ProjectContext, error: str, *, permanent: bool) -> _ProjectResult:
-        error = error[:2000]
-        meta: dict[str, Any] = {"source": "fallback", "error": error, "permanent": permanent}
+    def _llm_fallback(self, project: ProjectContext, exc: LLMError) -> _ProjectResult:
+        return self._fallback(project, str(exc), permanent=exc.permanent, kind=exc.kind, http_status=exc.status)
+
+    def _fallback(
+        self, project: ProjectContext, error: str, *, permanent: bool, kind: str, http_status: int | None = None
+    ) -> _ProjectResult:
+        error = clip(render.clean(error), 2000)
+        meta: dict[str, Any] = {"source": "fallback", "error": error, "permanent": permanent, "error_kind": kind,
+                                "http_status": http_status}
         try:
             section = deterministic.project_section(project, source="fallback", note=deterministic.NOTE_FALLBACK)
         except Exception as exc:  # even the plain rendering failed: one line keeps the brief whole
             log.exception("project %s: deterministic section failed too", project.id)
-            meta["render_error"] = f"{type(exc).__name__}: {exc}"[:500]
-            section = Section(project.id, project.name, "This project's section could not be prepared today.",
-                              source="fallback")
+            meta["render_error"] = clip(render.clean(f"{type(exc).__name__}: {exc}"), 500)
+            section = _unavailable(project)
         return _ProjectResult(project, section, "failed", error, meta)
 
     def _count(self, batch: Sequence[_ProjectResult]) -> None:
         self.done += len(batch)
         self.failed += sum(1 for r in batch if r.status == "failed")
 
+    def _row(self, r: _ProjectResult) -> dict[str, Any]:
+        """The stored form of a section: scrubbed (nothing PostgreSQL refuses), Markdown within the limit."""
+        r.meta = {**r.meta, "section": r.section.to_dict()}
+        return scrub({"project": r.project.id, "status": r.status, "error": r.error, "meta": r.meta,
+                      "content": render.section_markdown(r.section, self.settings.brief_max_chars)})
+
+    async def _write_rows(self, rows: list[dict[str, Any]], *, progress: bool) -> None:
+        async with self.db.raw() as conn:
+            cur = await conn.execute(_SQL["save_sections"], {"brief": self.brief_id, "run": self.run_id,
+                                                             "rows": Jsonb(rows)})
+            if not await cur.fetchall():
+                raise BriefSuperseded(f"brief {self.brief_id} was taken over by another run")
+            if progress and self._progress_due():
+                await self._write_progress(conn)
+
     async def _save_pending(self) -> None:
-        """Write every finished, unsaved section in one statement (with progress when it is due)."""
+        """Write every finished, unsaved section in one statement (with progress when it is due).
+
+        If the batch is refused (a value PostgreSQL will not take, a project deleted meanwhile…),
+        the sections are saved one by one, and one that still fails is saved as a failed fallback
+        section carrying the error — then as a bare line — then left out: never the whole brief.
+        """
         async with self._save_lock:
             batch, self._unsaved = self._unsaved, []
             if not batch:
                 return  # an earlier flush took ours
-            rows = []
-            for r in batch:
-                r.meta = {**r.meta, "section": r.section.to_dict()}
-                rows.append({"project": r.project.id, "status": r.status, "error": r.error, "meta": r.meta,
-                             "content": render.section_markdown(r.section)})
-            async with self.db.raw() as conn:
-                cur = await conn.execute(_SQL["save_sections"], {"brief": self.brief_id, "run": self.run_id,
-                                                                 "rows": Jsonb(rows)})
-                if not await cur.fetchall():
-                    raise BriefSuperseded(f"brief {self.brief_id} was taken over by another run")
-                self._count(batch)
-                if self._progress_due():
-                    await self._write_progress(conn)
+            try:
+                await self._write_rows([self._row(r) for r in batch], progress=True)
+            except _SAVE_ERRORS as exc:
+                if _connection_lost(exc):
+                    raise
+                log.warning("brief %s: saving %d section(s) together failed (%s); saving them one by one",
+                            self.brief_id, len(batch), exc)
+                for r in batch:
+                    await self._save_one(r)
+            self._count(batch)
+
+    async def _save_one(self, r: _ProjectResult) -> None:
+        try:
+            await self._write_rows([self._row(r)], progress=False)
+            return
+        except _SAVE_ERRORS as exc:
+            if _connection_lost(exc):
+                raise
+            problem = clip(render.clean(f"could not save the section: {type(exc).__name__}: {exc}"), 2000)
+        log.warning("brief %s, project %s: %s", self.brief_id, r.project.id, problem)
+        failed = self._fallback(r.project, problem, permanent=False, kind="save")
+        r.status, r.error, r.meta, r.section = failed.status, failed.error, failed.meta, failed.section
+        try:
+            await self._write_rows([self._row(r)], progress=False)
+            return
+        except _SAVE_ERRORS as exc:
+            if _connection_lost(exc):
+                raise
+        r.section = _unavailable(r.project)
+        r.meta = {"source": "fallback", "error": problem, "permanent": False, "error_kind": "save",
+                  "http_status": None}
+        bare = {"project": r.project.id, "status": "failed", "error": problem.encode("ascii", "replace").decode(),
+                "meta": {"source": "fallback", "error_kind": "save"}, "content": r.section.summary + "\n"}
+        try:
+            await self._write_rows([bare], progress=False)
+        except _SAVE_ERRORS as exc:
+            if _connection_lost(exc):
+                raise
+            log.error("brief %s, project %s: the section could not be saved at all: %s",
+                      self.brief_id, r.project.id, exc)
 
     async def _summary(
         self, ctx: BriefContext, results: list[_ProjectResult]
@@ -548,28 +663,36 @@ class _Run:
         if not ctx.projects:
             return deterministic.empty_summary(), [], {"summary_source": "deterministic"}
         actions = deterministic.priority_actions(ctx.projects, ctx.brief_date)
-        plain = deterministic.executive_summary(ctx.projects)
+        plain = deterministic.executive_summary(ctx.projects, ctx.more_projects)
         if self.llm is None:
             return plain, actions, {"summary_source": "deterministic"}
         if all(p.quiet for p in ctx.projects):
             return plain, actions, {"summary_source": "deterministic", "summary_reason": "all projects quiet"}
         if self.llm_broken is not None:
-            return plain, actions, {"summary_source": "fallback", "summary_error": self.llm_broken}
+            return plain, actions, {"summary_source": "fallback", "summary_error": clip(str(self.llm_broken), 2000),
+                                    "summary_error_kind": self.llm_broken.kind}
         lines = [deterministic.compact_line(r.project, r.section) for r in results]
-        messages = render.summary_messages(lines, ctx.brief_date, self.req.engagement_stage, ctx.user.display_name)
+        messages = render.summary_messages(
+            lines, ctx.brief_date, self.req.engagement_stage, ctx.user.display_name,
+            more_projects=ctx.more_projects, max_chars=self._prompt_budget(ExecutiveSummary),
+        )
         try:
             reply = await self.llm.complete(messages, ExecutiveSummary, purpose="executive_summary")
         except LLMError as exc:
+            self._note_llm(exc.attempts, failed=True)
             log.warning("executive summary: LLM failed, using the deterministic summary: %s", exc)
-            return plain, actions, {"summary_source": "fallback", "summary_error": str(exc)[:2000]}
-        llm_actions = list(render.clean_lines(reply.value.priority_actions))
+            return plain, actions, {"summary_source": "fallback", "summary_error": clip(str(exc), 2000),
+                                    "summary_error_kind": exc.kind}
+        self._note_llm(reply.attempts, failed=False)
+        llm_actions = list(render.clean_lines(reply.value.priority_actions, self.limits.text))
         meta = {
             "summary_source": "llm",
             "summary_model": reply.model,
             "summary_prompt_tokens": reply.prompt_tokens,
             "summary_completion_tokens": reply.completion_tokens,
         }
-        return reply.value.summary.strip(), llm_actions or actions, meta
+        summary = "\n\n".join(render.paragraphs(reply.value.summary))
+        return summary, llm_actions or actions, meta
 
     async def _finish(
         self,
@@ -596,12 +719,13 @@ class _Run:
         status = "partial" if partial else "completed"
         error = None
         if partial:
-            bits = [f"project {r.project.id} ({r.project.name}): {r.error}" for r in failed[:5]]
+            bits = [f"project {r.project.id} ({plain_inline(r.project.name, 80)}): {r.error}" for r in failed[:5]]
             if len(failed) > 5:
                 bits.append(f"and {len(failed) - 5} more")
             if summary_meta.get("summary_source") == "fallback":
                 bits.append(f"executive summary: {summary_meta.get('summary_error')}")
-            error = f"{len(failed)} of {len(results)} project(s) fell back to the plain rendering; " + "; ".join(bits)
+            error = clip(f"{len(failed)} of {len(results)} project(s) fell back to the plain rendering; "
+                         + "; ".join(bits), 4000)
 
         subject = render.subject(req.engagement_stage, req.brief_date, ctx.user.display_name)
         view = BriefView(
@@ -616,8 +740,9 @@ class _Run:
             status=status,
             summary_source=str(summary_meta.get("summary_source")),
             catch_up=req.catch_up,
+            more_projects=ctx.more_projects,
         )
-        markdown = render.brief_markdown(view)
+        markdown = render.brief_markdown(view, self.settings.brief_max_chars)
         self.phase = "done"
         progress = self._progress_value()
         meta = {
@@ -625,8 +750,10 @@ class _Run:
             "mode": "llm" if self.llm is not None else "deterministic",
             "run_id": self.run_id,
             "revision": self.revision,
-            "projects": {"total": len(results), "failed": len(failed), **sources},
+            "projects": {"total": len(results), "failed": len(failed), "more": ctx.more_projects, **sources},
             "resumed_sections": len(self.kept),
+            "llm_requests": self.llm_requests,
+            "llm_failures": self.llm_failures,
             "catch_up": req.catch_up,
             "anchor": ctx.anchor.isoformat(),
             **summary_meta,
@@ -641,15 +768,15 @@ class _Run:
                 _SQL["finish"],
                 {
                     "status": status,
-                    "subject": subject,
-                    "markdown": markdown,
-                    "summary": summary,
-                    "actions": Jsonb(actions),
-                    "model": model,
+                    "subject": render.clean(subject),
+                    "markdown": render.clean(markdown),
+                    "summary": render.clean(summary),
+                    "actions": Jsonb(scrub(actions)),
+                    "model": render.clean(model) if model is not None else None,
                     "prompt": prompt,
                     "completion": completion,
-                    "error": error,
-                    "meta": Jsonb(meta),
+                    "error": render.clean(error) if error is not None else None,
+                    "meta": Jsonb(scrub(meta)),
                     "progress": Jsonb(progress),
                     "brief": self.brief_id,
                     "run": self.run_id,

@@ -34,14 +34,15 @@ import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, TypeVar
 
 import httpcore2  # httpx2's connection pool
 import httpx2  # the openai SDK's HTTP client (a dependency of openai 3.x)
 import openai
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, Field, ValidationError
 
 from briefs import metrics
+from briefs.render import clean, clip
 from briefs.settings import Settings, redact_url
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "ProjectBrief",
     "TokenBucket",
     "concurrency_limiter",
+    "instructions",
     "parse_retry_after",
     "rate_limiter",
     "reset_stats",
@@ -64,6 +66,8 @@ log = logging.getLogger(__name__)
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 BACKOFF_CAP = 20.0
 RETRY_AFTER_CAP = 60.0
+MAX_REPLY_BYTES = 1_000_000  # a larger chat.completion is not parsed: malformed
+REPLY_ITEM_CHARS = 1000  # a reply's list item is cut to this (the schema asks for short items)
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -73,25 +77,46 @@ T = TypeVar("T", bound=BaseModel)
 # ---------------------------------------------------------------------------------------------
 
 
+def _cleaned(limit: int) -> BeforeValidator:
+    """A reply string made storable before validation: NUL, lone surrogates and control characters
+    dropped (``render.clean``), whitespace-only counted as empty, cut to ``limit`` characters.
+    Non-strings pass through untouched, so a wrong type still fails validation."""
+
+    def apply(value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        return clip(clean(value).strip(), limit)
+
+    return BeforeValidator(apply)
+
+
+ReplyItem = Annotated[str, _cleaned(REPLY_ITEM_CHARS)]  # empty items are dropped by render.section_from_llm
+
+
 class ProjectBrief(BaseModel):
     """One project's section of a brief."""
 
-    summary: str = Field(min_length=1, max_length=2000)
-    highlights: list[str] = Field(default_factory=list, max_length=10)
-    risks: list[str] = Field(default_factory=list, max_length=10)
-    next_steps: list[str] = Field(default_factory=list, max_length=10)
+    summary: Annotated[str, _cleaned(2000)] = Field(min_length=1, max_length=2000)
+    highlights: list[ReplyItem] = Field(default_factory=list, max_length=10)
+    risks: list[ReplyItem] = Field(default_factory=list, max_length=10)
+    next_steps: list[ReplyItem] = Field(default_factory=list, max_length=10)
 
 
 class ExecutiveSummary(BaseModel):
     """The top of a brief, across all of a user's projects."""
 
-    summary: str = Field(min_length=1, max_length=4000)
-    priority_actions: list[str] = Field(default_factory=list, max_length=10)
+    summary: Annotated[str, _cleaned(4000)] = Field(min_length=1, max_length=4000)
+    priority_actions: list[ReplyItem] = Field(default_factory=list, max_length=10)
 
 
 # ---------------------------------------------------------------------------------------------
 # Errors, results, metrics
 # ---------------------------------------------------------------------------------------------
+
+
+ERROR_KINDS = frozenset(
+    {"auth", "quota", "rate_limit", "server", "timeout", "connection", "malformed", "rejected", "disabled"}
+)
 
 
 class LLMError(Exception):
@@ -100,16 +125,43 @@ class LLMError(Exception):
     ``permanent`` is True when retrying the same request cannot help: the API rejected
     it (4xx other than 408/409/429), the reply still failed validation after all
     retries, or the client is disabled. ``status`` is the last HTTP status, if any.
+    ``kind`` says what went wrong last, for health reports: ``auth`` (401/403), ``quota``
+    (429 insufficient_quota), ``rate_limit`` (429), ``server`` (5xx, 408/409),
+    ``timeout``, ``connection``, ``malformed`` (the reply was unusable), ``rejected``
+    (another 4xx) or ``disabled`` (no API key, or the client is closed). ``attempts`` is
+    the number of HTTP requests made, retries included.
     """
 
-    def __init__(self, message: str, *, permanent: bool = False, status: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        permanent: bool = False,
+        status: int | None = None,
+        kind: str = "server",
+        attempts: int = 0,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.permanent = permanent
         self.status = status
+        self.kind = kind if kind in ERROR_KINDS else "server"
+        self.attempts = attempts
 
     def __repr__(self) -> str:
-        return f"LLMError({self.message!r}, permanent={self.permanent}, status={self.status})"
+        return (f"LLMError({self.message!r}, permanent={self.permanent}, status={self.status}, "
+                f"kind={self.kind!r}, attempts={self.attempts})")
+
+
+def status_kind(status: int, code: str | None = None) -> str:
+    """The ``LLMError.kind`` of an HTTP error status."""
+    if status in (401, 403):
+        return "auth"
+    if status == 429:
+        return "quota" if code == "insufficient_quota" else "rate_limit"
+    if status >= 500 or status in (408, 409):
+        return "server"
+    return "rejected"
 
 
 @dataclass
@@ -288,6 +340,8 @@ _JSON_OBJECT = {"type": "json_object"}
 
 def _envelope(response: httpx2.Response) -> dict[str, Any]:
     """The chat.completion object of a 2xx reply (a dict), or :class:`_Malformed`."""
+    if len(response.content) > MAX_REPLY_BYTES:
+        raise _Malformed(f"response body too large ({len(response.content):,} bytes)")
     try:
         data = json.loads(response.content)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -359,23 +413,36 @@ class _ProbedBackend(httpcore2.AsyncNetworkBackend):
         await self._inner.sleep(seconds)
 
 
+def _probe_pool(transport: Any) -> bool:
+    """Give one transport's connection pool the cheap idle-connection check; False if it is not laid
+    out as expected (a future httpx2/httpcore2): then it keeps its stock checks."""
+    pool = getattr(transport, "_pool", None)
+    backend = getattr(pool, "_network_backend", None)
+    if isinstance(backend, _ProbedBackend):
+        return True
+    if isinstance(pool, httpcore2.AsyncConnectionPool) and isinstance(backend, httpcore2.AsyncNetworkBackend):
+        pool._network_backend = _ProbedBackend(backend)
+        return True
+    return False
+
+
 def make_http_client(concurrency: int) -> httpx2.AsyncClient:
     """The SDK's default HTTP client (its timeouts, redirects, proxies from the environment), with a
     keep-alive pool at least as large as ``concurrency`` and the cheap idle-connection check.
 
-    httpx2 has no parameter for the pool's network backend, so it is set on the transport's pool;
-    if a future httpx2/httpcore2 lays these out differently the transport is left as it is (same
-    behaviour, without the saving). :func:`fast_pool_checks` says which one you got.
+    The client is built the ordinary way, so httpx2 reads ``HTTPS_PROXY``/``HTTP_PROXY``/``ALL_PROXY``
+    and ``NO_PROXY`` from the environment and mounts a proxy transport per scheme (passing our own
+    ``transport=`` would make it ignore them). Then every transport's pool, the direct one and each
+    proxy's, gets the cheap check. httpx2 has no parameter for a pool's network backend, so it is set
+    on the pool; if a future httpx2/httpcore2 lays these out differently a transport is left as it is
+    (same behaviour, without the saving). :func:`fast_pool_checks` says which one you got.
     """
     limits = httpx2.Limits(max_connections=max(1000, concurrency), max_keepalive_connections=max(100, concurrency))
-    transport = httpx2.AsyncHTTPTransport(limits=limits)
-    pool = getattr(transport, "_pool", None)
-    backend = getattr(pool, "_network_backend", None)
-    if type(pool) is httpcore2.AsyncConnectionPool and isinstance(backend, httpcore2.AsyncNetworkBackend):
-        pool._network_backend = _ProbedBackend(backend)
-    else:  # pragma: no cover - depends on the installed httpx2/httpcore2
+    client = openai.DefaultAsyncHttpxClient(limits=limits)
+    transports = [client._transport, *(t for t in client._mounts.values() if t is not None)]
+    if not all([_probe_pool(t) for t in transports]):  # pragma: no cover - depends on the installed httpx2
         log.debug("httpx2 transport not as expected; keeping its stock idle-connection checks")
-    return openai.DefaultAsyncHttpxClient(transport=transport)
+    return client
 
 
 def fast_pool_checks(client: httpx2.AsyncClient) -> bool:
@@ -384,13 +451,18 @@ def fast_pool_checks(client: httpx2.AsyncClient) -> bool:
     return isinstance(getattr(pool, "_network_backend", None), _ProbedBackend)
 
 
+def proxied(client: httpx2.AsyncClient) -> list[str]:
+    """The URL patterns ``client`` sends through a proxy (from the environment), for logs and tests."""
+    return sorted(str(pattern.pattern) for pattern, t in client._mounts.items() if t is not None)
+
+
 # ---------------------------------------------------------------------------------------------
 # The client
 # ---------------------------------------------------------------------------------------------
 
 
 @functools.lru_cache(maxsize=64)
-def _instructions(schema: type[BaseModel]) -> str:
+def instructions(schema: type[BaseModel]) -> str:
     """The JSON reply instructions for a schema (built once: the JSON schema is costly to compute)."""
     return (
         "Reply with one JSON object and nothing else: no prose, no code fences.\n"
@@ -486,14 +558,14 @@ class LLMClient:
 
     def build_messages(self, messages: list[dict[str, Any]], schema: type[BaseModel]) -> list[dict[str, Any]]:
         """``messages`` with the JSON instructions appended to the (last) system message."""
-        instructions = _instructions(schema)
+        text = instructions(schema)
         out = [dict(m) for m in messages]
         for message in reversed(out):
             if message.get("role") == "system" and isinstance(message.get("content"), str):
-                message["content"] = f"{message['content'].rstrip()}\n\n{instructions}"
+                message["content"] = f"{message['content'].rstrip()}\n\n{text}"
                 break
         else:
-            out.insert(0, {"role": "system", "content": instructions})
+            out.insert(0, {"role": "system", "content": text})
         return out
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
@@ -546,16 +618,25 @@ class LLMClient:
         except ValidationError as err:
             errors = err.errors(include_url=False, include_input=False)
             if errors and errors[0].get("type") == "json_invalid":
-                cut = " (finish_reason=length)" if finish == "length" else ""
-                raise _Malformed(f"content is not valid JSON{cut}: {_short(text, 80)!r}") from None
+                # pydantic's parser refuses what Python's json takes: a lone surrogate escape ("\ud800") in
+                # an otherwise good reply. Parse it that way; the schema's validators clean such strings.
+                try:
+                    data = json.loads(text)
+                except (ValueError, RecursionError):
+                    cut = " (finish_reason=length)" if finish == "length" else ""
+                    raise _Malformed(f"content is not valid JSON{cut}: {_short(text, 80)!r}") from None
+                try:
+                    return schema.model_validate(data)
+                except ValidationError as again:
+                    errors = again.errors(include_url=False, include_input=False)
             detail = "; ".join(_describe(e) for e in errors[:3])
             raise _Malformed(f"does not match {schema.__name__}: {detail}") from None
 
     async def _complete(self, messages: list[dict[str, Any]], schema: type[T], purpose: str) -> LLMResult[T]:
         if not self.enabled:
-            raise LLMError("LLM disabled: no API key (set OPENAI_API_KEY)", permanent=True)
+            raise LLMError("LLM disabled: no API key (set OPENAI_API_KEY)", permanent=True, kind="disabled")
         if self._openai is None:
-            raise LLMError("LLM client is closed", permanent=True)
+            raise LLMError("LLM client is closed", permanent=True, kind="disabled")
 
         request = self.build_messages(messages, schema)
         started = time.monotonic()
@@ -564,6 +645,7 @@ class LLMClient:
         problem = ""
         malformed = False
         status: int | None = None
+        kind = "server"
 
         for attempt in range(1, attempts_allowed + 1):
             retry_after: float | None = None
@@ -573,18 +655,24 @@ class LLMClient:
                 response = await self._send(request, purpose)
             except openai.APIStatusError as err:
                 status = err.status_code
+                kind = status_kind(status, err.code if isinstance(err.code, str) else None)
                 if self._is_permanent(err):
-                    raise LLMError(self._rejected_message(err), permanent=True, status=status) from None
+                    raise LLMError(self._rejected_message(err), permanent=True, status=status, kind=kind,
+                                   attempts=attempt) from None
                 retry_after = parse_retry_after(err.response.headers)
                 problem = _status_text(status)
             except openai.APITimeoutError:
+                kind = "timeout"
                 problem = f"timed out after {self.timeout:g}s"
             except TimeoutError:
+                kind = "timeout"
                 problem = f"no complete response within {self.timeout * 2 + 1:g}s"
             except openai.APIConnectionError as err:
+                kind = "connection"
                 cause = err.__cause__
                 problem = f"connection error ({type(cause).__name__ if cause else 'unknown'})"
             except openai.APIError as err:
+                kind = "server"
                 problem = f"API error: {self._redact(_short(str(err)))}"
             else:
                 try:
@@ -599,14 +687,15 @@ class LLMClient:
                     value = self._parse(data, schema)
                 except _Malformed as err:
                     malformed = True
-                    problem = str(err)
+                    kind = "malformed"
+                    problem = clean(str(err))
                 else:
                     model = data.get("model")
                     return LLMResult(
                         value=value,
                         prompt_tokens=prompt_tokens,
                         completion_tokens=completion_tokens,
-                        model=model if isinstance(model, str) and model else self.model,
+                        model=clip(clean(model), 200) if isinstance(model, str) and model.strip() else self.model,
                         attempts=attempt,
                         latency=time.monotonic() - started,
                     )
@@ -633,8 +722,10 @@ class LLMClient:
 
         tries = f"{attempts_allowed} attempt{'s' if attempts_allowed != 1 else ''}"
         if malformed:
-            raise LLMError(f"malformed LLM reply: {problem} (after {tries})", permanent=True)
-        raise LLMError(f"LLM request failed after {tries}: {problem}", permanent=False, status=status)
+            raise LLMError(f"malformed LLM reply: {problem} (after {tries})", permanent=True, kind="malformed",
+                           attempts=attempts_allowed)
+        raise LLMError(f"LLM request failed after {tries}: {problem}", permanent=False, status=status, kind=kind,
+                       attempts=attempts_allowed)
 
     @staticmethod
     def _is_permanent(err: openai.APIStatusError) -> bool:

@@ -2,9 +2,10 @@
 
 Everything is read in a fixed number of statements, whatever the number of
 projects: one for the user (with the preference), one for the active projects
-(with their open-task counts), one for the relevant tasks of all those projects
-(``project_id = ANY(%s)``) and one for the recent notes (a window function keeps
-the newest five per project). All SQL of this module is in ``_SQL`` below.
+(with their open-task and activity counts), one for the relevant tasks of the
+included projects (``project_id = ANY(%s)``; window functions keep the first
+tasks of each bucket and count the rest) and one for the recent notes (a window
+function keeps the newest five per project). All SQL of this module is in ``_SQL`` below.
 
 Buckets, for the user's local brief date ``D`` (the calendar date of
 ``notify_at`` in the user's timezone):
@@ -20,6 +21,14 @@ Buckets, for the user's local brief date ``D`` (the calendar date of
 
 Deleted tasks (``deleted_at IS NOT NULL``) never appear. A task may sit in two
 buckets (due yesterday and starting today is both overdue and today).
+
+Limits (:class:`Limits`, from the settings), enforced in SQL so a hostile or just huge
+account never reaches Python whole: at most ``brief_max_projects`` projects, the most
+active first (overdue, then today, then recently completed tasks; the rest are only
+counted: ``BriefContext.more_projects``); at most ``brief_max_tasks`` tasks per bucket
+of a project, in the bucket's order, with the bucket's full count alongside
+(``ProjectContext.total``); and every name, title, description and note cut to
+``brief_max_text`` characters by ``left()`` in the query.
 """
 
 from __future__ import annotations
@@ -94,6 +103,9 @@ class NoteItem:
     updated_at: datetime  # in the user's timezone
 
 
+BUCKETS = ("today", "overdue", "upcoming", "completed")
+
+
 @dataclass(frozen=True, slots=True)
 class ProjectContext:
     id: int
@@ -105,6 +117,13 @@ class ProjectContext:
     upcoming: tuple[TaskItem, ...] = ()  # soonest first
     completed: tuple[TaskItem, ...] = ()  # most recent first
     notes: tuple[NoteItem, ...] = ()  # newest first, at most five
+    # Full bucket counts when a bucket holds only its first tasks (brief_max_tasks), and
+    # "overdue_high"; a missing key means the tuple is the whole bucket.
+    totals: dict[str, int] = field(default_factory=dict)
+
+    def total(self, bucket: str) -> int:
+        """How many tasks the bucket really has (its tuple may hold only the first ones)."""
+        return self.totals.get(bucket, len(getattr(self, bucket)))
 
     @property
     def quiet(self) -> bool:
@@ -113,7 +132,8 @@ class ProjectContext:
 
     @property
     def overdue_high(self) -> int:
-        return sum(1 for t in self.overdue if t.high)
+        high = self.totals.get("overdue_high")
+        return high if high is not None else sum(1 for t in self.overdue if t.high)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,41 +142,90 @@ class BriefContext:
     brief_date: date
     anchor: datetime  # UTC instant the "last 24 h" and "last 7 days" windows end at
     projects: tuple[ProjectContext, ...] = field(default_factory=tuple)
+    more_projects: int = 0  # active projects beyond brief_max_projects: counted, not loaded
 
 
-_PRIORITY_RANK = {"high": 0, "medium": 1, "low": 2}
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """How much of a user's data one brief loads (see the module docstring)."""
+
+    projects: int = 50
+    tasks: int = 25
+    text: int = 500
+
+    @classmethod
+    def of(cls, settings: Any) -> Limits:
+        return cls(settings.brief_max_projects, settings.brief_max_tasks, settings.brief_max_text)
+
 
 _SQL = {
     "user": """
-        SELECT u.id, u.email, u.name, u.timezone, u.last_visit_at,
+        SELECT u.id, left(u.email, %(text)s), left(u.name, %(text)s), left(u.timezone, 100), u.last_visit_at,
                p.user_id IS NOT NULL, p.frequency, p.day_of_week, p.time_of_day, p.is_active, p.email_enabled
         FROM users u LEFT JOIN brief_preferences p ON p.user_id = u.id
-        WHERE u.id = %s
+        WHERE u.id = %(user)s
     """,
+    # The most active projects first (overdue, today, recently completed), at most %(limit)s of them;
+    # ``total`` counts every active project (the window runs before LIMIT).
     "projects": """
-        SELECT p.id, p.name, p.description,
-               (SELECT count(*) FROM tasks t
-                 WHERE t.project_id = p.id AND t.deleted_at IS NULL
-                   AND t.status NOT IN ('done', 'cancelled')) AS open_tasks
+        SELECT p.id, left(p.name, %(text)s), left(p.description, %(text)s), a.open_tasks, count(*) OVER () AS total
         FROM projects p
-        WHERE p.user_id = %s AND p.status = 'active'
-        ORDER BY lower(p.name), p.id
+        CROSS JOIN LATERAL (
+            -- per project through tasks_project_live: one plan whatever the table's statistics say
+            SELECT count(*) FILTER (WHERE t.status NOT IN ('done', 'cancelled')) AS open_tasks,
+                   count(*) FILTER (WHERE t.status NOT IN ('done', 'cancelled') AND t.due_date < %(day)s) AS overdue,
+                   count(*) FILTER (WHERE t.status NOT IN ('done', 'cancelled')
+                                      AND (t.start_date = %(day)s OR t.due_date = %(day)s)) AS today,
+                   count(*) FILTER (WHERE t.status = 'done' AND t.completed_at > %(done_since)s
+                                      AND t.completed_at <= %(anchor)s) AS completed
+            FROM tasks t
+            WHERE t.project_id = p.id AND t.deleted_at IS NULL
+        ) a
+        WHERE p.user_id = %(user)s AND p.status = 'active'
+        ORDER BY a.overdue + a.today + a.completed DESC, a.overdue DESC, a.today DESC,
+                 lower(left(p.name, %(text)s)), p.id
+        LIMIT %(limit)s
     """,
-    # Only the rows some bucket wants: open tasks starting today or due by D + 7,
-    # and tasks done inside the completed window.
+    # One row per (task, bucket) a task falls in; per project and bucket only the first %(limit)s in the
+    # bucket's order (today: priority; overdue: priority, oldest due; upcoming: soonest due; completed:
+    # most recent), each row carrying the bucket's full count and its high-priority count. The ranking
+    # sorts narrow rows; titles are joined to the few kept rows only.
     "tasks": """
-        SELECT t.project_id, t.id, t.title, t.status, t.priority, t.start_date, t.due_date, t.completed_at
-        FROM tasks t
-        WHERE t.project_id = ANY(%(projects)s) AND t.deleted_at IS NULL
-          AND (
-                (t.status NOT IN ('done', 'cancelled')
-                 AND (t.start_date = %(day)s OR t.due_date <= %(horizon)s))
-             OR (t.status = 'done' AND t.completed_at > %(done_since)s AND t.completed_at <= %(anchor)s)
-          )
-        ORDER BY t.project_id, t.id
+        SELECT r.project_id, r.bucket, r.id, left(t.title, %(text)s), t.status, t.priority, t.start_date,
+               t.due_date, t.completed_at, r.total, r.high
+        FROM (
+            SELECT t.project_id, b.bucket, t.id,
+                   row_number() OVER (
+                       PARTITION BY t.project_id, b.bucket
+                       ORDER BY CASE WHEN b.bucket IN ('today', 'overdue')
+                                     THEN CASE t.priority WHEN 'high' THEN 0 WHEN 'medium' THEN 1 ELSE 2 END END,
+                                CASE WHEN b.bucket IN ('overdue', 'upcoming') THEN t.due_date END,
+                                CASE WHEN b.bucket = 'completed' THEN t.completed_at END DESC,
+                                t.id
+                   ) AS rank,
+                   count(*) OVER (PARTITION BY t.project_id, b.bucket) AS total,
+                   count(*) FILTER (WHERE t.priority = 'high') OVER (PARTITION BY t.project_id, b.bucket) AS high
+            FROM tasks t
+            CROSS JOIN LATERAL (VALUES
+                ('today', t.status NOT IN ('done', 'cancelled') AND (t.start_date = %(day)s OR t.due_date = %(day)s)),
+                ('overdue', t.status NOT IN ('done', 'cancelled') AND t.due_date < %(day)s),
+                ('upcoming', t.status NOT IN ('done', 'cancelled') AND t.due_date > %(day)s
+                             AND t.due_date <= %(horizon)s),
+                ('completed', t.status = 'done' AND t.completed_at > %(done_since)s AND t.completed_at <= %(anchor)s)
+            ) AS b(bucket, hit)
+            WHERE t.project_id = ANY(%(projects)s) AND t.deleted_at IS NULL AND b.hit
+              AND (
+                    (t.status NOT IN ('done', 'cancelled')
+                     AND (t.start_date = %(day)s OR t.due_date <= %(horizon)s))
+                 OR (t.status = 'done' AND t.completed_at > %(done_since)s AND t.completed_at <= %(anchor)s)
+              )
+        ) r
+        JOIN tasks t ON t.id = r.id
+        WHERE r.rank <= %(limit)s
+        ORDER BY r.project_id, r.bucket, r.rank
     """,
     "notes": """
-        SELECT project_id, id, title, content, updated_at FROM (
+        SELECT project_id, id, left(title, %(text)s), left(content, %(text)s), updated_at FROM (
             SELECT n.project_id, n.id, n.title, n.content, n.updated_at,
                    row_number() OVER (PARTITION BY n.project_id ORDER BY n.updated_at DESC, n.id DESC) AS rank
             FROM notes n
@@ -186,8 +255,9 @@ def anchor_for(brief_date: date, tz: ZoneInfo, notify_at: datetime | None) -> da
     return next_midnight.astimezone(UTC)
 
 
-async def load_user(conn: Conn, user_id: int) -> UserContext | None:
-    cur = await conn.execute(_SQL["user"], (user_id,))
+async def load_user(conn: Conn, user_id: int, limits: Limits | None = None) -> UserContext | None:
+    limits = limits or Limits()
+    cur = await conn.execute(_SQL["user"], {"user": user_id, "text": limits.text})
     row = await cur.fetchone()
     if row is None:
         return None
@@ -196,11 +266,21 @@ async def load_user(conn: Conn, user_id: int) -> UserContext | None:
     return UserContext(uid, email, name, tzname, zone(tzname), pref, last_visit)
 
 
-async def load_projects(conn: Conn, user: UserContext, brief_date: date, anchor: datetime) -> list[ProjectContext]:
-    cur = await conn.execute(_SQL["projects"], (user.id,))
+async def load_projects(
+    conn: Conn, user: UserContext, brief_date: date, anchor: datetime, limits: Limits | None = None
+) -> tuple[list[ProjectContext], int]:
+    """The included projects (most active first) and how many more active projects were left out."""
+    limits = limits or Limits()
+    done_since = anchor - COMPLETED_WINDOW
+    cur = await conn.execute(
+        _SQL["projects"],
+        {"user": user.id, "day": brief_date, "done_since": done_since, "anchor": anchor,
+         "text": limits.text, "limit": limits.projects},
+    )
     projects = await cur.fetchall()
     if not projects:
-        return []
+        return [], 0
+    more = int(projects[0][4]) - len(projects)
     ids = [row[0] for row in projects]
     tz = user.tz
 
@@ -210,35 +290,33 @@ async def load_projects(conn: Conn, user: UserContext, brief_date: date, anchor:
             "projects": ids,
             "day": brief_date,
             "horizon": brief_date + timedelta(days=UPCOMING_DAYS),
-            "done_since": anchor - COMPLETED_WINDOW,
+            "done_since": done_since,
             "anchor": anchor,
+            "text": limits.text,
+            "limit": limits.tasks,
         },
     )
     buckets: dict[int, dict[str, list[TaskItem]]] = defaultdict(lambda: defaultdict(list))
-    for pid, tid, title, status, priority, start, due, completed_at in await cur.fetchall():
+    totals: dict[int, dict[str, int]] = defaultdict(dict)
+    for pid, bucket, tid, title, status, priority, start, due, completed_at, total, high in await cur.fetchall():
         task = TaskItem(tid, title, status, priority, start, due, completed_at.astimezone(tz) if completed_at else None)
-        mine = buckets[pid]
-        if status == "done":
-            mine["completed"].append(task)
-            continue
-        if start == brief_date or due == brief_date:
-            mine["today"].append(task)
-        if due is not None and due < brief_date:
-            mine["overdue"].append(task)
-        elif due is not None and brief_date < due:
-            mine["upcoming"].append(task)
+        buckets[pid][bucket].append(task)
+        if total > limits.tasks:
+            totals[pid][bucket] = int(total)
+            if bucket == "overdue":
+                totals[pid]["overdue_high"] = int(high)
 
     cur = await conn.execute(
         _SQL["notes"],
-        {"projects": ids, "since": anchor - NOTES_WINDOW, "anchor": anchor, "limit": NOTES_PER_PROJECT},
+        {"projects": ids, "since": anchor - NOTES_WINDOW, "anchor": anchor, "limit": NOTES_PER_PROJECT,
+         "text": limits.text},
     )
     notes: dict[int, list[NoteItem]] = defaultdict(list)
     for pid, nid, title, content, updated in await cur.fetchall():
         notes[pid].append(NoteItem(nid, title, content or "", updated.astimezone(tz)))
 
-    far = date.max
     out: list[ProjectContext] = []
-    for pid, name, description, open_tasks in projects:
+    for pid, name, description, open_tasks, _total in projects:
         b = buckets.get(pid, {})
         out.append(
             ProjectContext(
@@ -246,25 +324,24 @@ async def load_projects(conn: Conn, user: UserContext, brief_date: date, anchor:
                 name=name,
                 description=description,
                 open_tasks=int(open_tasks),
-                today=tuple(sorted(b.get("today", ()), key=lambda t: (_PRIORITY_RANK.get(t.priority, 3), t.id))),
-                overdue=tuple(
-                    sorted(b.get("overdue", ()), key=lambda t: (_PRIORITY_RANK.get(t.priority, 3), t.due_date, t.id))
-                ),
-                upcoming=tuple(sorted(b.get("upcoming", ()), key=lambda t: (t.due_date or far, t.id))),
-                completed=tuple(sorted(b.get("completed", ()), key=lambda t: t.completed_at or anchor, reverse=True)),
+                today=tuple(b.get("today", ())),
+                overdue=tuple(b.get("overdue", ())),
+                upcoming=tuple(b.get("upcoming", ())),
+                completed=tuple(b.get("completed", ())),
                 notes=tuple(notes.get(pid, ())),
+                totals=totals.get(pid, {}),
             )
         )
-    return out
+    return out, more
 
 
 async def load_brief_context(
-    conn: Conn, user_id: int, brief_date: date, notify_at: datetime | None
+    conn: Conn, user_id: int, brief_date: date, notify_at: datetime | None, limits: Limits | None = None
 ) -> BriefContext | None:
     """Everything one brief needs, or None when the user does not exist."""
-    user = await load_user(conn, user_id)
+    user = await load_user(conn, user_id, limits)
     if user is None:
         return None
     anchor = anchor_for(brief_date, user.tz, notify_at)
-    projects = await load_projects(conn, user, brief_date, anchor)
-    return BriefContext(user, brief_date, anchor, tuple(projects))
+    projects, more = await load_projects(conn, user, brief_date, anchor, limits)
+    return BriefContext(user, brief_date, anchor, tuple(projects), more)

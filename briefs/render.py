@@ -13,8 +13,10 @@ never has to parse Markdown.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+import math
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import date
 from functools import cache, lru_cache
 from pathlib import Path
@@ -34,6 +36,92 @@ except ImportError:  # pragma: no cover
     DORMANT = "dormant_check_in"
 
 STAGES = (STANDARD, REENGAGE, REENGAGE_LATE, DORMANT)
+
+USER_MARKER = "\u241e=== user message ===\u241e"
+
+# --------------------------------------------------------------------------- hostile text
+#
+# Every string that comes from a user's rows or from the LLM is hostile until it passed here.
+# ``clean`` makes it storable and printable: PostgreSQL refuses NUL in text and jsonb, UTF-8 cannot
+# encode a lone surrogate (JSON's "\ud800" decodes to one), C0/C1 control characters drive terminals
+# (``briefs show``), bidirectional overrides disguise text, and U+241E is the prompt's system/user
+# split marker. ``md_inline`` then escapes for the Markdown brief; ``plain_inline`` is the same
+# without Markdown escaping, for prompts and plain text.
+
+# C0 except tab and newline, DEL, C1, surrogates, bidi embeddings/overrides/isolates, the prompt marker.
+_UNSAFE_RE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff\u202a-\u202e\u2066-\u2069\u241e]")
+# Whole terminal escape sequences (CSI, OSC, other ESC sequences, and their C1 forms), so none leaves its
+# parameters behind once the control characters are gone.
+_ESCAPE_SEQ_RE = re.compile(
+    "(?:\x1b\\[|\x9b)[0-?]*[ -/]*[@-~]?"  # CSI … final byte
+    "|(?:\x1b\\]|\x9d)[^\x07\x1b\x9c]{0,512}(?:\x07|\x1b\\\\|\x9c)?"  # OSC … BEL or ST
+    "|\x1b[ -/]*[0-~]?"  # any other escape sequence
+)
+_MD_CHARS_RE = re.compile(r"([\\`*_\[\]#|~])")
+_MD_LEAD_RE = re.compile(r"^(?:([-+=])|(\d{1,9})([.)]))")
+CLIP_MARK = "…"
+
+
+def clean(text: object) -> str:
+    """``text`` as a string PostgreSQL can store and a terminal can print (newlines and tabs kept)."""
+    if not isinstance(text, str):
+        text = "" if text is None else str(text)
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if "\x1b" in text or "\x9b" in text or "\x9d" in text:
+        text = _ESCAPE_SEQ_RE.sub("", text)
+    return _UNSAFE_RE.sub("", text)
+
+
+def clip(text: str, limit: int) -> str:
+    """At most ``limit`` characters, an ellipsis marking a cut."""
+    if limit <= 0:
+        return ""
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + CLIP_MARK
+
+
+def plain_inline(text: object, limit: int | None = None) -> str:
+    """One clean line of plain text: whitespace runs (newlines included) collapse to one space."""
+    line = " ".join(clean(text).split())
+    return clip(line, limit) if limit is not None else line
+
+
+def md_escape(line: str) -> str:
+    """One line of text, escaped so Markdown shows it literally: no HTML, link, image, emphasis,
+    code, heading, table, list or quote can come out of it. HTML's ``< > &`` become entities (so an
+    autolink ``<javascript:…>`` or a ``<script>`` is text, also for renderers that pass HTML through),
+    the rest of Markdown's punctuation gets a backslash, and so do line-start list/setext markers."""
+    line = line.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    line = _MD_CHARS_RE.sub(r"\\\1", line)
+    return _MD_LEAD_RE.sub(lambda m: f"\\{m[1]}" if m[1] else f"{m[2]}\\{m[3]}", line, count=1)
+
+
+def md_inline(text: object, limit: int | None = None) -> str:
+    """User or model text as one line of Markdown: cleaned, newlines collapsed, escaped."""
+    return md_escape(plain_inline(text, limit))
+
+
+def paragraphs(text: object) -> list[str]:
+    """Clean plain-text paragraphs (split at blank lines), each on one line."""
+    return [p for p in (plain_inline(part) for part in clean(text).split("\n\n")) if p]
+
+
+def md_paragraphs(text: object) -> list[str]:
+    """Paragraphs of user or model text, each one escaped Markdown line."""
+    return [md_escape(p) for p in paragraphs(text)]
+
+
+def scrub(value: Any) -> Any:
+    """A JSON-ready value made storable: every string (keys too) cleaned, NaN/±inf as null."""
+    if isinstance(value, str):
+        return clean(value)
+    if isinstance(value, dict):
+        return {clean(k) if isinstance(k, str) else k: scrub(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [scrub(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 @dataclass(frozen=True)
@@ -110,6 +198,8 @@ class BriefView:
     full_url: str | None = None
     unsubscribe_url: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    more_projects: int = 0  # active projects left out of the brief (brief_max_projects), as a count
+    truncated: bool = False  # lists were shortened to fit the brief's size limit
 
     @property
     def fallback_sections(self) -> int:
@@ -128,20 +218,15 @@ def short_date(value: date | None) -> str:
     return f"{value:%a} {value.day} {value:%b}"
 
 
-def _paragraphs(text: str) -> list[str]:
-    return [p.strip() for p in (text or "").replace("\r\n", "\n").split("\n\n") if p.strip()]
-
-
-def _md_inline(text: str) -> str:
-    """One line of user or model text, safe as a Markdown list item or paragraph line."""
-    return " ".join((text or "").split())
-
-
 def _common(env: jinja2.Environment) -> jinja2.Environment:
     env.filters["long_date"] = long_date
     env.filters["short_date"] = short_date
-    env.filters["paragraphs"] = _paragraphs
-    env.filters["oneline"] = _md_inline
+    # Plain text (prompts, the text email; the HTML email autoescapes on top): cleaned, one line.
+    env.filters["paragraphs"] = paragraphs
+    env.filters["oneline"] = plain_inline
+    # Markdown (the stored brief): every user or model string goes through one of these two.
+    env.filters["md"] = md_inline
+    env.filters["md_paragraphs"] = md_paragraphs
     env.globals["STANDARD"] = STANDARD
     env.globals["REENGAGE"] = REENGAGE
     env.globals["REENGAGE_LATE"] = REENGAGE_LATE
@@ -187,14 +272,12 @@ def _html(name: str) -> jinja2.Template:
     return html_env().get_template(name)
 
 
-USER_MARKER = "\u241e=== user message ===\u241e"
-
-
 def _messages(name: str, **context: Any) -> list[dict[str, str]]:
     """A prompt template's two blocks as chat messages.
 
     The template renders ``{% block system %}``, the marker, then ``{% block user %}``.
-    The system block holds no user data, so splitting at the first marker is safe.
+    The system block holds no user data, and user data cannot hold the marker (``clean``
+    drops its character), so splitting at the first marker is safe.
     """
     text = _text(name).render(USER_MARKER=USER_MARKER, **context)
     system, _, user = text.partition(USER_MARKER)
@@ -205,23 +288,100 @@ def normal_stage(stage: str | None) -> str:
     return stage if stage in STAGES else STANDARD
 
 
+def prompt_chars(messages: Sequence[dict[str, str]]) -> int:
+    return sum(len(m["content"]) for m in messages)
+
+
+PROMPT_CUT_NOTE = "\n[… the rest was cut to fit the prompt size limit]"
+
+
+def _fit_prompt(
+    render_level: Callable[[int], list[dict[str, str]]], levels: int, max_chars: int | None
+) -> list[dict[str, str]]:
+    """The first rendering (most detailed first) within ``max_chars``; else the least detailed one, cut."""
+    messages = render_level(0)
+    if max_chars is None:
+        return messages
+    for level in range(1, levels):
+        if prompt_chars(messages) <= max_chars:
+            return messages
+        messages = render_level(level)
+    if prompt_chars(messages) <= max_chars:
+        return messages
+    system, user = messages[0]["content"], messages[1]["content"]
+    system = clip(system, max(0, max_chars // 2))  # the fixed instructions: only ever cut with a tiny limit
+    room = max(0, max_chars - len(system) - len(PROMPT_CUT_NOTE))
+    return [{"role": "system", "content": system}, {"role": "user", "content": user[:room] + PROMPT_CUT_NOTE}]
+
+
 # --------------------------------------------------------------------------- prompts
 
+# (tasks listed per bucket, characters per title/note) from the most detailed prompt to the least.
+PROJECT_PROMPT_LEVELS = ((20, 500), (10, 250), (5, 150), (3, 100), (1, 60))
+# (key tasks per project, characters per project name, characters of each project's status line).
+SUMMARY_PROMPT_LEVELS = ((3, 120, 220), (1, 80, 120), (0, 60, 0))
 
-def project_messages(project: Any, brief_date: date, stage: str, *, max_items: int = 20) -> list[dict[str, str]]:
-    """The chat messages asking for one project's brief (``project`` is a loading.ProjectContext)."""
-    return _messages(
-        "project_prompt.md.j2", project=project, brief_date=brief_date, stage=normal_stage(stage), max_items=max_items
-    )
+
+def project_messages(
+    project: Any,
+    brief_date: date,
+    stage: str,
+    *,
+    max_items: int = 20,
+    max_text: int = 500,
+    max_chars: int | None = None,
+) -> list[dict[str, str]]:
+    """The chat messages asking for one project's brief (``project`` is a loading.ProjectContext).
+
+    At most ``max_items`` tasks per bucket and ``max_text`` characters per title, name or note;
+    when ``max_chars`` is given, the prompt (every message's content) is made to fit it: fewer
+    tasks and shorter texts first, then a hard cut.
+    """
+    levels = [(max_items, max_text)] + [
+        (min(n, max_items), min(t, max_text)) for n, t in PROJECT_PROMPT_LEVELS if n < max_items or t < max_text
+    ]
+
+    def at(level: int) -> list[dict[str, str]]:
+        items, text = levels[level]
+        return _messages(
+            "project_prompt.md.j2",
+            project=project,
+            brief_date=brief_date,
+            stage=normal_stage(stage),
+            max_items=items,
+            text_max=text,
+        )
+
+    return _fit_prompt(at, len(levels), max_chars)
 
 
 def summary_messages(
-    lines: Sequence[dict[str, Any]], brief_date: date, stage: str, user_name: str
+    lines: Sequence[dict[str, Any]],
+    brief_date: date,
+    stage: str,
+    user_name: str,
+    *,
+    more_projects: int = 0,
+    max_chars: int | None = None,
 ) -> list[dict[str, str]]:
-    """The chat messages asking for the executive summary over every project's compact line."""
-    return _messages(
-        "summary_prompt.md.j2", projects=lines, brief_date=brief_date, stage=normal_stage(stage), user_name=user_name
-    )
+    """The chat messages asking for the executive summary over every included project's compact line
+    (``more_projects``: active projects left out of the brief, given as a count)."""
+
+    def at(level: int) -> list[dict[str, str]]:
+        top, name_max, status_max = SUMMARY_PROMPT_LEVELS[level]
+        return _messages(
+            "summary_prompt.md.j2",
+            projects=lines,
+            more_projects=more_projects,
+            brief_date=brief_date,
+            stage=normal_stage(stage),
+            user_name=user_name,
+            top_max=top,
+            name_max=name_max,
+            status_max=status_max,
+        )
+
+    return _fit_prompt(at, len(SUMMARY_PROMPT_LEVELS), max_chars)
 
 
 # --------------------------------------------------------------------------- outputs
@@ -229,15 +389,38 @@ def summary_messages(
 
 def subject(stage: str, brief_date: date, user_name: str) -> str:
     module = _text("_stages.j2").module
-    return " ".join(str(module.subject(normal_stage(stage), brief_date, user_name)).split())  # type: ignore[attr-defined]
+    name = plain_inline(user_name, 100)
+    return plain_inline(module.subject(normal_stage(stage), brief_date, name))  # type: ignore[attr-defined]
 
 
-def section_markdown(section: Section) -> str:
-    return _text("section.md.j2").render(section=section).strip() + "\n"
+CUT_NOTE = "\n\n_This brief was cut at its size limit._\n"
 
 
-def brief_markdown(view: BriefView) -> str:
-    return _text("brief.md.j2").render(brief=view).strip() + "\n"
+def _cut_markdown(text: str, max_chars: int) -> str:
+    """``text`` cut at a line boundary so that, with a note saying so, it fits ``max_chars``."""
+    head = text[: max(0, max_chars - len(CUT_NOTE))]
+    line_end = head.rfind("\n")
+    if line_end > 0:
+        head = head[:line_end]
+    return head.rstrip() + CUT_NOTE
+
+
+def section_markdown(section: Section, max_chars: int | None = None) -> str:
+    text = _text("section.md.j2").render(section=section).strip() + "\n"
+    return text if max_chars is None or len(text) <= max_chars else _cut_markdown(text, max_chars)
+
+
+def brief_markdown(view: BriefView, max_chars: int | None = None) -> str:
+    """The brief as Markdown; with ``max_chars``, it fits: fewer items per list, then none, then a cut."""
+    text = _text("brief.md.j2").render(brief=view).strip() + "\n"
+    if max_chars is None or len(text) <= max_chars:
+        return text
+    for items in (5, 2, 0):
+        shorter = replace(view, sections=tuple(s.trimmed(items) for s in view.sections), truncated=True)
+        text = _text("brief.md.j2").render(brief=shorter).strip() + "\n"
+        if len(text) <= max_chars:
+            return text
+    return _cut_markdown(text, max_chars)
 
 
 def email_text(view: BriefView) -> str:
@@ -248,15 +431,19 @@ def email_html(view: BriefView) -> str:
     return _html("email.html.j2").render(brief=view)
 
 
-def section_from_llm(project_id: int, name: str, reply: Any) -> Section:
-    """A Section from a validated ``ProjectBrief`` reply."""
+REPLY_SUMMARY_MAX = 2000
+
+
+def section_from_llm(project_id: int, name: str, reply: Any, *, max_text: int = 500) -> Section:
+    """A Section from a validated ``ProjectBrief`` reply: every string cleaned, one line, clipped."""
     groups = []
     for heading, items in (("Highlights", reply.highlights), ("Risks", reply.risks), ("Next steps", reply.next_steps)):
-        cleaned = tuple(_md_inline(i) for i in items if _md_inline(i))
+        cleaned = clean_lines(items, max_text)
         if cleaned:
             groups.append(Group(heading, cleaned))
-    return Section(project_id, name, reply.summary.strip(), tuple(groups), source="llm")
+    summary = plain_inline(reply.summary, REPLY_SUMMARY_MAX)
+    return Section(project_id, plain_inline(name, max_text), summary, tuple(groups), source="llm")
 
 
-def clean_lines(items: Iterable[str]) -> tuple[str, ...]:
-    return tuple(x for x in (_md_inline(i) for i in items) if x)
+def clean_lines(items: Iterable[object], limit: int | None = None) -> tuple[str, ...]:
+    return tuple(x for x in (plain_inline(i, limit) for i in items) if x)
