@@ -90,23 +90,39 @@ def _secret_pattern() -> re.Pattern[str] | None:
 
 def _trie_pattern(words: set[str]) -> re.Pattern[str]:
     """One regex for all secrets, shaped as a trie: at each position the engine follows one
-    path of at most the longest secret's length, however many secrets there are."""
-    trie: dict[str, Any] = {}
+    path of at most the longest secret's length, however many secrets there are.
+
+    Built without recursion (a secret may be thousands of characters long). Should the
+    regex compiler refuse the nesting, a plain longest-first alternation does the job.
+    """
+    end = object()
+    trie: dict[Any, Any] = {}
     for word in words:
         node = trie
         for char in word:
             node = node.setdefault(char, {})
-        node[""] = {}
-
-    def build(node: dict[str, Any]) -> str:
-        ends = "" in node
-        branches = [re.escape(char) + build(child) for char, child in sorted(node.items()) if char]
+        node[end] = True
+    built: dict[int, str] = {}
+    stack: list[tuple[dict[Any, Any], bool]] = [(trie, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if not children_done:
+            stack.append((node, True))
+            stack.extend((child, False) for key, child in node.items() if key is not end)
+            continue
+        branches = [re.escape(key) + built.pop(id(child)) for key, child in sorted(
+            ((k, c) for k, c in node.items() if k is not end), key=lambda kc: kc[0])]
         if not branches:
-            return ""
-        body = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
-        return f"(?:{body})?" if ends else body
-
-    return re.compile(build(trie))
+            body = ""
+        elif len(branches) == 1:
+            body = branches[0]
+        else:
+            body = "(?:" + "|".join(branches) + ")"
+        built[id(node)] = f"(?:{body})?" if end in node and body else body
+    try:
+        return re.compile(built[id(trie)])
+    except (RecursionError, re.error, OverflowError):
+        return re.compile("|".join(re.escape(w) for w in sorted(words, key=len, reverse=True)))
 
 
 def _mask_pw(match: re.Match[str]) -> str:

@@ -235,3 +235,10 @@ def test_progress_bar_and_log_lines_never_share_a_line() -> None:
 def test_an_empty_password_is_not_invented() -> None:
     # the embedded server's URL has an empty password: nothing to mask, nothing to imply
     assert logs.redact("postgresql://postgres:@/briefs?host=/tmp/x") == "postgresql://postgres:@/briefs?host=/tmp/x"
+
+
+def test_a_long_secret_is_masked(capture: io.StringIO) -> None:
+    token = "eyJ" + "k" * 5_000  # a long bearer token: deeper than Python's recursion limit
+    logs.setup_logging("text", "INFO", secrets=(token,), stream=capture)
+    logging.getLogger("t").info("token %s end", token)
+    assert "kkkk" not in capture.getvalue() and "token *** end" in capture.getvalue()
