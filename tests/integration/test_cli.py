@@ -296,19 +296,23 @@ def test_status_reports_a_wrong_api_key(cli: Cli, seed: BriefSeed, clean_db: str
     odd = seed.user("Odd")
     _brief(clean_db, odd, date(2026, 11, 20), "# odd", completed_at=now - timedelta(minutes=30),
            metadata={"llm": "enabled", "llm_requests": "lots", "llm_failures": [1], "summary_source": "llm"})
+    odder = seed.user("Odder")
+    odd_brief = _brief(clean_db, odder, date(2026, 11, 20), "# odder", completed_at=now - timedelta(minutes=40),
+                       metadata=["not", "an", "object"])
+    _section(clean_db, odd_brief, seed.project(odder, "Odd"), "a string")  # type: ignore[arg-type]
 
     code, out, _ = cli("status")
     assert code == 0
-    assert "LLM, last hour: 3 brief(s), 4 call(s), 4 failed" in out
+    assert "LLM, last hour: 4 brief(s), 4 call(s), 4 failed" in out
     assert "errors by kind: auth 4" in out
-    assert "fell back to deterministic text: 2 of 3 brief(s) (67%)" in out
+    assert "fell back to deterministic text: 2 of 4 brief(s) (50%)" in out
     assert "last error: 401: check OPENAI_API_KEY" in out
 
     code, out, _ = cli("status", "--json")
     llm = json.loads(out)["llm"]
     assert code == 0
-    assert (llm["briefs"], llm["calls"], llm["failed_calls"], llm["fell_back"]) == (3, 4, 4, 2)
-    assert llm["errors_by_kind"] == {"auth": 4} and llm["fell_back_share"] == pytest.approx(0.667)
+    assert (llm["briefs"], llm["calls"], llm["failed_calls"], llm["fell_back"]) == (4, 4, 4, 2)
+    assert llm["errors_by_kind"] == {"auth": 4} and llm["fell_back_share"] == 0.5
     assert llm["last_error"]["hint"] == "401: check OPENAI_API_KEY" and llm["last_error"]["http_status"] == 401
     assert json.loads(out)["queue"] == [] and json.loads(out)["failures_last_hour"] == 0
 
