@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import json
+import socket
+import threading
 import time
 import traceback
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx2
 import pytest
@@ -361,3 +365,196 @@ def test_idle_connection_check_sees_a_server_side_close() -> None:
         assert _socket_readable(left) is True  # the peer closed it: the pool must drop it
     finally:
         left.close()
+
+
+# --------------------------------------------------------------------------- error kinds
+
+
+@pytest.mark.parametrize(
+    ("fault", "kind", "permanent"),
+    [
+        (Fault.status(401), "auth", True),
+        (Fault.status(403), "auth", True),
+        (Fault.status(429, error_code="insufficient_quota"), "quota", True),
+        (Fault.status(429), "rate_limit", False),
+        (Fault.status(503), "server", False),
+        (Fault.status(400), "rejected", True),
+        (Fault.status(404), "rejected", True),
+        (Fault.disconnect(), "connection", False),
+        (Fault.delay(2), "timeout", False),
+        (Fault.content("not json"), "malformed", True),
+        (Fault.schema_breaking(), "malformed", True),
+    ],
+)
+async def test_every_failure_has_a_kind_and_counts_its_requests(fake: FakeLLM, fault: Fault, kind: str,
+                                                                  permanent: bool) -> None:
+    fake.fail_when(lambda body: True, fault)
+    async with make_client(fake, llm_max_retries=1, llm_timeout=0.3) as client:
+        with pytest.raises(LLMError) as info:
+            await client.complete(brief_messages(), ProjectBrief)
+    err = info.value
+    assert (err.kind, err.permanent) == (kind, permanent)
+    assert err.attempts == fake.calls == (1 if permanent and kind != "malformed" else 2)
+    assert err.kind in repr(err)
+    if kind == "auth" and fault.status_code == 401:
+        assert "check OPENAI_API_KEY" in str(err)
+
+
+async def test_disabled_client_error_kind() -> None:
+    client = make_client(None, openai_api_key=None)
+    with pytest.raises(LLMError) as info:
+        await client.complete(brief_messages(), ProjectBrief)
+    assert info.value.kind == "disabled" and info.value.attempts == 0
+
+
+# --------------------------------------------------------------------------- hostile replies
+
+
+async def test_reply_strings_are_cleaned_and_clipped_lone_surrogates_included(fake: FakeLLM) -> None:
+    fake.script(Fault.content(
+        '{"summary": "ok\\u0000 \\ud800\\u001b[2Jdone", "risks": ["' + "r" * 5000 + '", " \\u0007 "]}'))
+    async with make_client(fake) as client:
+        result = await client.complete(brief_messages(), ProjectBrief)
+    assert result.attempts == 1
+    assert result.value.summary == "ok done"
+    assert len(result.value.risks[0]) == llm.REPLY_ITEM_CHARS and result.value.risks[1] == ""
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        '{"summary": NaN}',
+        '{"summary": "s", "risks": [' + ", ".join(['"r"'] * 10_000) + "]}",
+        '{"summary": "s", "highlights": [{"nested": {"deep": [1, 2]}}]}',
+        "[" * 50_000 + "]" * 50_000,
+        '{"summary": ""}',
+    ],
+    ids=["nan", "10000 items", "nested objects", "deep nesting", "empty"],
+)
+async def test_malformed_shapes_are_malformed_errors(fake: FakeLLM, content: str) -> None:
+    fake.fail_when(lambda body: True, Fault.content(content))
+    async with make_client(fake, llm_max_retries=0) as client:
+        with pytest.raises(LLMError) as info:
+            await client.complete(brief_messages(), ProjectBrief)
+    assert info.value.kind == "malformed" and info.value.permanent
+
+
+async def test_a_huge_reply_body_is_not_parsed(fake: FakeLLM) -> None:
+    fake.fail_when(lambda body: True, Fault.content('{"summary": "' + "x" * (llm.MAX_REPLY_BYTES + 10) + '"}'))
+    async with make_client(fake, llm_max_retries=0) as client:
+        with pytest.raises(LLMError, match="too large") as info:
+            await client.complete(brief_messages(), ProjectBrief)
+    assert info.value.kind == "malformed"
+
+
+# --------------------------------------------------------------------------- proxies from the environment
+
+
+class RecordingProxy:
+    """A tiny HTTP proxy on 127.0.0.1 that records what it was asked: CONNECT tunnels (what an https
+    URL gets) and absolute-form forwarding (what an http URL gets; sent on with Connection: close)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str]] = []
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._server.getsockname()[1]}"
+        self._stop = threading.Event()
+
+    def __enter__(self) -> RecordingProxy:
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._server.close()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(client,), daemon=True).start()
+
+    def _handle(self, client: socket.socket) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = client.recv(65536)
+            if not chunk:
+                client.close()
+                return
+            data += chunk
+        head, rest = data.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        method, target, _ = lines[0].split(" ", 2)
+        self.seen.append((method, target))
+        if method == "CONNECT":
+            host, port = target.rsplit(":", 1)
+            upstream = socket.create_connection((host, int(port)))
+            client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        else:
+            url = urlsplit(target)
+            upstream = socket.create_connection((url.hostname or "", url.port or 80))
+            kept = [h for h in lines[1:] if h.split(":", 1)[0].lower() not in ("connection", "proxy-connection")]
+            path = url.path + (f"?{url.query}" if url.query else "")
+            new_head = "\r\n".join([f"{method} {path} HTTP/1.1", *kept, "Connection: close"])
+            upstream.sendall(new_head.encode("latin-1") + b"\r\n\r\n")
+        if rest:
+            upstream.sendall(rest)
+        done = threading.Event()
+
+        def pipe(src: socket.socket, dst: socket.socket) -> None:
+            try:
+                while chunk := src.recv(65536):
+                    dst.sendall(chunk)
+            except OSError:
+                pass
+            done.set()
+
+        threading.Thread(target=pipe, args=(client, upstream), daemon=True).start()
+        pipe(upstream, client)
+        done.wait(0.5)
+        for sock in (client, upstream):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
+@pytest.fixture
+def proxy_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[RecordingProxy]:
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    with RecordingProxy() as proxy:
+        yield proxy
+
+
+async def test_http_proxy_from_the_environment_is_used(fake: FakeLLM, proxy_env: RecordingProxy,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HTTP_PROXY", proxy_env.url)
+    async with make_client(fake) as client:
+        assert llm.fast_pool_checks(client._openai._client)  # type: ignore[union-attr]
+        result = await client.complete(brief_messages(), ProjectBrief)
+    assert result.attempts == 1 and fake.calls == 1
+    assert proxy_env.seen == [("POST", f"{fake.base_url}/chat/completions")]
+
+
+async def test_https_proxy_from_the_environment_gets_a_connect(fake: FakeLLM, proxy_env: RecordingProxy,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", proxy_env.url)
+    base = fake.base_url.replace("http://", "https://")  # the fake speaks no TLS: the handshake fails after CONNECT
+    async with make_client(fake, openai_base_url=base, llm_max_retries=0) as client:
+        with pytest.raises(LLMError) as info:
+            await client.complete(brief_messages(), ProjectBrief)
+    assert info.value.kind == "connection"
+    port = fake.base_url.split(":")[2].split("/")[0]
+    assert proxy_env.seen == [("CONNECT", f"127.0.0.1:{port}")]
+
+
+async def test_no_proxy_bypasses_the_proxy(fake: FakeLLM, proxy_env: RecordingProxy,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HTTP_PROXY", proxy_env.url)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    async with make_client(fake) as client:
+        await client.complete(brief_messages(), ProjectBrief)
+    assert fake.calls == 1 and proxy_env.seen == []
