@@ -309,7 +309,7 @@ def _fit_prompt(
     if prompt_chars(messages) <= max_chars:
         return messages
     system, user = messages[0]["content"], messages[1]["content"]
-    system = clip(system, max(0, max_chars // 2))  # the fixed instructions: only ever cut with a tiny limit
+    system = clip(system, max(0, max_chars - 300))  # the fixed instructions: only cut with a tiny limit
     room = max(0, max_chars - len(system) - len(PROMPT_CUT_NOTE))
     return [{"role": "system", "content": system}, {"role": "user", "content": user[:room] + PROMPT_CUT_NOTE}]
 
