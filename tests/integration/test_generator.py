@@ -301,7 +301,8 @@ async def test_crash_mid_generation_then_retry_gives_one_brief_and_one_email(
 
     h = briefs_harness
     uid = seed_five(brief_seed, email_enabled=True)
-    settings = h.settings(fake_llm, smtp_url=smtp_server.url, llm_brief_concurrency=2)
+    settings = h.settings(fake_llm, smtp_url=smtp_server.url, llm_brief_concurrency=2,
+                          secret_key="test-secret-key-0123456789")  # email is refused without one
     fake_llm.latency = 0.15
     await h.enqueue(uid)
     async with h.db.raw() as conn:
@@ -367,3 +368,82 @@ async def test_llm_stats_are_process_wide(briefs_harness: Any, brief_seed: Any, 
     brief = await h.brief(uid)
     assert brief["prompt_tokens"] == llm_module.stats["prompt_tokens"]
     assert brief["completion_tokens"] == llm_module.stats["completion_tokens"]
+
+
+async def test_llm_health_is_stored_for_sections_summary_and_brief(briefs_harness: Any, brief_seed: Any,
+                                                                   fake_llm: FakeLLM) -> None:
+    """What `briefs status` reads: error kinds and HTTP statuses, requests and failures per brief."""
+    h = briefs_harness
+    uid = seed_five(brief_seed)
+    fake_llm.fail_when(project_call("Doomed"), Fault.status(503))
+    fake_llm.fail_when(project_call("Comet"), Fault.content("no JSON here"))
+    fake_llm.fail_when(summary_call, Fault.status(429))
+    fake_llm.script(Fault.status(500))  # one retried failure that then succeeds (some good project)
+    settings = h.settings(fake_llm)
+    await h.enqueue(uid)
+    await h.run(settings)
+
+    brief = await h.brief(uid)
+    by_name = {s["name"]: s for s in await h.sections(brief["id"])}
+    tries = settings.llm_max_retries + 1
+    assert by_name["Doomed"]["metadata"]["error_kind"] == "server"
+    assert by_name["Doomed"]["metadata"]["http_status"] == 503
+    assert by_name["Comet"]["metadata"]["error_kind"] == "malformed"
+    assert by_name["Comet"]["metadata"]["http_status"] is None
+    assert "error_kind" not in by_name["Atlas"]["metadata"]
+    meta = brief["metadata"]
+    assert meta["summary_source"] == "fallback" and meta["summary_error_kind"] == "rate_limit"
+    assert "429" in meta["summary_error"]
+    assert meta["llm_failures"] == 3
+    assert meta["llm_requests"] == fake_llm.calls == 3 * tries + 3 + 1
+
+
+async def test_rejected_key_gives_auth_kind_and_the_hint(briefs_harness: Any, brief_seed: Any,
+                                                         fake_llm: FakeLLM) -> None:
+    h = briefs_harness
+    uid = seed_five(brief_seed)
+    fake_llm.expected_key = "another-key"
+    await h.enqueue(uid)
+    await h.run(h.settings(fake_llm, llm_brief_concurrency=1))
+    brief = await h.brief(uid)
+    sections = await h.sections(brief["id"])
+    assert {(s["metadata"]["error_kind"], s["metadata"]["http_status"]) for s in sections} == {("auth", 401)}
+    assert all("check OPENAI_API_KEY" in s["error"] for s in sections)
+    assert brief["metadata"]["summary_error_kind"] == "auth"
+    assert brief["metadata"]["llm_requests"] == brief["metadata"]["llm_failures"] == fake_llm.calls == 1
+
+
+async def test_forced_regeneration_keeps_the_sent_email_unless_asked(briefs_harness: Any, brief_seed: Any,
+                                                                     fake_llm: FakeLLM) -> None:
+    from briefs.generator import BriefRequest
+
+    assert BriefRequest.from_payload({"user_id": 1, "brief_date": "2026-03-10"}).resend_email is False
+    request = BriefRequest.from_payload({"user_id": 1, "brief_date": "2026-03-10", "force": True,
+                                         "resend_email": True})
+    assert request.resend_email and request.to_payload()["resend_email"] is True
+    assert BriefRequest.from_payload(request.to_payload()) == request
+
+    h = briefs_harness
+    uid = seed_five(brief_seed)
+    settings = h.settings(fake_llm)
+    await h.enqueue(uid)
+    await h.run(settings)
+    sent = datetime(2026, 3, 10, 8, 0, tzinfo=UTC)
+    await h.rows("UPDATE daily_briefs SET email_sent_at = %s RETURNING id", sent)
+
+    await h.enqueue(uid, force=True)
+    await h.run(settings)
+    kept = await h.brief(uid)
+    assert kept["metadata"]["revision"] == 2 and kept["email_sent_at"] == sent
+
+    payload_day = kept["brief_date"].isoformat()
+    async with h.db.raw() as conn:
+        from worker import queue
+
+        await queue.enqueue(conn, queue.NewJob(
+            "generate_daily_brief",
+            {"user_id": uid, "brief_date": payload_day, "force": True, "resend_email": True},
+            dedup_key=f"brief:{uid}:{payload_day}", user_id=uid))
+    await h.run(settings)
+    resent = await h.brief(uid)
+    assert resent["metadata"]["revision"] == 3 and resent["email_sent_at"] is None
