@@ -7,7 +7,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from briefs.db import Database
-from briefs.loading import anchor_for, load_brief_context
+from briefs.loading import Limits, anchor_for, load_brief_context
 
 AUCKLAND = ZoneInfo("Pacific/Auckland")  # UTC+13 in March: the local date runs ahead of UTC's
 DAY = date(2026, 3, 10)
@@ -107,3 +107,47 @@ async def test_missing_user_and_quiet_project(db: Database, brief_seed: Any) -> 
     assert ctx is not None and str(ctx.user.tz) == "UTC"
     [p] = ctx.projects
     assert p.quiet and p.open_tasks == 1
+
+
+async def test_limits_are_applied_in_sql_with_full_counts(db: Database, brief_seed: Any) -> None:
+    s = brief_seed
+    uid = s.user("N" * 5000)
+    conn = s.conn
+    busy = s.project(uid, "Busy " + "b" * 5000, description="d" * 5000)
+    # 60 overdue (every third high), 7 today, 3 done recently, 40 upcoming; titles of 10,000 characters.
+    conn.execute("""INSERT INTO tasks (project_id, user_id, title, priority, due_date)
+                    SELECT %s, user_id, lpad(g::text, 10000, '0'), CASE WHEN g %% 3 = 0 THEN 'high' ELSE 'low' END,
+                           %s::date - g FROM projects p, generate_series(1, 60) g WHERE p.id = %s""",
+                 (busy, DAY, busy))
+    for i in range(7):
+        s.task(busy, f"today {i}", start_date=DAY)
+    for i in range(3):
+        s.task(busy, f"done {i}", status="done", completed_at=NOTIFY - timedelta(hours=i + 1))
+    for i in range(40):
+        s.task(busy, f"soon {i}", due_date=DAY + timedelta(days=1 + i % 7))
+    s.note(busy, "T" * 5000, "C" * 5000, updated_at=NOTIFY - timedelta(hours=1))
+    less = s.project(uid, "A less busy one")  # sorts first by name, comes second by activity
+    s.task(less, "one overdue", due_date=DAY - timedelta(days=1))
+    quiet = [s.project(uid, f"Quiet {i}") for i in range(5)]
+    s.task(quiet[0], "someday")
+
+    limits = Limits(projects=2, tasks=5, text=30)
+    async with db.raw() as conn_:
+        counting = CountingConn(conn_)
+        ctx = await load_brief_context(counting, uid, DAY, NOTIFY, limits)  # type: ignore[arg-type]
+    assert ctx is not None and counting.statements == 4
+    assert ctx.user.name == "N" * 30
+    assert [p.id for p in ctx.projects] == [busy, less]  # most active first
+    assert ctx.more_projects == 5
+    p = ctx.projects[0]
+    assert p.name == ("Busy " + "b" * 5000)[:30] and p.description == "d" * 30
+    assert all(len(t.title) <= 30 for b in ("overdue", "today", "upcoming", "completed") for t in getattr(p, b))
+    assert [len(getattr(p, b)) for b in ("overdue", "today", "upcoming", "completed")] == [5, 5, 5, 3]
+    assert [p.total(b) for b in ("overdue", "today", "upcoming", "completed")] == [60, 7, 40, 3]
+    assert p.overdue_high == 20
+    assert all(t.high for t in p.overdue)  # high priority first, then the oldest due date
+    assert [t.due_date for t in p.overdue] == sorted(t.due_date for t in p.overdue)
+    assert [t.title for t in p.completed] == ["done 0", "done 1", "done 2"]  # most recent first
+    assert [t.due_date for t in p.upcoming] == sorted(t.due_date for t in p.upcoming)
+    assert p.notes[0].title == "T" * 30 and p.notes[0].content == "C" * 30
+    assert ctx.projects[1].total("overdue") == 1 and ctx.projects[1].overdue_high == 0
