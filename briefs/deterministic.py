@@ -16,7 +16,7 @@ from datetime import date
 from typing import Any
 
 from briefs.loading import ProjectContext, TaskItem
-from briefs.render import Group, Section, plain_inline, short_date
+from briefs.render import Group, Section, plain_inline, project_title, short_date
 
 MAX_ITEMS = 10
 MAX_ACTIONS = 7
@@ -94,7 +94,7 @@ def project_section(p: ProjectContext, *, source: str = "deterministic", note: s
             ],
         ),
     ]
-    return Section(p.id, plain_inline(p.name), summary, tuple(g for g in groups if g), source=source, note=note)
+    return Section(p.id, project_title(p.name), summary, tuple(g for g in groups if g), source=source, note=note)
 
 
 def _clip(text: str, limit: int) -> str:
@@ -105,7 +105,7 @@ def compact_line(p: ProjectContext, section: Section | None) -> dict[str, Any]:
     """One project, compactly, for the executive summary prompt (every project gets one)."""
     top = [t.title for t in p.overdue[:2]] + [t.title for t in p.today[:2]]
     return {
-        "name": _clip(p.name, 120),
+        "name": project_title(p.name, 120),
         "overdue": p.total("overdue"),
         "overdue_high": p.overdue_high,
         "today": p.total("today"),
@@ -132,7 +132,7 @@ def priority_actions(projects: Sequence[ProjectContext], brief_date: date, limit
         days = (brief_date - t.due_date).days if t.due_date else 0
         late = f"{_plural(days, 'day')} overdue"
         prio = ", high priority" if t.high else ""
-        actions.append(f"{_clip(p.name, 100)}: {_clip(t.title, 100)} ({late}{prio})")
+        actions.append(f"{project_title(p.name, 100)}: {_clip(t.title, 100)} ({late}{prio})")
         seen.add(t.id)
     today = sorted(
         ((t, p) for p in projects for t in p.today if t.id not in seen),
@@ -143,7 +143,7 @@ def priority_actions(projects: Sequence[ProjectContext], brief_date: date, limit
             break
         when = "due today" if t.due_date == brief_date else "starts today"
         prio = ", high priority" if t.high else ""
-        actions.append(f"{_clip(p.name, 100)}: {_clip(t.title, 100)} ({when}{prio})")
+        actions.append(f"{project_title(p.name, 100)}: {_clip(t.title, 100)} ({when}{prio})")
     return actions
 
 
@@ -180,7 +180,7 @@ def executive_summary(projects: Sequence[ProjectContext], more_projects: int = 0
     )[:3]
     parts = [first]
     if busiest:
-        names = ", ".join(f"{_clip(p.name, 100)} ({counts_short(p)})" for p in busiest)
+        names = ", ".join(f"{project_title(p.name, 100)} ({counts_short(p)})" for p in busiest)
         parts.append(f"Needing attention most: {names}.")
     if quiet:
         parts.append(f"{_plural(quiet, 'project')} had a quiet day.")

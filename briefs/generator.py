@@ -74,7 +74,7 @@ from briefs.db import Database
 from briefs.errors import PermanentError
 from briefs.llm import ExecutiveSummary, LLMClient, LLMError, ProjectBrief, instructions
 from briefs.loading import BriefContext, Limits, ProjectContext, UserContext, anchor_for, load_projects, load_user
-from briefs.render import STAGES, STANDARD, BriefView, Section, clip, plain_inline, scrub
+from briefs.render import STAGES, STANDARD, BriefView, Section, clip, scrub
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,8 @@ def _connection_lost(exc: BaseException) -> bool:
 
 
 def _unavailable(project: ProjectContext) -> Section:
-    return Section(project.id, plain_inline(project.name), "This project's section could not be prepared today.",
+    return Section(project.id, render.project_title(project.name),
+                   "This project's section could not be prepared today.",
                    source="fallback")
 
 
@@ -719,7 +720,8 @@ class _Run:
         status = "partial" if partial else "completed"
         error = None
         if partial:
-            bits = [f"project {r.project.id} ({plain_inline(r.project.name, 80)}): {r.error}" for r in failed[:5]]
+            bits = [f"project {r.project.id} ({render.project_title(r.project.name, 80)}): {r.error}"
+                    for r in failed[:5]]
             if len(failed) > 5:
                 bits.append(f"and {len(failed) - 5} more")
             if summary_meta.get("summary_source") == "fallback":

@@ -42,6 +42,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import psycopg
 
+from briefs.render import plain_inline
+
 log = logging.getLogger(__name__)
 
 COMPLETED_WINDOW = timedelta(hours=24)
@@ -73,7 +75,8 @@ class UserContext:
 
     @property
     def display_name(self) -> str:
-        return (self.name or "").strip() or self.email.split("@", 1)[0]
+        """The user's name as one clean line (else the address's local part, else "there")."""
+        return plain_inline(self.name, 100) or plain_inline(self.email.split("@", 1)[0], 100) or "there"
 
     @property
     def wants_email(self) -> bool:

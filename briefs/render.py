@@ -96,6 +96,14 @@ def md_escape(line: str) -> str:
     return _MD_LEAD_RE.sub(lambda m: f"\\{m[1]}" if m[1] else f"{m[2]}\\{m[3]}", line, count=1)
 
 
+UNTITLED = "(untitled project)"
+
+
+def project_title(name: object, limit: int | None = None) -> str:
+    """A project's name as one clean line; a name with nothing printable in it gets a placeholder."""
+    return plain_inline(name, limit) or UNTITLED
+
+
 def md_inline(text: object, limit: int | None = None) -> str:
     """User or model text as one line of Markdown: cleaned, newlines collapsed, escaped."""
     return md_escape(plain_inline(text, limit))
@@ -442,7 +450,7 @@ def section_from_llm(project_id: int, name: str, reply: Any, *, max_text: int = 
         if cleaned:
             groups.append(Group(heading, cleaned))
     summary = plain_inline(reply.summary, REPLY_SUMMARY_MAX)
-    return Section(project_id, plain_inline(name, max_text), summary, tuple(groups), source="llm")
+    return Section(project_id, project_title(name, max_text), summary, tuple(groups), source="llm")
 
 
 def clean_lines(items: Iterable[object], limit: int | None = None) -> tuple[str, ...]:

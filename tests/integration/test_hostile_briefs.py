@@ -298,6 +298,8 @@ async def test_user_and_model_text_cannot_inject_markdown_or_html(briefs_harness
     assert md.count("\n### ") == len(HOSTILE_NAMES)  # one heading per project, none injected
     assert len(re.findall(r"^## ", md, re.MULTILINE)) == 3  # Summary, Priority actions, Projects
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in md and "\\[click\\](javascript:alert(1))" in md
+    assert "### (untitled project)" in md  # the name of only newlines
+    assert "Hi &lt;b&gt;Eve&lt;/b&gt; \\# boss, here is your brief" in md  # the user name of two lines
     sections = await h.sections(brief["id"])
     for s in sections:
         assert_safe_markdown(s["content_markdown"])
