@@ -44,7 +44,7 @@ EMBEDDED_HINT = "pip install 'briefs[embedded]' for the embedded PostgreSQL, or 
 
 def check_database_url(url: str) -> str:
     """Refuse, with one line that says what to do, a DATABASE_URL that is not a usable PostgreSQL URL."""
-    example = "postgresql://USER:PASSWORD@HOST:5432/DBNAME"
+    example = "postgresql://USER@HOST:5432/DBNAME, the password after USER: or in PGPASSWORD"
     if "://" not in url:
         raise ConfigError(f"DATABASE_URL is not a URL: {_clip(redact_url(url))} (expected {example})")
     try:
