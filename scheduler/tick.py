@@ -37,16 +37,17 @@ Per page of active preferences (keyset pagination, ``settings.scheduler_page_siz
 Hostile rows
     psycopg decodes a whole result at once, so one value Python cannot hold (a
     ``time_of_day`` of ``24:00``, an ``infinity`` or BC ``timestamptz``) would fail the
-    page, i.e. every user. Every query the tick decodes therefore guards its risky
-    columns in SQL: instants outside (0001-01-03, 9999-12-29) come back NULL (two days
-    of margin keep any zone's local time inside Python's years 1..9999), a time of
-    ``24:00`` comes back NULL, and a timezone longer than 255 characters is not sent at
-    all. The page query adds one column that says what was wrong with the row, with the
-    raw value clipped; that user is skipped with ``invalid_timezone: …``,
-    ``invalid_preference: …`` or ``invalid_last_visit: …``. A queue row with an unusable
-    ``notify_at`` reads as "no instant" (a pending scheduler job is then moved to its
-    planned instant); a dedup key the scheduler would not write is left alone.
-    Messages and log lines show hostile values clipped (:func:`scheduler.plan.shown`).
+    page, i.e. every user. Every query the tick decodes therefore returns only values
+    that decode: the page query sends 24:00 as NULL, a timezone over 255 characters as
+    NULL (with its length and first characters in a last column) and the last visit as
+    epoch seconds (a float8, which holds infinity and BC dates, checked in Python only
+    for users that are due); queue instants outside (0001-01-03, 9999-12-29) come back
+    NULL (two days of margin keep any zone's local time inside Python's years 1..9999).
+    Such a user is skipped with ``invalid_timezone: …``, ``invalid_preference: …`` or
+    ``invalid_last_visit: …`` and its pending jobs are left alone. A pending scheduler
+    job with an unusable ``notify_at`` is moved to its planned instant; a dedup key the
+    scheduler would not write is left alone. Reasons and log lines show hostile values
+    clipped (:func:`scheduler.plan.shown`).
 
 The report
     A real tick lists what it enqueued, moved, cancelled and skipped, and counts the
@@ -85,6 +86,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time as time_mod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -391,26 +393,49 @@ def _email_patch(job: _Pending, email: bool) -> _Change | None:
 def _parse_key(key: str, user_id: int) -> date | None:
     """The brief date of a key exactly as :func:`dedup_key` writes it for this user, else None."""
     prefix = f"brief:{user_id}:"
-    if len(key) != len(prefix) + 10 or not key.startswith(prefix):
+    # 'YYYY-MM-DD' with its dashes in place: fromisoformat then reads only that form (ASCII digits), not
+    # the other ISO forms it accepts ('20260310', '2026-W11-2').
+    if len(key) != len(prefix) + 10 or key[-6] != "-" or key[-3] != "-" or not key.startswith(prefix):
         return None
     try:
-        day = date.fromisoformat(key[len(prefix) :])
+        return date.fromisoformat(key[-10:])
     except ValueError:
         return None
-    return day if dedup_key(user_id, day) == key else None  # fromisoformat also reads '2026-W10-2' and others
 
 
-def _problem(text: str) -> str:
-    """The skip reason for the page query's ``problem`` column: a kind letter, then the raw value (clipped)."""
-    kind, value = text[:1], text[1:]
-    if kind == "z":
-        length, _, head = value.partition(" ")
-        return f"invalid_timezone: timezone {shown(head, 40, length=int(length))} is too long for a tz database name"
-    if kind == "t":
-        return f"invalid_preference: time_of_day {shown(value)} is out of range (00:00 to 23:59:59)"
-    if kind == "v":
-        return f"invalid_last_visit: last_visit_at {shown(value)} is outside the dates the scheduler can use"
-    return f"invalid_preference: {shown(text)}"
+# Python's calendar holds years 1..9999; two days of margin keep any zone's local time of an instant inside it.
+_EPOCH_MIN = -62135596800.0 + 2 * 86400  # 0001-01-03T00:00Z
+_EPOCH_MAX = 253402300800.0 - 3 * 86400  # 9999-12-29T00:00Z
+
+
+class _BadRow(ValueError):
+    """A page row the scheduler cannot use; the message is the skip reason."""
+
+
+def _check_row(row: tuple[Any, ...]) -> None:
+    """Raise _BadRow for a row whose timezone was too long to send or whose time_of_day is 24:00."""
+    if row[1] is None:
+        length, _, head = (row[7] or "0 ").partition(" ")
+        raise _BadRow(
+            f"invalid_timezone: timezone {shown(head, 40, length=int(length))} is too long for a tz database name"
+        )
+    if row[4] is None:
+        raise _BadRow("invalid_preference: time_of_day '24:00:00' is out of range (00:00 to 23:59:59)")
+
+
+def _last_visit(epoch: float | None) -> datetime | None:
+    """``users.last_visit_at`` from its epoch seconds; _BadRow when Python cannot hold it (infinity, BC, 10000)."""
+    if epoch is None:
+        return None
+    if _EPOCH_MIN <= epoch <= _EPOCH_MAX:  # False for NaN too
+        return datetime.fromtimestamp(epoch, UTC)
+    if math.isinf(epoch):
+        what = "'infinity'" if epoch > 0 else "'-infinity'"
+    elif epoch > 0:
+        what = "after 9999-12-29"
+    else:
+        what = "before 0001-01-03 (BC dates included)"
+    raise _BadRow(f"invalid_last_visit: last_visit_at is {what}, outside the dates the scheduler can use")
 
 
 def _clip(text: str) -> str:
@@ -429,23 +454,19 @@ def _instant(column: str) -> str:
     return f"CASE WHEN {column} > {_INSTANT_FROM} AND {column} < {_INSTANT_UNTIL} THEN {column} END"
 
 
-# The last column says what makes a row unusable (kind letter + raw value, clipped), NULL for a good row (one
-# short-circuit test per row); the guarded columns are then NULL. Every value of every row decodes, so one row
-# cannot fail the page.
-_PAGE = f"""
+# Every value of every row decodes, so one row cannot fail the page: a timezone over 255 characters comes back
+# NULL (its length and head in the last column, NULL for every other row), a time_of_day of 24:00 (valid in
+# Postgres, not in Python) comes back NULL, and the last visit comes back as epoch seconds (a float8: 'infinity'
+# and BC dates decode, and the per-row check in Python costs less than a timestamptz decode). NULLs make the
+# schedule key one the planner never caches, so these rows always take the checked path.
+_PAGE = """
 SELECT p.user_id,
        CASE WHEN octet_length(u.timezone) <= 255 THEN u.timezone END,
        p.frequency, p.day_of_week,
-       CASE WHEN p.time_of_day < '24:00' THEN p.time_of_day END,
+       NULLIF(p.time_of_day, '24:00'),
        p.email_enabled,
-       {_instant("u.last_visit_at")},
-       CASE WHEN octet_length(u.timezone) > 255 OR p.time_of_day >= '24:00'
-                 OR NOT (u.last_visit_at > {_INSTANT_FROM} AND u.last_visit_at < {_INSTANT_UNTIL})
-            THEN CASE WHEN octet_length(u.timezone) > 255
-                      THEN 'z' || length(u.timezone) || ' ' || left(u.timezone, 40)
-                      WHEN p.time_of_day >= '24:00' THEN 't' || p.time_of_day::text
-                      ELSE 'v' || left(u.last_visit_at::text, 100) END
-       END
+       date_part('epoch', u.last_visit_at),
+       CASE WHEN octet_length(u.timezone) > 255 THEN length(u.timezone) || ' ' || left(u.timezone, 40) END
 FROM brief_preferences p
 JOIN users u ON u.id = p.user_id
 WHERE p.is_active AND p.user_id > %(after)s
@@ -576,23 +597,30 @@ async def _page(
     due: list[_Due] = []
     changes: list[_Change] = []
     not_due = 0
-    # (user_id, timezone, frequency, day_of_week, time_of_day, email_enabled, last_visit_at, problem)
+    # (user_id, timezone, frequency, day_of_week, time_of_day, email_enabled, last visit epoch, long timezone)
     for row in rows:
         user_id = row[0]
         jobs = pending.pop(user_id, None)  # a skipped user's pending jobs are left as they are
-        if row[7] is not None:
-            planner.skip_bad(report, user_id, _problem(row[7]))
-            continue
         schedule = row[1:5]
         occurrences = cache.get(schedule)
         if not occurrences and not jobs and occurrences is not None:
-            not_due += 1  # the common case: nothing due and nothing queued
+            # The common case: nothing due and nothing queued (a bad last visit only matters when due).
             if detailed:
+                try:
+                    _last_visit(row[6])
+                except _BadRow as exc:
+                    planner.skip_bad(report, user_id, str(exc))
+                    continue
                 report.not_due.append({"user_id": user_id, **planner.next_due(schedule, user_id)})
+            not_due += 1
             continue
         if occurrences is None:
             try:
+                _check_row(row)  # a NULL timezone or time: a key the planner never caches
                 occurrences = planner.plan(schedule, user_id)
+            except _BadRow as exc:
+                planner.skip_bad(report, user_id, str(exc))
+                continue
             except Exception as exc:  # a planner bug must not stop the tick
                 log.exception("planning failed for user %s", user_id)
                 occurrences = exc
@@ -605,7 +633,12 @@ async def _page(
         if isinstance(occurrences, Exception):
             report.skip(user_id, f"plan_error: {type(occurrences).__name__}: {_clip(str(occurrences))}")
             continue
-        user = _User(*row[:7])
+        try:
+            last_visit = _last_visit(row[6])
+        except _BadRow as exc:
+            planner.skip_bad(report, user_id, str(exc))
+            continue
+        user = _User(user_id, row[1], row[2], row[3], row[4], row[5], last_visit)
         keys = set()
         for occ in occurrences:
             key = dedup_key(user_id, occ.brief_date)

@@ -45,12 +45,12 @@ async def run(db: Database, settings: Settings, now: datetime = NOW, **kw: Any) 
 # (timezone, time_of_day, last_visit_at (SQL literal or None), expected reason prefix, a fragment of the reason)
 BAD_USERS = [
     ("UTC", "24:00", None, "invalid_preference: ", "24:00:00"),
-    ("UTC", "08:00", "infinity", "invalid_last_visit: ", "infinity"),
-    ("UTC", "08:00", "-infinity", "invalid_last_visit: ", "-infinity"),
-    ("UTC", "08:00", "0044-03-15 12:00+00 BC", "invalid_last_visit: ", "BC"),
+    ("UTC", "08:00", "infinity", "invalid_last_visit: ", "'infinity'"),
+    ("UTC", "08:00", "-infinity", "invalid_last_visit: ", "'-infinity'"),
+    ("UTC", "08:00", "0044-03-15 12:00+00 BC", "invalid_last_visit: ", "before 0001-01-03 (BC dates included)"),
     # Decodable in a UTC session, but not in the user's zone (Python dates stop at 9999 and start at 1).
-    ("Pacific/Kiritimati", "22:00", "9999-12-31 20:00+00", "invalid_last_visit: ", "9999-12-31"),
-    ("America/New_York", "03:00", "0001-01-01 00:00+00", "invalid_last_visit: ", "0001-01-01"),
+    ("Pacific/Kiritimati", "22:00", "9999-12-31 20:00+00", "invalid_last_visit: ", "after 9999-12-29"),
+    ("America/New_York", "03:00", "0001-01-01 00:00+00", "invalid_last_visit: ", "before 0001-01-03"),
     (LONG_TZ, "08:00", None, "invalid_timezone: ", "61,447 characters"),
     ("Factory", "08:00", None, "invalid_timezone: ", "'Factory'"),
     ("", "08:00", None, "invalid_timezone: ", "empty"),
@@ -316,6 +316,8 @@ async def test_dry_run_accounts_for_every_user(db: Database, settings: Settings,
     weekly = sched_seed.user("Asia/Tokyo", "09:00", frequency="weekly", day_of_week=7)  # next Sunday
     bad = sched_seed.user("UTC", "24:00")
     wrong_tz = sched_seed.user("Nowhere/Land", "08:00")
+    lost = sched_seed.user("UTC", "18:00")  # not due, and its last visit is unusable
+    sched_seed.execute("UPDATE users SET last_visit_at = 'infinity' WHERE id = %s", (lost,))
     dormant = sched_seed.user("UTC", "08:00", last_visit_at=NOW - timedelta(days=8))
     sched_seed.brief(dormant, TODAY - timedelta(days=2), "re_engagement")
 
@@ -332,7 +334,8 @@ async def test_dry_run_accounts_for_every_user(db: Database, settings: Settings,
     assert (not_due[later]["brief_date"], not_due[later]["notify_at"]) == ("2026-03-10", "2026-03-10T18:00:00Z")
     assert (not_due[weekly]["brief_date"], not_due[weekly]["notify_at"]) == ("2026-03-15", "2026-03-15T00:00:00Z")
     assert not_due[weekly]["run_at"] == "2026-03-14T23:55:00Z"
-    assert set(reasons(report)) == {bad, wrong_tz, dormant}
+    assert set(reasons(report)) == {bad, wrong_tz, dormant, lost}
+    assert reasons(report)[lost].startswith("invalid_last_visit: ")
     assert data["not_due_count"] == 2
     # Every user it looked at is accounted for.
     seen = (
@@ -341,12 +344,14 @@ async def test_dry_run_accounts_for_every_user(db: Database, settings: Settings,
         | set(not_due)
         | {s["user_id"] for s in data["skipped"]}
     )
-    assert seen == {due, queued, later, weekly, bad, wrong_tz, dormant} and data["users_seen"] == len(seen)
+    assert seen == {due, queued, later, weekly, bad, wrong_tz, dormant, lost} and data["users_seen"] == len(seen)
     text = report.summary()
     assert "not due 2" in text and f"user {bad} skipped: invalid_preference" in text
 
     # A real tick does not list the users that are not due (it only counts them): its cost stays the same.
+    # It does not look at the last visit of a user that is not due either: that one counts as not due.
     report = await run(db, settings)
     data = report.to_dict()
-    assert data["detailed"] is False and data["not_due"] == [] and data["not_due_count"] == 2
+    assert data["detailed"] is False and data["not_due"] == [] and data["not_due_count"] == 3
+    assert set(reasons(report)) == {bad, wrong_tz, dormant}
     assert data["deduplicated_users"] == [] and data["deduplicated"] == 1
