@@ -464,6 +464,7 @@ def test_pending_job_keys_are_read_only_as_the_scheduler_writes_them() -> None:
         "brief:7:2026-03-10",  # another user's key
         "brief:7:20260310",  # fromisoformat reads it, dedup_key never writes it
         "brief:7:2026-W11-2",
+        "brief:7:2026-03-1\u0661",  # an Arabic-Indic digit
         "brief:7:2026-02-30",
         "brief:7:99999-01-01",
         "brief:07:2026-03-10",
