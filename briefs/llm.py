@@ -442,6 +442,8 @@ def make_http_client(concurrency: int) -> httpx2.AsyncClient:
     transports = [client._transport, *(t for t in client._mounts.values() if t is not None)]
     if not all([_probe_pool(t) for t in transports]):  # pragma: no cover - depends on the installed httpx2
         log.debug("httpx2 transport not as expected; keeping its stock idle-connection checks")
+    if through := proxied(client):
+        log.info("LLM requests to %s go through the proxy set in the environment", ", ".join(through))
     return client
 
 
