@@ -672,28 +672,32 @@ class _Run:
         if self.llm_broken is not None:
             return plain, actions, {"summary_source": "fallback", "summary_error": clip(str(self.llm_broken), 2000),
                                     "summary_error_kind": self.llm_broken.kind}
-        lines = [deterministic.compact_line(r.project, r.section) for r in results]
-        messages = render.summary_messages(
-            lines, ctx.brief_date, self.req.engagement_stage, ctx.user.display_name,
-            more_projects=ctx.more_projects, max_chars=self._prompt_budget(ExecutiveSummary),
-        )
         try:
+            lines = [deterministic.compact_line(r.project, r.section) for r in results]
+            messages = render.summary_messages(
+                lines, ctx.brief_date, self.req.engagement_stage, ctx.user.display_name,
+                more_projects=ctx.more_projects, max_chars=self._prompt_budget(ExecutiveSummary),
+            )
             reply = await self.llm.complete(messages, ExecutiveSummary, purpose="executive_summary")
+            self._note_llm(reply.attempts, failed=False)
+            llm_actions = list(render.clean_lines(reply.value.priority_actions, self.limits.text))
+            summary = "\n\n".join(render.paragraphs(reply.value.summary))
         except LLMError as exc:
             self._note_llm(exc.attempts, failed=True)
             log.warning("executive summary: LLM failed, using the deterministic summary: %s", exc)
             return plain, actions, {"summary_source": "fallback", "summary_error": clip(str(exc), 2000),
                                     "summary_error_kind": exc.kind}
-        self._note_llm(reply.attempts, failed=False)
-        llm_actions = list(render.clean_lines(reply.value.priority_actions, self.limits.text))
+        except Exception as exc:  # isolation: the summary's bug never sinks the brief either
+            log.exception("executive summary: unexpected error; using the deterministic summary")
+            return plain, actions, {"summary_source": "fallback", "summary_error_kind": "internal",
+                                    "summary_error": clip(render.clean(f"{type(exc).__name__}: {exc}"), 2000)}
         meta = {
             "summary_source": "llm",
             "summary_model": reply.model,
             "summary_prompt_tokens": reply.prompt_tokens,
             "summary_completion_tokens": reply.completion_tokens,
         }
-        summary = "\n\n".join(render.paragraphs(reply.value.summary))
-        return summary, llm_actions or actions, meta
+        return summary or plain, llm_actions or actions, meta
 
     async def _finish(
         self,

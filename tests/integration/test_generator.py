@@ -447,3 +447,25 @@ async def test_forced_regeneration_keeps_the_sent_email_unless_asked(briefs_harn
     await h.run(settings)
     resent = await h.brief(uid)
     assert resent["metadata"]["revision"] == 3 and resent["email_sent_at"] is None
+
+
+async def test_an_unexpected_error_in_the_summary_degrades_the_summary_only(
+    briefs_harness: Any, brief_seed: Any, fake_llm: FakeLLM, monkeypatch: Any
+) -> None:
+    from briefs import render
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("template bug")
+
+    monkeypatch.setattr(render, "summary_messages", broken)
+    h = briefs_harness
+    uid = seed_five(brief_seed)
+    await h.enqueue(uid)
+    await h.run(h.settings(fake_llm))
+    brief = await h.brief(uid)
+    assert brief["status"] == "partial"
+    assert brief["metadata"]["summary_error_kind"] == "internal"
+    assert "RuntimeError: template bug" in brief["metadata"]["summary_error"]
+    assert "Across your 5 active projects" in brief["executive_summary"]
+    [job] = await h.jobs()
+    assert job["status"] == "completed"
