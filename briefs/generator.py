@@ -401,14 +401,14 @@ class _Run:
             # Loaded before the claim so the claim carries the first progress (projects_total): one
             # statement less. Nothing is visible before the commit, so the order is not observable.
             anchor = anchor_for(req.brief_date, user.tz, req.notify_at)
-            projects, more = await load_projects(conn, user, req.brief_date, anchor, self.limits)
+            projects, more, more_names = await load_projects(conn, user, req.brief_date, anchor, self.limits)
             self.total = len(projects)
             self.phase = "projects"
             skipped = await self._claim(conn, user)
             if skipped is not None:
                 return skipped
             await self._publish_progress(conn, self._progress_value())
-        ctx = BriefContext(user, req.brief_date, anchor, tuple(projects), more)
+        ctx = BriefContext(user, req.brief_date, anchor, tuple(projects), more, more_names)
 
         results = await self._projects(ctx) if projects else []
 
@@ -747,6 +747,7 @@ class _Run:
             summary_source=str(summary_meta.get("summary_source")),
             catch_up=req.catch_up,
             more_projects=ctx.more_projects,
+            more_names=ctx.more_names,
         )
         markdown = render.brief_markdown(view, self.settings.brief_max_chars)
         self.phase = "done"

@@ -50,6 +50,8 @@ COMPLETED_WINDOW = timedelta(hours=24)
 NOTES_WINDOW = timedelta(days=7)
 UPCOMING_DAYS = 7
 NOTES_PER_PROJECT = 5
+MORE_NAMED = 10  # projects beyond brief_max_projects named in the brief's "and N more" line
+MORE_NAME_CHARS = 60
 
 Conn = psycopg.AsyncConnection[Any]
 
@@ -146,6 +148,7 @@ class BriefContext:
     anchor: datetime  # UTC instant the "last 24 h" and "last 7 days" windows end at
     projects: tuple[ProjectContext, ...] = field(default_factory=tuple)
     more_projects: int = 0  # active projects beyond brief_max_projects: counted, not loaded
+    more_names: tuple[str, ...] = ()  # the names of the first MORE_NAMED of those
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +190,7 @@ _SQL = {
         WHERE p.user_id = %(user)s AND p.status = 'active'
         ORDER BY a.overdue + a.today + a.completed DESC, a.overdue DESC, a.today DESC,
                  lower(left(p.name, %(text)s)), p.id
-        LIMIT %(limit)s
+        LIMIT %(limit)s + %(named)s
     """,
     # One row per (task, bucket) a task falls in; per project and bucket only the first %(limit)s in the
     # bucket's order (today: priority; overdue: priority, oldest due; upcoming: soonest due; completed:
@@ -271,19 +274,22 @@ async def load_user(conn: Conn, user_id: int, limits: Limits | None = None) -> U
 
 async def load_projects(
     conn: Conn, user: UserContext, brief_date: date, anchor: datetime, limits: Limits | None = None
-) -> tuple[list[ProjectContext], int]:
-    """The included projects (most active first) and how many more active projects were left out."""
+) -> tuple[list[ProjectContext], int, tuple[str, ...]]:
+    """The included projects (most active first), how many more active projects were left out, and the
+    names of the first few of those (the most active of the rest)."""
     limits = limits or Limits()
     done_since = anchor - COMPLETED_WINDOW
     cur = await conn.execute(
         _SQL["projects"],
         {"user": user.id, "day": brief_date, "done_since": done_since, "anchor": anchor,
-         "text": limits.text, "limit": limits.projects},
+         "text": limits.text, "limit": limits.projects, "named": MORE_NAMED},
     )
-    projects = await cur.fetchall()
-    if not projects:
-        return [], 0
-    more = int(projects[0][4]) - len(projects)
+    rows = await cur.fetchall()
+    if not rows:
+        return [], 0, ()
+    projects, beyond = rows[: limits.projects], rows[limits.projects :]
+    more = int(rows[0][4]) - len(projects)
+    more_names = tuple(plain_inline(row[1], MORE_NAME_CHARS) or "(untitled project)" for row in beyond)
     ids = [row[0] for row in projects]
     tz = user.tz
 
@@ -335,7 +341,7 @@ async def load_projects(
                 totals=totals.get(pid, {}),
             )
         )
-    return out, more
+    return out, more, more_names
 
 
 async def load_brief_context(
@@ -346,5 +352,5 @@ async def load_brief_context(
     if user is None:
         return None
     anchor = anchor_for(brief_date, user.tz, notify_at)
-    projects, more = await load_projects(conn, user, brief_date, anchor, limits)
-    return BriefContext(user, brief_date, anchor, tuple(projects), more)
+    projects, more, names = await load_projects(conn, user, brief_date, anchor, limits)
+    return BriefContext(user, brief_date, anchor, tuple(projects), more, names)

@@ -207,6 +207,7 @@ class BriefView:
     unsubscribe_url: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     more_projects: int = 0  # active projects left out of the brief (brief_max_projects), as a count
+    more_names: tuple[str, ...] = ()  # the first few of those, by name
     truncated: bool = False  # lists were shortened to fit the brief's size limit
 
     @property

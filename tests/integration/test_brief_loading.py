@@ -138,7 +138,7 @@ async def test_limits_are_applied_in_sql_with_full_counts(db: Database, brief_se
     assert ctx is not None and counting.statements == 4
     assert ctx.user.name == "N" * 30
     assert [p.id for p in ctx.projects] == [busy, less]  # most active first
-    assert ctx.more_projects == 5
+    assert ctx.more_projects == 5 and ctx.more_names == tuple(f"Quiet {i}" for i in range(5))
     p = ctx.projects[0]
     assert p.name == ("Busy " + "b" * 5000)[:30] and p.description == "d" * 30
     assert all(len(t.title) <= 30 for b in ("overdue", "today", "upcoming", "completed") for t in getattr(p, b))

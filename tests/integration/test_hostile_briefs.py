@@ -204,7 +204,8 @@ async def test_five_thousand_projects_and_a_hundred_thousand_tasks_stay_bounded(
     assert max(prompt_chars(b) for b in fake_llm.requests) <= settings.prompt_max_chars
     md = brief["summary_markdown"]
     assert len(md) <= settings.brief_max_chars
-    assert "more active projects, quieter ones, not in this brief" in md and "4,950 more" in md
+    assert "more active projects, quieter ones, not in this brief: P" in md and "4,950 more" in md
+    assert "and 4,940 others._" in md  # the first ten of the rest are named
     assert brief["metadata"]["projects"]["more"] == 4950
     # The most active first: Huge (100,020 due or overdue), then the projects with an overdue task.
     assert sections_in_order(md)[0] == "Huge"
