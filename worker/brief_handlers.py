@@ -28,6 +28,7 @@ from worker.runner import Handler, JobContext
 
 log = logging.getLogger(__name__)
 
+# The SMTP exchange is cut at briefs.email.SEND_BUDGET (90 s); the claim and the record are short transactions.
 EMAIL_TIMEOUT = 120.0
 
 
@@ -38,9 +39,10 @@ def llm_client(ctx: JobContext) -> LLMClient:
     return client
 
 
-def enqueue_hook(max_attempts: int) -> generator.EnqueueHook:
+def enqueue_hook(max_attempts: int, max_payload_bytes: int = queue.DEFAULT_MAX_PAYLOAD_BYTES) -> generator.EnqueueHook:
     """The generator's (and the CLI's) enqueue hook: follow-up jobs in one bulk insert, on the caller's
-    connection and so in the caller's transaction."""
+    connection and so in the caller's transaction. Pass ``settings.max_payload_bytes``: a follow-up over it
+    is refused by the queue (and logged there), the others go in."""
 
     async def enqueue(conn: queue.Conn, follow_ups: Sequence[generator.FollowUp]) -> list[int | None]:
         ids = await queue.enqueue_many(
@@ -58,6 +60,7 @@ def enqueue_hook(max_attempts: int) -> generator.EnqueueHook:
                 for f in follow_ups
             ],
             default_max_attempts=max_attempts,
+            max_payload_bytes=max_payload_bytes,
         )
         for f, new_id in zip(follow_ups, ids, strict=True):
             log.info("enqueued %s for user %s: %s", f.job_type, f.user_id,
@@ -71,7 +74,7 @@ async def generate_daily_brief(ctx: JobContext) -> dict[str, Any]:
     job = ctx.job
     request = generator.BriefRequest.from_payload(job.payload, user_id=job.user_id, notify_at=job.notify_at)
 
-    enqueue = enqueue_hook(ctx.settings.max_attempts)
+    enqueue = enqueue_hook(ctx.settings.max_attempts, ctx.settings.max_payload_bytes)
 
     async def progress(conn: queue.Conn, data: dict[str, Any]) -> None:
         # What ctx.progress() does, inside the generator's own transaction (no extra round trip).
@@ -98,6 +101,7 @@ async def generate_daily_brief(ctx: JobContext) -> dict[str, Any]:
 
 
 async def send_brief_email(ctx: JobContext) -> dict[str, Any]:
+    # A payload that is not an object, an id out of range or a bad date fails once, permanently (PermanentError).
     request = brief_email.EmailRequest.from_payload(ctx.job.payload, user_id=ctx.job.user_id)
     return await brief_email.send_brief_email(ctx.db, ctx.settings, request, now=datetime.now(UTC))
 

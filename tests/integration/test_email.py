@@ -723,3 +723,21 @@ def test_smtp_url_problems_are_permanent_and_never_show_the_password() -> None:
     assert not brief_email._classify(smtplib.SMTPResponseException(421, b"busy"), target).permanent
     assert not brief_email._classify(ConnectionResetError(), target).permanent
     assert brief_email._classify(smtplib.SMTPNotSupportedError("no"), target).permanent
+
+
+async def test_follow_up_jobs_are_held_to_the_payload_limit(briefs_harness: Any, brief_seed: Any) -> None:
+    """The handlers' enqueue hook passes BRIEFS_MAX_PAYLOAD_BYTES to the queue: an oversized follow-up is refused
+    alone, the others go in."""
+    from briefs.generator import FollowUp
+    from worker.brief_handlers import enqueue_hook
+
+    h = briefs_harness
+    uid = brief_seed.user("Ada")
+    small = FollowUp("send_brief_email", {"user_id": uid, "brief_date": "2026-12-01"}, f"email:{uid}:2026-12-01",
+                     uid, None, None)
+    big = FollowUp("send_brief_email", {"user_id": uid, "brief_date": "2026-12-02", "pad": "x" * 2000},
+                   f"email:{uid}:2026-12-02", uid, None, None)
+    async with h.db.raw() as conn:
+        ids = await enqueue_hook(5, 1024)(conn, [small, big])
+    assert ids[0] is not None and ids[1] is None
+    assert [j["dedup_key"] for j in await h.jobs()] == [f"email:{uid}:2026-12-01"]
