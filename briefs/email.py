@@ -463,29 +463,35 @@ def _when(value: Any) -> datetime | None:
     return when if when.tzinfo is not None else None
 
 
-async def load(conn: Any, user_id: int, brief_date: date, *, lock: bool, limits: Limits = Limits()
-               ) -> LoadedBrief | None:
-    """The brief, its user and its first sections, with every value bounded (see ``_SQL``)."""
+async def load(conn: Any, user_id: int, brief_date: date, *, lock: bool, limits: Limits = Limits(),
+               sections: bool = True) -> LoadedBrief | None:
+    """The brief and its user (and its first sections unless ``sections=False``), every value bounded."""
     cur = await conn.execute(_SQL["brief"] + (" FOR UPDATE OF b" if lock else ""), (user_id, brief_date))
     row = await cur.fetchone()
     if row is None:
         return None
     (brief_id, status, subject, summary, actions, stage, revision, llm, summary_source, catch_up, sent_at, day,
      uid, address, name, sending_token, sending_at, db_now) = row
-    cur = await conn.execute(
-        _SQL["sections"],
-        {"brief": brief_id, "sections": limits.max_sections, "names": MAX_OMITTED_NAMES, "json_max": SECTION_JSON_MAX},
-    )
-    rows = await cur.fetchall()
-    sections = tuple(LoadedSection(pid, pname or "", bool(quiet), data) for pid, pname, quiet, data, _ in rows)
-    return LoadedBrief(
+    brief = LoadedBrief(
         brief_id=brief_id, status=status, subject=subject, summary=summary,
         actions=[a for a in (actions or []) if isinstance(a, str)], stage=stage,
         revision=_int_or(revision, 1), llm=llm == "enabled", summary_source=summary_source or "llm",
         catch_up=catch_up == "true", email_sent_at=sent_at, brief_date=day, user_id=uid, address=address, name=name,
         sending_token=sending_token, sending_at=_when(sending_at), db_now=db_now,
-        sections=sections, total_sections=int(rows[0][4]) if rows else 0,
     )
+    return await load_sections(conn, brief, limits) if sections else brief
+
+
+async def load_sections(conn: Any, brief: LoadedBrief, limits: Limits = Limits()) -> LoadedBrief:
+    """``brief`` with its first sections (JSON only when of sane size), the next names, and the total."""
+    cur = await conn.execute(
+        _SQL["sections"],
+        {"brief": brief.brief_id, "sections": limits.max_sections, "names": MAX_OMITTED_NAMES,
+         "json_max": SECTION_JSON_MAX},
+    )
+    rows = await cur.fetchall()
+    sections = tuple(LoadedSection(pid, pname or "", bool(quiet), data) for pid, pname, quiet, data, _ in rows)
+    return replace(brief, sections=sections, total_sections=int(rows[0][4]) if rows else 0)
 
 
 # --------------------------------------------------------------------------- the job
@@ -519,7 +525,8 @@ class _Claim:
 
 async def _claim(db: Database, config: EmailConfig, request: EmailRequest) -> _Claim | dict[str, Any]:
     async with db.raw() as conn:
-        brief = await load(conn, request.user_id, request.brief_date, lock=True, limits=config.limits)
+        # The row lock is held for this check and the claim only; the sections are read after the commit.
+        brief = await load(conn, request.user_id, request.brief_date, lock=True, sections=False)
         if brief is None:
             raise PermanentError(f"no brief for user {request.user_id} on {request.brief_date}")
         if request.brief_id is not None and brief.brief_id != request.brief_id:
@@ -559,6 +566,8 @@ async def _claim_send_record(db: Database, config: EmailConfig, request: EmailRe
         return claimed
     brief = claimed.brief
     try:
+        async with db.raw() as conn:
+            brief = await load_sections(conn, brief, config.limits)
         email = build_email(config, brief, now)
         await asyncio.get_running_loop().run_in_executor(
             _smtp_threads(), smtp_send, config.smtp, email.message, config.sender.address, email.to)

@@ -531,7 +531,7 @@ async def test_no_connection_or_lock_is_held_while_smtp_stalls(briefs_harness: A
             locks.append(row["n"])
             await asyncio.sleep(0.2)
         assert max(locks) == 0, locks
-        assert min(checked_out) <= 1, checked_out  # at most a heartbeat or this test's own query
+        assert min(checked_out) == 0, checked_out  # sampled between this test's own queries
     finally:
         smtp_server.release()
         await run
