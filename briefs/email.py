@@ -669,6 +669,9 @@ def _section(item: LoadedSection) -> Section:
                    note=note)
 
 
+_warned: list[bool] = []  # the missing-BRIEFS_PUBLIC_URL warning, once per process
+
+
 def build_email(config: EmailConfig, brief: LoadedBrief, now: datetime) -> Email:
     """The message for ``brief``; raises :class:`PermanentError` for a recipient that is not one valid address."""
     address = check_recipient(brief.address)
@@ -677,6 +680,10 @@ def build_email(config: EmailConfig, brief: LoadedBrief, now: datetime) -> Email
     subject = header_text(brief.subject, SUBJECT_MAX) or header_text(
         render.subject(stage, brief.brief_date, display), SUBJECT_MAX)
     base = config.public_url
+    if not base and not _warned:
+        _warned.append(True)
+        log.warning("BRIEFS_PUBLIC_URL is not set: emails carry no unsubscribe link and no List-Unsubscribe header "
+                    "(large mail providers expect one-click unsubscribe: set an https BRIEFS_PUBLIC_URL)")
     token = unsubscribe.make_token(config.secret, brief.user_id, address, now=now)
     unsubscribe_url = unsubscribe.unsubscribe_url(base, token) if base else None
     shown = brief.sections[: config.limits.max_sections]

@@ -12,7 +12,8 @@ works with whatever loop (or none) the test uses::
 Modes: ``hold_data()`` stalls every DATA command before replying until ``release()``
 (a slow server; ``wait_held(n)`` waits until n senders are stalled); ``auth=(user,
 password)`` offers AUTH and records every attempt with whether TLS was on;
-``tls=tls_material(dir)`` offers STARTTLS with a self-signed certificate for 127.0.0.1.
+``tls=tls_material(dir)`` offers STARTTLS with a self-signed certificate for 127.0.0.1
+(with ``implicit_tls=True``: TLS from the first byte, as ``smtps://`` expects).
 """
 
 from __future__ import annotations
@@ -115,10 +116,12 @@ def _free_port() -> int:
 
 
 class SMTPServer:
-    def __init__(self, *, auth: tuple[str, str] | None = None, tls: TLSMaterial | None = None) -> None:
+    def __init__(self, *, auth: tuple[str, str] | None = None, tls: TLSMaterial | None = None,
+                 implicit_tls: bool = False) -> None:
         self.received: list[Received] = []
         self.auth = auth
         self.tls = tls
+        self.implicit_tls = implicit_tls  # with tls: TLS from the first byte (smtps://) instead of STARTTLS
         self.auth_attempts: list[tuple[str, str, bool]] = []  # (mechanism, login, TLS on)
         self.held = 0  # DATA commands stalled right now
         self._hold: threading.Event | None = None
@@ -182,7 +185,8 @@ class SMTPServer:
                 # Offered over plain connections too, so a test can see whether a client would send it.
                 options.update(authenticator=handler.authenticate, auth_require_tls=False)
             if self.tls is not None:
-                options.update(tls_context=self.tls.server_context())
+                key = "ssl_context" if self.implicit_tls else "tls_context"
+                options[key] = self.tls.server_context()
             controller = Controller(handler, hostname="127.0.0.1", port=port, ready_timeout=5.0, **options)
             try:
                 controller.start()

@@ -741,3 +741,31 @@ async def test_follow_up_jobs_are_held_to_the_payload_limit(briefs_harness: Any,
         ids = await enqueue_hook(5, 1024)(conn, [small, big])
     assert ids[0] is not None and ids[1] is None
     assert [j["dedup_key"] for j in await h.jobs()] == [f"email:{uid}:2026-12-01"]
+
+
+async def test_smtps_verifies_the_certificate_and_logs_in_over_tls(briefs_harness: Any, brief_seed: Any,
+                                                                   tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    h = briefs_harness
+    try:
+        material = tls_material(tmp_path)
+    except (RuntimeError, OSError) as exc:
+        pytest.skip(f"no test certificate: {exc}")
+    uid = await brief_without_email(h, brief_seed)
+    with SMTPServer(auth=("user", "secret"), tls=material, implicit_tls=True) as smtp:
+        job_id = await email_job(h, uid)
+        settings = h.settings(None, smtp_url=f"smtps://user:secret@127.0.0.1:{smtp.port}", secret_key=KEY)
+        # A certificate nobody vouches for: no login, no message, an error naming the cause (retried: a
+        # certificate can be renewed).
+        await h.run(settings, services={})
+        row = await job(h, job_id)
+        assert row["attempts"] > 1 and "CERTIFICATE_VERIFY_FAILED" in row["last_error"], row["last_error"]
+        assert smtp.auth_attempts == [] and smtp.messages == []
+
+        monkeypatch.setenv("SSL_CERT_FILE", str(material.cert))
+        await h.rows("UPDATE queue_jobs SET status = 'pending', attempts = 0, run_at = now() WHERE id = %s "
+                     "RETURNING id", job_id)
+        await h.run(settings, services={})
+        assert (await job(h, job_id))["status"] == "completed"
+        assert [login for _, login, _ in smtp.auth_attempts] == ["user"]
+        assert len(smtp.messages) == 1
