@@ -769,3 +769,29 @@ async def test_smtps_verifies_the_certificate_and_logs_in_over_tls(briefs_harnes
         assert (await job(h, job_id))["status"] == "completed"
         assert [login for _, login, _ in smtp.auth_attempts] == ["user"]
         assert len(smtp.messages) == 1
+
+
+async def test_a_send_cancelled_mid_smtp_still_completes_and_is_recorded_once(
+    briefs_harness: Any, brief_seed: Any, smtp_server: Any
+) -> None:
+    """A job timeout or a lost lease cancels the handler; the send already under way finishes and is recorded,
+    so the retry finds it sent instead of sending again."""
+    h = briefs_harness
+    uid = await brief_without_email(h, brief_seed)
+    settings = mail(h, smtp_server)
+    request = brief_email.EmailRequest(uid, datetime.now(UTC).date())
+    smtp_server.hold_data()
+    sending = asyncio.create_task(brief_email.send_brief_email(h.db, settings, request))
+    assert await asyncio.to_thread(smtp_server.wait_held, 1) == 1
+    sending.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await sending
+    smtp_server.release()
+    for _ in range(200):  # wait for the shielded send to record itself
+        if (await h.brief(uid))["email_sent_at"] is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert (await h.brief(uid))["email_sent_at"] is not None
+    again = await brief_email.send_brief_email(h.db, settings, request)
+    assert again["sent"] is False and again["reason"] == "already sent"
+    assert len(smtp_server.messages) == 1
