@@ -407,6 +407,22 @@ _JOB_COLUMNS = (
 
 # One statement: pick (lock) the runnable rows in claim order, skipping rows other
 # workers hold, then update them. MATERIALIZED keeps the LIMIT exact.
+# A row whose stored payload is over this many bytes is never sent to a worker: the claim
+# fails it on the spot (reading and parsing it would stall the worker for every other job).
+# A multiple of the enqueue cap, since jsonb's stored form of a payload can be larger than its text.
+PAYLOAD_READ_FACTOR = 16
+
+# What the claim returns per row; a row failed by the claim itself comes back without its
+# payload and token (a token of None marks it).
+_CLAIMED_COLUMNS = (
+    "id, job_type, CASE WHEN claim_status = 'processing' THEN payload END AS payload, priority, attempts,"
+    " max_attempts, dedup_key, user_id, notify_at, run_at,"
+    " CASE WHEN claim_status = 'processing' THEN processing_token END AS processing_token"
+)
+
+# One statement: pick (lock) the runnable rows in claim order, skipping rows other
+# workers hold, then update them. MATERIALIZED keeps the LIMIT exact. A row whose
+# payload is too big to read is failed here instead, and not returned.
 _CLAIM_CTES = """
 picked AS MATERIALIZED (
     SELECT id FROM queue_jobs
@@ -417,20 +433,26 @@ picked AS MATERIALIZED (
 ),
 claimed AS (
     UPDATE queue_jobs j
-    SET status = 'processing',
-        attempts = least(j.attempts, 2147483646) + 1,  -- a hostile attempts never overflows the claim
+    SET status = CASE WHEN pg_column_size(j.payload) > %(max_read)s THEN 'failed' ELSE 'processing' END,
+        attempts = least(j.attempts, 2147483646) + 1,
         locked_by = %(worker)s,
         processing_token = gen_random_uuid(),
-        lease_expires_at = now() + make_interval(secs => %(lease)s),
+        lease_expires_at = CASE WHEN pg_column_size(j.payload) > %(max_read)s THEN NULL
+                                ELSE now() + make_interval(secs => %(lease)s) END,
         heartbeat_at = now(),
         started_at = now(),
-        finished_at = NULL,
+        finished_at = CASE WHEN pg_column_size(j.payload) > %(max_read)s THEN now() END,
+        last_error = CASE WHEN pg_column_size(j.payload) > %(max_read)s
+                          THEN format('payload is %%s bytes as stored, over the %%s bytes a worker reads '
+                                      '(%%s x BRIEFS_MAX_PAYLOAD_BYTES): failed without running',
+                                      pg_column_size(j.payload), %(max_read)s, %(factor)s)
+                          ELSE j.last_error END,
         updated_at = now()
     WHERE j.id = ANY(ARRAY(SELECT id FROM picked))
-    RETURNING """ + _JOB_COLUMNS + """
+    RETURNING j.status AS claim_status, """ + _JOB_COLUMNS + """
 )"""
 
-_CLAIM = f"WITH {_CLAIM_CTES}\nSELECT * FROM claimed"
+_CLAIM = f"WITH {_CLAIM_CTES}\nSELECT {_CLAIMED_COLUMNS} FROM claimed"
 
 # Completions, fenced by the token. The status is a parameter on purpose: a generic
 # plan cannot then match the partial lease index (which would read every running
@@ -446,29 +468,51 @@ _COMPLETE = """
 _COMPLETE_AND_CLAIM = f"""
 WITH done AS ({_COMPLETE}),
 {_CLAIM_CTES}
-SELECT *, NULL::bigint[] FROM claimed
+SELECT {_CLAIMED_COLUMNS}, NULL::bigint[] FROM claimed
 UNION ALL
 SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, (SELECT array_agg(id) FROM done)
 """
 
 
-async def claim(conn: Executor, limit: int, worker_id: str, lease_seconds: float) -> list[Job]:
-    """Claim up to ``limit`` runnable jobs: lowest priority first, then run_at, then id."""
+async def claim(
+    conn: Executor, limit: int, worker_id: str, lease_seconds: float, *,
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+) -> list[Job]:
+    """Claim up to ``limit`` runnable jobs: lowest priority first, then run_at, then id.
+
+    A picked row whose stored payload is over ``PAYLOAD_READ_FACTOR * max_payload_bytes``
+    is failed by the same statement (the reason in ``last_error``) and not returned, so
+    fewer than ``limit`` jobs may come back while more are runnable.
+    """
     if limit <= 0:
         return []
-    cur = await conn.execute(_CLAIM, {"limit": limit, "worker": worker_id, "lease": lease_seconds})
+    cur = await conn.execute(_CLAIM, {"limit": limit, "worker": worker_id, "lease": lease_seconds,
+                                      **_read_limit(max_payload_bytes)})
     try:
         jobs = [Job(*row) for row in await cur.fetchall()]
     except Exception:  # one value that cannot be decoded fails the whole fetch: read row by row
         rows, problems = _fetch_tolerant(cur)
         jobs = [_job(row, problems.get(i)) for i, row in enumerate(rows)]
-    jobs.sort(key=_claim_order)
-    return jobs
+    return _claimed(jobs)
+
+
+class Claimed(list[Job]):
+    """Claimed jobs in claim order; ``refused``: (id, job_type) of rows the claim failed (payload too big)."""
+
+    refused: list[tuple[int, str]]
+
+
+def _claimed(jobs: list[Job]) -> Claimed:
+    result = Claimed(job for job in jobs if job.token is not None)
+    result.refused = [(job.id, job.job_type) for job in jobs if job.token is None] if len(result) < len(jobs) else []
+    result.sort(key=_claim_order)
+    return result
 
 
 async def complete_and_claim(
-    conn: Executor, done: Sequence[tuple[int, UUID, Any]], limit: int, worker_id: str, lease_seconds: float
-) -> tuple[set[int], list[Job]]:
+    conn: Executor, done: Sequence[tuple[int, UUID, Any]], limit: int, worker_id: str, lease_seconds: float, *,
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+) -> tuple[set[int], Claimed]:
     """:func:`complete_many` and :func:`claim` in one statement: one round trip, one commit.
 
     A worker whose slot just freed has both to do; doing them together halves the
@@ -477,12 +521,12 @@ async def complete_and_claim(
     token still holds is written (one id twice, two runs of a job: one at most).
     """
     if not done:
-        return set(), await claim(conn, limit, worker_id, lease_seconds)
+        return set(), await claim(conn, limit, worker_id, lease_seconds, max_payload_bytes=max_payload_bytes)
     ids, tokens, results = _split_done(done)
     cur = await conn.execute(
         _COMPLETE_AND_CLAIM,
         {"ids": ids, "tokens": tokens, "results": results, "processing": "processing", "limit": max(limit, 0),
-         "worker": worker_id, "lease": lease_seconds},
+         "worker": worker_id, "lease": lease_seconds, **_read_limit(max_payload_bytes)},
     )
     try:
         rows = await cur.fetchall()
@@ -491,8 +535,11 @@ async def complete_and_claim(
         rows, problems = _fetch_tolerant(cur)
         jobs = [_job(row[:11], problems.get(i)) for i, row in enumerate(rows[:-1])]
     written = set(rows[-1][11] or ())  # the last row carries the completed ids
-    jobs.sort(key=_claim_order)
-    return written, jobs
+    return written, _claimed(jobs)
+
+
+def _read_limit(max_payload_bytes: int) -> dict[str, int]:
+    return {"max_read": PAYLOAD_READ_FACTOR * max_payload_bytes, "factor": PAYLOAD_READ_FACTOR}
 
 
 _SOME_TIME = datetime(1970, 1, 1, tzinfo=UTC)
@@ -705,19 +752,23 @@ async def release(conn: Conn, jobs: Iterable[tuple[int, UUID]], reason: str) -> 
 # --------------------------------------------------------------------------- maintenance
 
 async def rescue_expired(
-    conn: Conn, *, retry_base: float, retry_max: float, limit: int = 500
-) -> list[tuple[int, str, str, int, datetime]]:
+    conn: Conn, *, retry_base: float, retry_max: float, limit: int = 500, max_lease: float = 86400.0
+) -> list[tuple[int, str, str, int, datetime | None]]:
     """Rescue jobs whose lease expired (their worker died or hung).
 
     The lost run consumed its attempt: the job goes back to pending after a
-    backoff with jitter, or to failed when its attempts are used up. Returns
-    (id, job_type, new status, attempts, run_at) per rescued job.
+    backoff with jitter, or to failed when its attempts are used up. A lease that
+    ends more than ``max_lease`` seconds from now (``infinity``, a bad manual edit)
+    is no lease any worker took: it is rescued too, or the job would stay running
+    forever. Returns (id, job_type, new status, attempts, run_at or None when
+    failed) per rescued job.
     """
     cur = await conn.execute(
         """
         WITH expired AS MATERIALIZED (
             SELECT id FROM queue_jobs
-            WHERE status = 'processing' AND lease_expires_at < now()
+            WHERE status = 'processing'
+              AND (lease_expires_at < now() OR lease_expires_at > now() + make_interval(secs => %(max_lease)s))
             ORDER BY lease_expires_at
             LIMIT %(limit)s
             FOR UPDATE SKIP LOCKED
@@ -728,8 +779,11 @@ async def rescue_expired(
                           ELSE now() + make_interval(secs => least(%(cap)s, %(base)s * 2 ^ least(greatest(
                                                              j.attempts - 1, 0), 60)) * (0.5 + random() / 2)) END,
             finished_at = CASE WHEN j.attempts >= j.max_attempts THEN now() END,
-            last_error = format('lease expired: worker %%s stopped heartbeating (attempt %%s of %%s)',
-                                coalesce(left(j.locked_by, 200), '?'), j.attempts, j.max_attempts),
+            last_error = CASE WHEN j.lease_expires_at < now()
+                              THEN format('lease expired: worker %%s stopped heartbeating (attempt %%s of %%s)',
+                                          coalesce(left(j.locked_by, 200), '?'), j.attempts, j.max_attempts)
+                              ELSE format('lease until %%s is not one a worker takes: rescued (attempt %%s of %%s)',
+                                          j.lease_expires_at, j.attempts, j.max_attempts) END,
             locked_by = NULL,
             lease_expires_at = NULL,
             updated_at = now()
@@ -737,7 +791,7 @@ async def rescue_expired(
         WHERE j.id = expired.id
         RETURNING j.id, j.job_type, j.status, j.attempts, CASE WHEN j.status = 'pending' THEN j.run_at END
         """,
-        {"limit": limit, "cap": retry_max, "base": retry_base},
+        {"limit": limit, "cap": clamp_delay(retry_max), "base": retry_base, "max_lease": clamp_delay(max_lease)},
     )
     return [tuple(row) for row in await cur.fetchall()]  # type: ignore[misc]
 

@@ -346,10 +346,11 @@ class Worker:
                     if batch:
                         written, jobs = await queue.complete_and_claim(
                             conn, [(j.id, j.token, r) for j, r in batch], free, self.worker_id,
-                            self.settings.lease_seconds,
+                            self.settings.lease_seconds, max_payload_bytes=self.settings.max_payload_bytes,
                         )
                     else:
-                        jobs = await queue.claim(conn, free, self.worker_id, self.settings.lease_seconds)
+                        jobs = await queue.claim(conn, free, self.worker_id, self.settings.lease_seconds,
+                                                 max_payload_bytes=self.settings.max_payload_bytes)
                 except BaseException as exc:
                     self._wake = True
                     if batch:  # not written (or not known to be): the completer writes them (fenced, idempotent)
@@ -370,6 +371,9 @@ class Worker:
                     continue
                 if batch:
                     self._account(batch, written)
+                refused = getattr(jobs, "refused", ())
+                if refused:
+                    self._account_refused(refused)
                 failures = 0
                 self.stats.claims += 1
                 if self._stopping.is_set():
@@ -377,7 +381,7 @@ class Worker:
                     await self._release(jobs, "claimed while the worker was stopping")
                     return
                 self._start_all(jobs)
-                if len(jobs) == free:
+                if len(jobs) + len(refused) == free:
                     self._wake = True  # the queue may hold more
                     continue
                 if self.burst and not self._running:
@@ -416,6 +420,14 @@ class Worker:
             await self._wait_kick(min(due_in, self.settings.poll_interval))
         self._wake = True
         return False
+
+    def _account_refused(self, refused: Sequence[tuple[int, str]]) -> None:
+        """Rows the claim failed without returning them (a payload too big to read): counted and logged."""
+        for job_id, job_type in refused:
+            self.stats.failed += 1
+            _metrics_for(job_type).failed.inc()
+            log.error("job %s (%s) failed for good without running: its payload is too big to read (see last_error)",
+                      job_id, queue.short_repr(job_type))
 
     def _start_all(self, jobs: Sequence[Job]) -> None:
         now = asyncio.get_running_loop().time()
@@ -695,7 +707,8 @@ class Worker:
             try:
                 conn = await self._lease_conn.get()
                 rescued = await queue.rescue_expired(
-                    conn, retry_base=self.settings.retry_base, retry_max=self.settings.retry_max
+                    conn, retry_base=self.settings.retry_base, retry_max=self.settings.retry_max,
+                    max_lease=max(86400.0, 10 * self.settings.lease_seconds),
                 )
                 for job_id, job_type, status, attempts, run_at in rescued:
                     metrics.JOBS_RESCUED.labels(metrics.job_type_label(job_type)).inc()

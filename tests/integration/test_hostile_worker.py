@@ -150,6 +150,8 @@ BAD_ROWS: list[tuple[str, str, str, list[str]]] = [
      ["cannot be read", "payload", "recursion"]),
     ("number with 5,000 digits", f"(job_type, payload) VALUES ('noop', '{LONG_NUMBER}')", "failed",
      ["cannot be read", "payload", "digits"]),
+    ("payload of 6 MB", "(job_type, payload) SELECT 'noop', jsonb_build_object('blob', string_agg(md5(g::text), ''))"
+     " FROM generate_series(1, 200000) g", "failed", ["payload is", "bytes as stored", "failed without running"]),
     ("payload is an array", "(job_type, payload) VALUES ('noop', '[1, 2]')", "failed",
      ["payload must be a json object", "array"]),
     ("payload is a string", "(job_type, payload) VALUES ('noop', '\"go\"')", "failed",
@@ -273,6 +275,16 @@ async def test_rescue_and_inspection_survive_hostile_rows(db: Database) -> None:
         "(job_type, status, attempts, max_attempts, processing_token, lease_expires_at, run_at)"
         " VALUES ('noop', 'processing', 3, 3, gen_random_uuid(), now() - interval '1 s', '-infinity')",
     )
+    endless = insert(
+        url,
+        "(job_type, status, processing_token, lease_expires_at) VALUES ('noop', 'processing', gen_random_uuid(),"
+        " 'infinity')",
+    )
+    running = insert(  # a real lease, still valid: left alone
+        url,
+        "(job_type, status, processing_token, lease_expires_at) VALUES ('noop', 'processing', gen_random_uuid(),"
+        " now() + interval '1 minute')",
+    )
     insert(url, "(job_type, run_at) VALUES ('noop', 'infinity')")
     insert(url, "(job_type, run_at) VALUES ('noop', '-infinity')")
     insert(url, "(job_type, run_at, last_error) VALUES ('noop', '10000-01-01', %s)", ("x" * 1_000_000,))
@@ -280,17 +292,19 @@ async def test_rescue_and_inspection_survive_hostile_rows(db: Database) -> None:
         rescued = {r[0]: r for r in await queue.rescue_expired(conn, retry_base=1, retry_max=60)}
     assert rescued[expired][2] == "pending" and rescued[expired][4] is not None
     assert rescued[done_forever][2] == "failed" and rescued[done_forever][4] is None
+    assert rescued[endless][2] == "pending" and running not in rescued
+    assert "is not one a worker takes" in (await job_row(db, endless))["last_error"]
     async with db.raw() as conn:
         listed = await queue.list_jobs(conn)
         stats = await queue.stats(conn)
         assert await queue.next_runnable_in(conn) is not None
-    assert len(listed) == 5
+    assert len(listed) == 7
     assert max(len(r["last_error"] or "") for r in listed) <= 2000
     unreadable = sorted(r["run_at"] for r in listed if isinstance(r["run_at"], str))
     assert len(unreadable) == 4 and unreadable[:2] == ["-infinity"] * 2 and unreadable[3] == "infinity"
     assert unreadable[2].startswith("10000-01-01")
     [pending] = [r for r in stats if r["status"] == "pending"]
-    assert pending["jobs"] == 4
+    assert pending["jobs"] == 5
     assert pending["oldest_pending_age"] == timedelta.max  # due since -infinity
 
 
@@ -392,7 +406,7 @@ async def test_handlers_holding_every_pool_connection_do_not_starve_the_leases(d
             held += 1
             if held == pool_size:
                 holding.set()
-            await asyncio.sleep(2.0)  # more than three lease periods
+            await asyncio.sleep(3.5)  # more than three lease periods
         return "done"
 
     ids = await _enqueue(db, *[NewJob("hog") for _ in range(pool_size)])
@@ -403,7 +417,7 @@ async def test_handlers_holding_every_pool_connection_do_not_starve_the_leases(d
     handlers = {**builtin_handlers(), "hog": Handler(hog), "fail_fast": Handler(fail_while_held)}
     # A job that fails while the pool is exhausted: its failure must be written too.
     [failing] = await _enqueue(db, NewJob("fail_fast", max_attempts=1, priority=200))
-    worker = Worker(db, make_settings(db.url, lease_seconds=0.6, poll_interval=0.1), handlers,
+    worker = Worker(db, make_settings(db.url, lease_seconds=1.0, poll_interval=0.1), handlers,
                     concurrency=pool_size + 1, burst=True)
     rescued: list[Any] = []
 
