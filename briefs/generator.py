@@ -270,7 +270,10 @@ _SQL = {
     "restart": """
         UPDATE daily_briefs
         SET status = 'processing', engagement_stage = %(stage)s, notify_at = coalesce(%(notify)s, notify_at),
-            started_at = now(), completed_at = NULL, error = NULL, metadata = %(meta)s, progress = %(progress)s,
+            started_at = now(), completed_at = NULL, error = NULL, progress = %(progress)s,
+            -- The email record (a send done, or one in flight) belongs with email_sent_at: kept unless resending.
+            metadata = CASE WHEN NOT %(resend)s AND jsonb_typeof(metadata->'email') = 'object'
+                            THEN %(meta)s || jsonb_build_object('email', metadata->'email') ELSE %(meta)s END,
             email_sent_at = CASE WHEN %(resend)s THEN NULL ELSE email_sent_at END, updated_at = now()
         WHERE id = %(id)s
     """,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -429,12 +430,16 @@ async def test_forced_regeneration_keeps_the_sent_email_unless_asked(briefs_harn
     await h.enqueue(uid)
     await h.run(settings)
     sent = datetime(2026, 3, 10, 8, 0, tzinfo=UTC)
-    await h.rows("UPDATE daily_briefs SET email_sent_at = %s RETURNING id", sent)
+    record = {"message_id": "<brief-1.r1@example.com>", "to": "ada@example.com"}
+    await h.rows("""UPDATE daily_briefs SET email_sent_at = %s,
+                           metadata = metadata || jsonb_build_object('email', %s::jsonb) RETURNING id""",
+                 sent, json.dumps(record))
 
     await h.enqueue(uid, force=True)
     await h.run(settings)
     kept = await h.brief(uid)
     assert kept["metadata"]["revision"] == 2 and kept["email_sent_at"] == sent
+    assert kept["metadata"]["email"] == record  # the record of that send (or a send in flight) survives too
 
     payload_day = kept["brief_date"].isoformat()
     async with h.db.raw() as conn:
@@ -447,6 +452,7 @@ async def test_forced_regeneration_keeps_the_sent_email_unless_asked(briefs_harn
     await h.run(settings)
     resent = await h.brief(uid)
     assert resent["metadata"]["revision"] == 3 and resent["email_sent_at"] is None
+    assert "email" not in resent["metadata"]
 
 
 async def test_an_unexpected_error_in_the_summary_degrades_the_summary_only(
