@@ -38,8 +38,8 @@ def is_permanent(error: BaseException) -> bool:
     transient and retried with backoff until ``max_attempts``.
     """
     flag = getattr(error, "permanent", None)
-    if isinstance(flag, bool):
-        return flag
+    if flag is not None:
+        return bool(flag)
     if isinstance(error, BaseExceptionGroup):
         return bool(error.exceptions) and all(is_permanent(e) for e in error.exceptions)
     orig = getattr(error, "orig", None)  # SQLAlchemy's DBAPIError wraps the driver's error

@@ -25,10 +25,11 @@ dedicated connection: handlers use the pool, and a handler that holds every pool
 connection (a long SMTP exchange) must not starve the heartbeats into letting
 leases expire. Nothing of the worker's own bookkeeping waits for the pool.
 
-No row stops the worker: a claimed row that cannot be decoded, a payload that is
-not a JSON object, a job whose attempts are used up, a result PostgreSQL would
-refuse — each fails that one job at once, permanently, with the reason in
-``last_error``; the rest of its claim batch runs normally. Errors that the same
+No row stops the worker: a claimed row that cannot be decoded, a payload too big
+to read (failed by the claim statement itself), a payload that is not a JSON
+object, a job whose attempts are used up, a result PostgreSQL would refuse — each
+fails that one job at once, permanently, with the reason in ``last_error``; the
+rest of its claim batch runs normally. Errors that the same
 input raises again (:func:`briefs.errors.is_permanent`) fail once, not
 ``max_attempts`` times.
 
