@@ -4,7 +4,8 @@ A deliberately small asyncio HTTP server (three GET routes, no framework) on
 ``BRIEFS_HEALTH_PORT``. Truthful: ``/healthz`` fails (503) when a registered loop
 (the worker's claim loop, the scheduler) has not completed a cycle within its
 allowed staleness, or when the database does not answer within two seconds.
-``/readyz`` also requires the schema to be migrated. ``/metrics`` refreshes the
+``/readyz`` also requires the schema to be migrated. The checks and the gauges use
+the server's own database connection, never the pool that handlers can exhaust. ``/metrics`` refreshes the
 queue gauges (counted like the ``queue_stats`` view, labels bounded: see
 :mod:`briefs.metrics`) and serves the Prometheus exposition, rendered in a thread so
 a scrape never blocks the event loop. ``HEAD`` gets the headers without the body.
@@ -18,10 +19,11 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from briefs import metrics
@@ -84,6 +86,8 @@ class HealthServer:
         self.loops: list[LoopCheck] = []
         self._server: asyncio.Server | None = None
         self._active = 0
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._conn_lock = asyncio.Lock()
 
     def watch(self, name: str, last: Callable[[], float | None], max_age: float) -> None:
         self.loops.append(LoopCheck(name, last, max_age, started=time.monotonic()))
@@ -100,13 +104,41 @@ class HealthServer:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close()
 
     # ------------------------------------------------------------------ checks
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """The server's own autocommit connection (kept, replaced when it breaks), one user at a time.
+
+        Not the pool: handlers may hold every pool connection for minutes (a slow SMTP
+        exchange), and a busy worker must not look dead to the platform's probes.
+        """
+        async with self._conn_lock:
+            conn = self._conn
+            if conn is None or conn.closed or conn.broken:
+                self._conn = None
+                conn = await psycopg.AsyncConnection.connect(
+                    self.db.url, autocommit=True, application_name="briefs-health", connect_timeout=5
+                )
+                self._conn = conn
+            try:
+                yield conn
+            except BaseException:
+                # Timed out or failed mid-statement: start afresh next time.
+                self._conn = None
+                with contextlib.suppress(Exception):
+                    await conn.close()
+                raise
 
     async def _database(self, *, schema: bool) -> tuple[bool, str]:
         try:
             async with asyncio.timeout(DB_TIMEOUT):
-                async with self.db.raw() as conn:
+                async with self._connection() as conn:
                     await conn.execute("SELECT 1")
                     if schema:
                         from briefs.migrate import pending_migrations
@@ -140,7 +172,7 @@ class HealthServer:
         """
         try:
             async with asyncio.timeout(DB_TIMEOUT):
-                async with self.db.raw() as conn:
+                async with self._connection() as conn:
                     cur = await conn.execute(
                         """SELECT CASE WHEN job_type = ANY(%s) THEN job_type ELSE %s END AS label, status, count(*),
                                   extract(epoch FROM now()) - min(extract(epoch FROM run_at))

@@ -222,3 +222,22 @@ async def test_the_bind_address_comes_from_the_settings(database_url: str) -> No
     finally:
         await health.stop()
         await db.dispose()
+
+
+async def test_health_does_not_wait_for_a_pool_that_handlers_hold(db: Database) -> None:
+    """Bug: the checks took a pool connection; with every one held by long-running handlers /healthz
+    timed out and answered 503, and the platform would restart a worker that was only busy."""
+    from contextlib import AsyncExitStack
+
+    health = HealthServer(db, 0, host="127.0.0.1")
+    await health.start()
+    try:
+        async with AsyncExitStack() as stack:
+            for _ in range(db.engine.pool.size() + db.engine.pool._max_overflow):  # type: ignore[attr-defined]
+                await stack.enter_async_context(db.raw())
+            assert (await get(health.port, "/healthz"))[0] == 200
+            assert (await get(health.port, "/readyz"))[0] == 200
+            code, text = await get(health.port, "/metrics")
+            assert code == 200 and "briefs_queue_depth" in text
+    finally:
+        await health.stop()
