@@ -258,6 +258,8 @@ class Worker:
         # Heartbeats, failures, releases, rescues, pruning: never the pool, which handlers can exhaust.
         self._lease_conn = _Connection(db, LEASE_APPLICATION_NAME, hot=False)
         self._flush_lock = asyncio.Lock()
+        # A result is stored with the job; one too big (a handler returning megabytes) fails its job instead.
+        self._max_result_bytes = queue.PAYLOAD_READ_FACTOR * settings.max_payload_bytes
         metrics.register_job_types(handlers)
 
     # ------------------------------------------------------------------ control
@@ -488,7 +490,7 @@ class Worker:
                 result: queue.JsonText | None = None
                 if error is None and outcome is not None:
                     try:
-                        result = queue.dump_json(_jsonable(outcome))
+                        result = queue.dump_json(_jsonable(outcome), limit=self._max_result_bytes)
                     except ValueError as exc:  # PostgreSQL would refuse it: fail this job alone, now
                         error = _Permanent(f"could not store the job's result: it {exc}")
                 if error is None:

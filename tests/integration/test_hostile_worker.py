@@ -59,6 +59,10 @@ async def deep_result(ctx: JobContext) -> Any:
     return value
 
 
+async def huge_result(ctx: JobContext) -> dict[str, Any]:
+    return {"blob": "r" * 2_000_000}  # over 16 x BRIEFS_MAX_PAYLOAD_BYTES
+
+
 async def nasty_message(ctx: JobContext) -> None:
     raise PermanentError("bad \x00 byte and a lone \ud800 surrogate " + "x" * 100_000)
 
@@ -89,6 +93,7 @@ EXTRA = {
     "nul_result": Handler(nul_result),
     "nan_result": Handler(nan_result),
     "deep_result": Handler(deep_result),
+    "huge_result": Handler(huge_result),
     "nasty_message": Handler(nasty_message),
     "far_retry": Handler(far_retry),
     "nan_retry": Handler(nan_retry),
@@ -181,6 +186,8 @@ BAD_ROWS: list[tuple[str, str, str, list[str]]] = [
      ["could not store the job's result", "not json"]),
     ("result nested 5,000 deep", "(job_type) VALUES ('deep_result')", "failed",
      ["could not store the job's result", "nested too deeply"]),
+    ("result of 2 MB", "(job_type) VALUES ('huge_result')", "failed",
+     ["could not store the job's result", "2,000,011 bytes of json, over the limit of 1,048,576 bytes"]),
     ("error text with NUL, a lone surrogate, 100 KB", "(job_type) VALUES ('nasty_message')", "failed",
      ["bad \\x00 byte", "\\ud800"]),
     ("error whose text cannot be read", "(job_type, max_attempts) VALUES ('unprintable', 1)", "failed",
