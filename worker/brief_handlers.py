@@ -22,6 +22,7 @@ from typing import Any
 
 from briefs import email as brief_email
 from briefs import generator
+from briefs.errors import is_permanent
 from briefs.llm import LLMClient
 from worker import queue
 from worker.runner import Handler, JobContext
@@ -90,7 +91,7 @@ async def generate_daily_brief(ctx: JobContext) -> dict[str, Any]:
             enqueue=enqueue,
         )
     except Exception as exc:
-        if getattr(exc, "permanent", False) or job.attempts >= job.max_attempts:
+        if is_permanent(exc) or job.attempts >= job.max_attempts:
             # The job gives up: say so on the brief instead of leaving it "processing" forever.
             try:
                 await generator.mark_failed(ctx.db, request, f"{type(exc).__name__}: {exc}")

@@ -475,3 +475,25 @@ async def test_an_unexpected_error_in_the_summary_degrades_the_summary_only(
     assert "Across your 5 active projects" in brief["executive_summary"]
     [job] = await h.jobs()
     assert job["status"] == "completed"
+
+
+async def test_an_error_that_can_never_succeed_fails_the_job_once_and_the_brief_with_it(
+    briefs_harness: Any, brief_seed: Any, monkeypatch: Any
+) -> None:
+    """An OverflowError (a date out of range, say) is permanent: one attempt, and the brief row says failed
+    instead of staying 'processing' forever."""
+    from briefs import render
+
+    def overflow(*args: Any, **kwargs: Any) -> Any:
+        raise OverflowError("date value out of range")
+
+    monkeypatch.setattr(render, "brief_markdown", overflow)
+    h = briefs_harness
+    uid = seed_five(brief_seed)
+    await h.enqueue(uid)
+    await h.run(h.settings())
+    [job] = await h.jobs()
+    assert job["status"] == "failed" and job["attempts"] == 1
+    assert "OverflowError" in job["last_error"]
+    brief = await h.brief(uid)
+    assert brief["status"] == "failed" and "date value out of range" in brief["error"]
