@@ -183,7 +183,7 @@ def queue_hook(settings: Settings) -> Any:
     """The generator's enqueue hook type, backed by the queue's bulk insert."""
     from worker.brief_handlers import enqueue_hook
 
-    return enqueue_hook(settings.max_attempts)
+    return enqueue_hook(settings.max_attempts, settings.max_payload_bytes)
 
 
 async def cmd_enqueue(settings: Settings, args: argparse.Namespace) -> int:
@@ -321,7 +321,7 @@ async def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
                         r["job_type"],
                         r["status"],
                         f"{r['attempts']}/{r['max_attempts']}",
-                        r["run_at"].astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ"),
+                        _instant(r["run_at"]),
                         str(r["user_id"] or "-"),
                         one_line(r["last_error"] or "", 60),
                     ]
@@ -333,6 +333,13 @@ async def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
         return 0
 
     return await _with_db(settings, go)
+
+
+def _instant(value: object) -> str:
+    """A stored instant for the table; one Python cannot hold (``infinity``, year 10000) comes as text."""
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    return one_line(str(value), 40)
 
 
 def _clip(text: str | None, limit: int) -> str | None:

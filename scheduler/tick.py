@@ -813,11 +813,20 @@ async def _enqueue(conn: _Counted, settings: Settings, new: list[_Due], report: 
         sent.append((d, stage))
     if not jobs:
         return
+    refused: dict[int, str] = {}
     if report.dry_run:
         ids: list[int | None] = [None] * len(jobs)
     else:
-        ids = await queue.enqueue_many(conn, jobs, default_max_attempts=settings.max_attempts, notify=False)  # type: ignore[arg-type]
-    for (d, stage), job_id in zip(sent, ids, strict=True):
+        result = await queue.enqueue_many(
+            conn, jobs, default_max_attempts=settings.max_attempts, notify=False,  # type: ignore[arg-type]
+            max_payload_bytes=settings.max_payload_bytes,
+        )
+        ids = result
+        refused = {r.index: r.reason for r in result.rejected}
+    for index, ((d, stage), job_id) in enumerate(zip(sent, ids, strict=True)):
+        if index in refused:  # the queue would not take it (a field out of range): that user alone
+            report.skip(d.user.user_id, f"enqueue_refused: {refused[index]}")
+            continue
         if job_id is None and not report.dry_run:
             report.deduplicated += 1  # a live job with this key appeared since the dedup query
             if report.detailed:

@@ -256,6 +256,21 @@ def test_jobs_print_hostile_errors_on_one_clean_line(cli: Cli, seed: BriefSeed, 
 # --------------------------------------------------------------------------- LLM health in `briefs status`
 
 
+def test_jobs_and_status_show_instants_python_cannot_hold(cli: Cli, clean_db: str) -> None:
+    """A run_at of 'infinity' or past year 9999 (a hostile row) is shown as text, not a crash of the command."""
+    with psycopg.connect(clean_db, autocommit=True) as conn:
+        conn.execute(
+            """INSERT INTO queue_jobs (job_type, run_at) VALUES
+               ('noop', 'infinity'), ('noop', '-infinity'), ('noop', '10000-01-01 00:00:00+00')"""
+        )
+    code, out, err = cli("jobs")
+    assert code == 0, err
+    assert "infinity" in out and "-infinity" in out and "10000" in out
+    code, out, err = cli("status")
+    assert code == 0, err
+    assert "noop" in out
+
+
 def _section(url: str, brief_id: int, project_id: int, metadata: dict[str, Any], error: str | None = None) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(
