@@ -31,6 +31,7 @@ from briefs.db import Database, is_connection_error
 from briefs.migrate import require_schema
 from briefs.process import exit_now, install_stop_signals
 from briefs.settings import Settings
+from briefs.terminal import one_line
 from scheduler.tick import TickReport, run_tick
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ class SchedulerDaemon:
         try:
             report = await run_tick(self.db, self.settings, datetime.now(UTC))
         except Exception as exc:
-            self.last_error = f"{type(exc).__name__}: {exc}"
+            self.last_error = one_line(f"{type(exc).__name__}: {exc}", 500)
             if is_connection_error(exc):
                 log.warning(
                     "tick failed, database unavailable (next try in %gs): %s", self.settings.scheduler_interval, exc
