@@ -234,3 +234,20 @@ async def test_the_migrated_schema_is_the_declared_one(database_url: str) -> Non
         found = [set(re.findall(r"'(\w+)'::text", d)) for t, d in checks
                  if t == table and re.match(rf"CHECK \(\(?\(?{column} = ANY", d)]
         assert found == [values], f"{table}.{column}: allowed values {found} != {values}"
+
+
+async def test_queue_stats_survives_infinite_instants(database_url: str) -> None:
+    """Operators' SELECT * FROM queue_stats must not fail because one row holds an infinite run_at."""
+    from tests.conftest import truncate_all
+
+    truncate_all(database_url)
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        await conn.execute(
+            """INSERT INTO queue_jobs (job_type, run_at) VALUES
+               ('noop', '-infinity'), ('noop', 'infinity'), ('noop', now() - interval '1 minute')"""
+        )
+        cur = await conn.execute("SELECT jobs, oldest_pending_age FROM queue_stats WHERE job_type = 'noop'")
+        jobs, age = await cur.fetchone()  # type: ignore[misc]
+    truncate_all(database_url)
+    assert jobs == 3
+    assert 50 <= age.total_seconds() < 3600
