@@ -51,18 +51,22 @@ def _group(heading: str, items: Sequence[str], total: int | None = None) -> Grou
     return Group(heading, tuple(items))
 
 
+def _count_phrases(overdue: int, high: int, today: int, upcoming: int, done: int) -> dict[str, str]:
+    """The phrase of each non-zero count, by bucket (zero counts are left out of a brief)."""
+    phrases = {
+        "overdue": _plural(overdue, "overdue task") + (f" ({high} high priority)" if high else ""),
+        "today": f"{today} starting or due today",
+        "upcoming": f"{upcoming} due in the next 7 days",
+        "completed": f"{done} completed in the last 24 hours",
+    }
+    counts = {"overdue": overdue, "today": today, "upcoming": upcoming, "completed": done}
+    return {bucket: phrase for bucket, phrase in phrases.items() if counts[bucket]}
+
+
 def counts_sentence(p: ProjectContext) -> str:
-    parts = []
-    overdue, today, done, upcoming = (p.total(b) for b in ("overdue", "today", "completed", "upcoming"))
-    if overdue:
-        high = p.overdue_high
-        parts.append(_plural(overdue, "overdue task") + (f" ({high} high priority)" if high else ""))
-    if today:
-        parts.append(f"{today} starting or due today")
-    if done:
-        parts.append(f"{done} completed in the last 24 hours")
-    if upcoming:
-        parts.append(f"{upcoming} due in the next 7 days")
+    found = _count_phrases(p.total("overdue"), p.overdue_high, p.total("today"), p.total("upcoming"),
+                           p.total("completed"))
+    parts = [found[b] for b in ("overdue", "today", "completed", "upcoming") if b in found]
     if not parts:
         if not p.open_tasks:
             return "No open tasks."
@@ -159,15 +163,7 @@ def executive_summary(projects: Sequence[ProjectContext], more_projects: int = 0
     upcoming = sum(p.total("upcoming") for p in projects)
     done = sum(p.total("completed") for p in projects)
     quiet = sum(1 for p in projects if p.quiet)
-    counts = []
-    if overdue:
-        counts.append(_plural(overdue, "overdue task") + (f" ({high} high priority)" if high else ""))
-    if today:
-        counts.append(f"{today} starting or due today")
-    if upcoming:
-        counts.append(f"{upcoming} due in the next 7 days")
-    if done:
-        counts.append(f"{done} completed in the last 24 hours")
+    counts = list(_count_phrases(overdue, high, today, upcoming, done).values())
     head = f"Across your {_plural(n, 'active project')}"
     if counts:
         listed = counts[0] if len(counts) == 1 else ", ".join(counts[:-1]) + " and " + counts[-1]
