@@ -248,8 +248,8 @@ def zone(name: str | None) -> ZoneInfo:
     """The user's zone; UTC (with a warning) when the stored name is not a valid IANA zone."""
     try:
         return ZoneInfo(name or "UTC")
-    except (ZoneInfoNotFoundError, ValueError):
-        log.warning("invalid timezone %r; using UTC", name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a name too long for a file name
+        log.warning("invalid timezone %r; using UTC", (name or "")[:100])
         return ZoneInfo("UTC")
 
 

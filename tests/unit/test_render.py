@@ -137,3 +137,12 @@ def test_deterministic_lists_say_how_many_more_from_the_full_counts() -> None:
     overdue = next(g for g in section.groups if g.heading == "Overdue")
     assert len(overdue.items) == deterministic.MAX_ITEMS + 1 and overdue.items[-1] == "… and 99990 more"
     assert section.summary.startswith("100000 overdue tasks")
+
+
+@pytest.mark.parametrize("name", ["x" * 60_000, "Europe/" + "y" * 300, "europe/paris", "../etc/passwd", None, ""])
+def test_a_stored_timezone_that_cannot_load_falls_back_to_utc(name: str | None, caplog: pytest.LogCaptureFixture
+                                                               ) -> None:
+    from briefs.loading import zone
+
+    assert str(zone(name)) == "UTC"
+    assert all(len(r.getMessage()) < 300 for r in caplog.records)  # the hostile name never reaches a log whole
