@@ -25,6 +25,13 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
+# Bounds every numeric setting is held to, so that no value reaches PostgreSQL (intervals,
+# timestamps, int and bigint columns, LIMIT) or asyncio as something they cannot hold:
+# inf, NaN and 1e308 are refused with the setting's name instead of failing at the first job.
+MAX_SECONDS = 10 * 366 * 86400.0  # any duration: ten years
+MAX_COUNT = 100_000  # slots, pool connections, concurrency, items in a brief
+MAX_WORKER_ID_CHARS = 200
+
 
 def _default_data_dir() -> Path:
     return Path(platformdirs.user_data_dir("briefs"))
@@ -82,6 +89,7 @@ class Settings(BaseSettings):
         env_file_encoding="utf-8",
         extra="ignore",
         populate_by_name=True,
+        allow_inf_nan=False,
     )
 
     # Standard names.
@@ -91,43 +99,47 @@ class Settings(BaseSettings):
 
     # Storage and database.
     data_dir: Path = Field(default_factory=_default_data_dir)
-    db_pool_size: int = Field(default=10, ge=1)
+    db_pool_size: int = Field(default=10, ge=1, le=MAX_COUNT)
 
     # LLM.
     model: str = "gpt-4o-mini"
-    llm_timeout: float = Field(default=60.0, gt=0)
-    llm_max_retries: int = Field(default=4, ge=0)
-    llm_concurrency: int = Field(default=8, ge=1)
-    llm_brief_concurrency: int = Field(default=4, ge=1)
-    llm_rpm: int = Field(default=0, ge=0)  # 0 = unlimited
+    llm_timeout: float = Field(default=60.0, gt=0, le=MAX_SECONDS)
+    llm_max_retries: int = Field(default=4, ge=0, le=MAX_COUNT)
+    llm_concurrency: int = Field(default=8, ge=1, le=MAX_COUNT)
+    llm_brief_concurrency: int = Field(default=4, ge=1, le=MAX_COUNT)
+    llm_rpm: int = Field(default=0, ge=0, le=1_000_000)  # 0 = unlimited
 
     # Worker.
-    worker_concurrency: int = Field(default=10, ge=1)
+    worker_concurrency: int = Field(default=10, ge=1, le=MAX_COUNT)
     worker_id: str | None = None
-    poll_interval: float = Field(default=5.0, gt=0)
-    lease_seconds: float = Field(default=60.0, gt=0)
-    shutdown_grace: float = Field(default=25.0, ge=0)
-    job_timeout: float = Field(default=600.0, gt=0)
-    max_attempts: int = Field(default=5, ge=1)
-    retry_base: float = Field(default=5.0, gt=0)
-    retry_max: float = Field(default=3600.0, gt=0)
-    retention_days: float = Field(default=7.0, ge=0)
+    poll_interval: float = Field(default=5.0, gt=0, le=MAX_SECONDS)
+    lease_seconds: float = Field(default=60.0, gt=0, le=MAX_SECONDS)
+    shutdown_grace: float = Field(default=25.0, ge=0, le=MAX_SECONDS)
+    job_timeout: float = Field(default=600.0, gt=0, le=MAX_SECONDS)
+    max_attempts: int = Field(default=5, ge=1, le=MAX_COUNT)
+    retry_base: float = Field(default=5.0, gt=0, le=MAX_SECONDS)
+    retry_max: float = Field(default=3600.0, gt=0, le=MAX_SECONDS)
+    retention_days: float = Field(default=7.0, ge=0, le=MAX_SECONDS / 86400)
     handler_modules: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # Scheduler.
-    scheduler_interval: float = Field(default=300.0, gt=0)
-    scheduler_page_size: int = Field(default=1000, ge=1)
-    lookahead: float = Field(default=3600.0, gt=0)
-    catch_up: float = Field(default=6 * 3600.0, ge=0)
-    generation_buffer: float = Field(default=300.0, ge=0)
+    scheduler_interval: float = Field(default=300.0, gt=0, le=MAX_SECONDS)
+    scheduler_page_size: int = Field(default=1000, ge=1, le=MAX_COUNT)
+    lookahead: float = Field(default=3600.0, gt=0, le=MAX_SECONDS)
+    catch_up: float = Field(default=6 * 3600.0, ge=0, le=MAX_SECONDS)
+    generation_buffer: float = Field(default=300.0, ge=0, le=MAX_SECONDS)
 
     # Limits on what one job, one brief and one prompt may hold (hostile or just huge data).
-    max_payload_bytes: int = Field(default=64 * 1024, ge=1024)  # a job's JSON payload, checked at enqueue
-    brief_max_projects: int = Field(default=50, ge=1)  # projects in one brief; the rest summarised as a count
-    brief_max_tasks: int = Field(default=25, ge=1)  # tasks per bucket (today, overdue, …) of one project
-    brief_max_text: int = Field(default=500, ge=20)  # characters of any one title, name, description or note
-    prompt_max_chars: int = Field(default=32_000, ge=2_000)  # characters of one LLM prompt
-    brief_max_chars: int = Field(default=200_000, ge=10_000)  # characters of one stored brief's Markdown
+    # a job's JSON payload, checked at enqueue
+    max_payload_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    # projects in one brief; the rest summarised as a count
+    brief_max_projects: int = Field(default=50, ge=1, le=MAX_COUNT)
+    brief_max_tasks: int = Field(default=25, ge=1, le=MAX_COUNT)  # tasks per bucket (today, overdue, …) of one project
+    # characters of any one title, name, description or note
+    brief_max_text: int = Field(default=500, ge=20, le=1_000_000)
+    prompt_max_chars: int = Field(default=32_000, ge=2_000, le=10_000_000)  # characters of one LLM prompt
+    # characters of one stored brief's Markdown
+    brief_max_chars: int = Field(default=200_000, ge=10_000, le=100_000_000)
 
     # Email.
     smtp_url: SecretStr | None = None
@@ -137,7 +149,7 @@ class Settings(BaseSettings):
     secret_key: SecretStr | None = None  # signs unsubscribe links; email is refused without it (demo aside)
 
     # Operations.
-    health_port: int | None = None
+    health_port: int | None = Field(default=None, ge=1, le=65535)
     health_host: str = "0.0.0.0"  # all interfaces: what Procfile platforms route $PORT to
     log_format: str = "text"
     log_level: str = "INFO"
@@ -163,6 +175,19 @@ class Settings(BaseSettings):
     def _split_modules(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("worker_id")
+    @classmethod
+    def _worker_id(cls, value: str | None) -> str | None:
+        # It goes into every log line and queue_jobs.locked_by: one short printable line.
+        if value is None or not value.strip():
+            return None
+        value = value.strip()
+        if len(value) > MAX_WORKER_ID_CHARS or not value.isprintable():
+            raise ValueError(
+                f"BRIEFS_WORKER_ID must be one line of at most {MAX_WORKER_ID_CHARS} printable characters"
+            )
         return value
 
     @field_validator("health_port", mode="before")

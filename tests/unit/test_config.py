@@ -112,3 +112,55 @@ def test_env_file_named_explicitly(tmp_path: Path) -> None:
     assert env_file({"BRIEFS_ENV_FILE": ""}, tmp_path) is None  # empty: no .env at all
     with pytest.raises(EnvFileError, match="is not a file"):
         env_file({"BRIEFS_ENV_FILE": str(tmp_path / "missing.env")}, tmp_path)
+
+
+# --------------------------------------------------------------------------- numeric settings and the worker id
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        # Each of these used to pass validation and fail later, at the first job or at bind():
+        # an infinite or 1e308 lease overflowed PostgreSQL's interval/timestamp in the claim,
+        # 10**30 slots overflowed the claim's bigint LIMIT, port 99999 raised OverflowError.
+        ("BRIEFS_LEASE_SECONDS", "inf"),
+        ("BRIEFS_LEASE_SECONDS", "1e308"),
+        ("BRIEFS_JOB_TIMEOUT", "-inf"),
+        ("BRIEFS_POLL_INTERVAL", "nan"),
+        ("BRIEFS_RETENTION_DAYS", "inf"),
+        ("BRIEFS_RETRY_MAX", "1e300"),
+        ("BRIEFS_LOOKAHEAD", "Infinity"),
+        ("BRIEFS_WORKER_CONCURRENCY", str(10**30)),
+        ("BRIEFS_MAX_ATTEMPTS", str(10**30)),
+        ("BRIEFS_DB_POOL_SIZE", str(10**12)),
+        ("BRIEFS_MAX_PAYLOAD_BYTES", str(10**12)),
+        ("BRIEFS_HEALTH_PORT", "99999"),
+        ("BRIEFS_HEALTH_PORT", "-1"),
+        ("BRIEFS_WORKER_ID", "w1\nINFO forged log line"),
+        ("BRIEFS_WORKER_ID", "w1\x1b[31m"),
+        ("BRIEFS_WORKER_ID", "w" * 10_000),
+    ],
+)
+def test_unholdable_settings_are_refused_with_their_name(
+    name: str, value: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from briefs.cli import main
+
+    monkeypatch.setenv("BRIEFS_ENV_FILE", "")
+    monkeypatch.setenv("DATABASE_URL", "postgresql://nobody@127.0.0.1:1/none")
+    monkeypatch.setenv(name, value)
+    assert main(["status"]) == 2
+    err = capsys.readouterr().err
+    field = name.removeprefix("BRIEFS_").lower()
+    assert err.startswith(f"briefs: error: invalid configuration: {field}: ")
+    assert err.count("\n") == 1 and "\x1b" not in err and len(err) < 1000
+
+
+def test_bounded_settings_keep_their_usual_values() -> None:
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None, health_port="0", worker_id="  host-1:42 ", lease_seconds=86400 * 30, retention_days=365
+    )
+    assert settings.health_port is None
+    assert settings.worker_id == "host-1:42"
+    assert Settings(_env_file=None, worker_id=" ").worker_id is None  # type: ignore[call-arg]
+    assert Settings(_env_file=None, health_port=8080).health_port == 8080  # type: ignore[call-arg]
