@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import math
 from typing import Any
 
 from briefs.errors import PermanentError
 from briefs.settings import Settings
-from worker.queue import short_repr
+from briefs.terminal import one_line
+from worker.queue import MAX_JOB_TYPE_CHARS, short_repr
 from worker.runner import Handler, JobContext
 
 
@@ -51,14 +53,40 @@ def builtin_handlers() -> dict[str, Handler]:
 
 
 def build_handlers(settings: Settings) -> dict[str, Handler]:
+    """The built-in handlers plus those of ``BRIEFS_HANDLER_MODULES``.
+
+    A module that cannot be imported (whatever it raises, ``SystemExit`` included), or whose
+    ``HANDLERS`` is not a dict of job type (a non-empty string) to :class:`Handler` with a
+    finite positive timeout or none, is refused with one line naming it: the worker does not start.
+    """
     handlers = builtin_handlers()
     for name in settings.handler_modules:
+        shown = short_repr(name)
         try:
             module = importlib.import_module(name)
-        except ImportError as exc:
-            raise PermanentError(f"BRIEFS_HANDLER_MODULES: cannot import {name!r}: {exc}") from exc
+        except (Exception, SystemExit) as exc:  # any failure at import is the module's, not the worker's
+            raise PermanentError(
+                f"BRIEFS_HANDLER_MODULES: cannot import {shown}: {type(exc).__name__}: {one_line(str(exc), 200)}"
+            ) from exc
         extra = getattr(module, "HANDLERS", None)
         if not isinstance(extra, dict):
-            raise PermanentError(f"BRIEFS_HANDLER_MODULES: {name!r} has no HANDLERS dict")
+            raise PermanentError(f"BRIEFS_HANDLER_MODULES: {shown} has no HANDLERS dict")
+        for job_type, handler in extra.items():
+            problem = _handler_problem(job_type, handler)
+            if problem:
+                raise PermanentError(f"BRIEFS_HANDLER_MODULES: {shown}: HANDLERS[{short_repr(job_type)}] {problem}")
         handlers.update(extra)
     return handlers
+
+
+def _handler_problem(job_type: object, handler: object) -> str | None:
+    if not isinstance(job_type, str) or not job_type.strip() or len(job_type) > MAX_JOB_TYPE_CHARS:
+        return f"is not keyed by a job type (a non-empty string of at most {MAX_JOB_TYPE_CHARS} characters)"
+    if not isinstance(handler, Handler) or not callable(handler.fn):
+        return f"is of type {type(handler).__name__}, not a worker.runner.Handler"
+    timeout = handler.timeout
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < math.inf
+    ):
+        return f"has the timeout {short_repr(timeout)}, not a positive number of seconds or None"
+    return None
