@@ -19,7 +19,11 @@ Buckets, for the user's local brief date ``D`` (the calendar date of
   the moment they asked for), otherwise the end of the local day ``D``.
 - ``notes``: updated in the 7 days before the anchor, newest five per project.
 
-Deleted tasks (``deleted_at IS NOT NULL``) never appear. A task may sit in two
+Deleted tasks (``deleted_at IS NOT NULL``) never appear, nor do tasks and notes whose
+``user_id`` is not the project owner's (a row pointing at another user's project never
+leaks into that user's brief). Dates Python cannot hold are read at its limits: a
+``start_date``/``due_date`` of ``±infinity`` or BC as 9999-12-31/0001-01-01, a
+``last_visit_at`` outside years 1..9999 as unknown (None); one such row never stops a brief. A task may sit in two
 buckets (due yesterday and starting today is both overdue and today).
 
 Limits (:class:`Limits`, from the settings), enforced in SQL so a hostile or just huge
@@ -166,7 +170,8 @@ class Limits:
 
 _SQL = {
     "user": """
-        SELECT u.id, left(u.email, %(text)s), left(u.name, %(text)s), left(u.timezone, 100), u.last_visit_at,
+        SELECT u.id, left(u.email, %(text)s), left(u.name, %(text)s), left(u.timezone, 100),
+               CASE WHEN u.last_visit_at BETWEEN '0001-01-03' AND '9999-12-30' THEN u.last_visit_at END,
                p.user_id IS NOT NULL, p.frequency, p.day_of_week, p.time_of_day, p.is_active, p.email_enabled
         FROM users u LEFT JOIN brief_preferences p ON p.user_id = u.id
         WHERE u.id = %(user)s
@@ -185,7 +190,7 @@ _SQL = {
                    count(*) FILTER (WHERE t.status = 'done' AND t.completed_at > %(done_since)s
                                       AND t.completed_at <= %(anchor)s) AS completed
             FROM tasks t
-            WHERE t.project_id = p.id AND t.deleted_at IS NULL
+            WHERE t.project_id = p.id AND t.user_id = p.user_id AND t.deleted_at IS NULL
         ) a
         WHERE p.user_id = %(user)s AND p.status = 'active'
         ORDER BY a.overdue + a.today + a.completed DESC, a.overdue DESC, a.today DESC,
@@ -197,8 +202,9 @@ _SQL = {
     # most recent), each row carrying the bucket's full count and its high-priority count. The ranking
     # sorts narrow rows; titles are joined to the few kept rows only.
     "tasks": """
-        SELECT r.project_id, r.bucket, r.id, left(t.title, %(text)s), t.status, t.priority, t.start_date,
-               t.due_date, t.completed_at, r.total, r.high
+        SELECT r.project_id, r.bucket, r.id, left(t.title, %(text)s), t.status, t.priority,
+               greatest(least(t.start_date, '9999-12-31'::date), '0001-01-01'::date),
+               greatest(least(t.due_date, '9999-12-31'::date), '0001-01-01'::date), t.completed_at, r.total, r.high
         FROM (
             SELECT t.project_id, b.bucket, t.id,
                    row_number() OVER (
@@ -219,7 +225,7 @@ _SQL = {
                              AND t.due_date <= %(horizon)s),
                 ('completed', t.status = 'done' AND t.completed_at > %(done_since)s AND t.completed_at <= %(anchor)s)
             ) AS b(bucket, hit)
-            WHERE t.project_id = ANY(%(projects)s) AND t.deleted_at IS NULL AND b.hit
+            WHERE t.project_id = ANY(%(projects)s) AND t.user_id = %(user)s AND t.deleted_at IS NULL AND b.hit
               AND (
                     (t.status NOT IN ('done', 'cancelled')
                      AND (t.start_date = %(day)s OR t.due_date <= %(horizon)s))
@@ -235,7 +241,7 @@ _SQL = {
             SELECT n.project_id, n.id, n.title, n.content, n.updated_at,
                    row_number() OVER (PARTITION BY n.project_id ORDER BY n.updated_at DESC, n.id DESC) AS rank
             FROM notes n
-            WHERE n.project_id = ANY(%(projects)s)
+            WHERE n.project_id = ANY(%(projects)s) AND n.user_id = %(user)s
               AND n.updated_at > %(since)s AND n.updated_at <= %(anchor)s
         ) ranked
         WHERE rank <= %(limit)s
@@ -297,6 +303,7 @@ async def load_projects(
         _SQL["tasks"],
         {
             "projects": ids,
+            "user": user.id,
             "day": brief_date,
             "horizon": brief_date + timedelta(days=UPCOMING_DAYS),
             "done_since": done_since,
@@ -317,7 +324,7 @@ async def load_projects(
 
     cur = await conn.execute(
         _SQL["notes"],
-        {"projects": ids, "since": anchor - NOTES_WINDOW, "anchor": anchor, "limit": NOTES_PER_PROJECT,
+        {"projects": ids, "user": user.id, "since": anchor - NOTES_WINDOW, "anchor": anchor, "limit": NOTES_PER_PROJECT,
          "text": limits.text},
     )
     notes: dict[int, list[NoteItem]] = defaultdict(list)
