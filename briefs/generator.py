@@ -92,6 +92,14 @@ SECTION_BATCH_WINDOW = 0.1
 EMAIL_JOB = "send_brief_email"
 BRIEF_JOB = "generate_daily_brief"
 AUTH_STATUSES = frozenset({401, 403})  # after one of these, the rest of the brief skips the LLM
+TOKENS_MAX = 2**31 - 1  # daily_briefs.prompt_tokens / completion_tokens are integer columns
+
+
+def _count(value: Any) -> int:
+    """A token count or revision read from a reply or a stored row: an int in 0 .. TOKENS_MAX, else 0."""
+    if type(value) is not int or value < 0:
+        return 0
+    return min(value, TOKENS_MAX)
 
 
 def brief_dedup_key(user_id: int, brief_date: date) -> str:
@@ -250,7 +258,7 @@ class _ProjectResult:
 
     @property
     def tokens(self) -> tuple[int, int]:
-        return int(self.meta.get("prompt_tokens") or 0), int(self.meta.get("completion_tokens") or 0)
+        return _count(self.meta.get("prompt_tokens")), _count(self.meta.get("completion_tokens"))
 
 
 # --------------------------------------------------------------------------- SQL
@@ -444,7 +452,7 @@ class _Run:
         row = await cur.fetchone()
         assert row is not None  # the insert conflicted, so the row exists (and rows are not deleted here)
         brief_id, status, email_sent_at, old_meta = row
-        old_meta = old_meta or {}
+        old_meta = old_meta if isinstance(old_meta, dict) else {}  # an earlier run's row may hold any JSON
         self.brief_id = brief_id
         if status in ("completed", "partial") and not req.force:
             follow = []
@@ -455,7 +463,7 @@ class _Run:
             log.info("brief %s for user %s on %s is already %s; not regenerating (no force)",
                      brief_id, req.user_id, req.brief_date, status)
             return BriefOutcome(brief_id, status, skipped=True, reason=f"already {status}", follow_ups=follow)
-        self.revision = int(old_meta.get("revision") or 1) + (1 if req.force else 0)
+        self.revision = min(max(_count(old_meta.get("revision")), 1), TOKENS_MAX - 1) + (1 if req.force else 0)
         meta["revision"] = self.revision
         resume = not req.force and status in ("processing", "failed")
         await conn.execute(
@@ -472,7 +480,7 @@ class _Run:
         if resume:
             await conn.execute(_SQL["drop_redo_sections"], (brief_id,))
             cur = await conn.execute(_SQL["kept_sections"], (brief_id,))
-            self.kept = {pid: m for pid, m in await cur.fetchall()}
+            self.kept = {pid: m for pid, m in await cur.fetchall() if isinstance(m, dict)}
             log.info("resuming brief %s (was %s): %d project section(s) kept", brief_id, status, len(self.kept))
         else:
             await conn.execute(_SQL["drop_all_sections"], (brief_id,))
@@ -487,9 +495,13 @@ class _Run:
             section = None
             if kept is not None:
                 try:
-                    section = Section.from_dict(kept["section"])
-                except (KeyError, TypeError, ValueError):
-                    log.warning("project %s: the kept section is unreadable; redoing it", project.id)
+                    section = Section.from_dict(kept.get("section"))
+                    if section.project_id != project.id:
+                        raise ValueError(f"it belongs to project {section.project_id}")
+                except (TypeError, ValueError) as exc:
+                    log.warning("project %s: the kept section is unreadable (%s); redoing it", project.id,
+                                clip(render.clean(str(exc)), 200))
+                    section = None
             if kept is not None and section is not None:
                 result = _ProjectResult(project, section, "completed", None, kept)
                 self._count([result])
@@ -712,8 +724,8 @@ class _Run:
     ) -> BriefOutcome:
         req = self.req
         sources: dict[str, int] = {}
-        prompt = int(summary_meta.get("summary_prompt_tokens") or 0)
-        completion = int(summary_meta.get("summary_completion_tokens") or 0)
+        prompt = _count(summary_meta.get("summary_prompt_tokens"))
+        completion = _count(summary_meta.get("summary_completion_tokens"))
         model = summary_meta.get("summary_model")
         for r in results:
             src = str(r.meta.get("source"))
@@ -722,6 +734,9 @@ class _Run:
             prompt += p
             completion += c
             model = model or r.meta.get("model")
+        prompt, completion = min(prompt, TOKENS_MAX), min(completion, TOKENS_MAX)
+        if not isinstance(model, str):
+            model = None  # a kept section's metadata may hold anything
         failed = [r for r in results if r.status == "failed"]
         partial = bool(failed) or summary_meta.get("summary_source") == "fallback"
         status = "partial" if partial else "completed"

@@ -161,15 +161,40 @@ class Section:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Section:
-        groups = tuple(Group(g["heading"], tuple(g.get("items") or ())) for g in data.get("groups") or ())
+    def from_dict(cls, data: Any) -> Section:
+        """The section stored by :meth:`to_dict`; ``TypeError``/``ValueError`` for any other shape (stored
+        metadata is hostile: an earlier run, or a hand-edited row, may have left anything there)."""
+
+        def text(value: Any, what: str, *, optional: bool = False) -> Any:
+            if (value is None and optional) or isinstance(value, str):
+                return value
+            raise TypeError(f"section {what}: expected text, got {type(value).__name__}")
+
+        def items(value: Any, what: str) -> list[Any]:
+            if value is None:
+                return []
+            if not isinstance(value, list):
+                raise TypeError(f"section {what}: expected a list, got {type(value).__name__}")
+            return value
+
+        if not isinstance(data, dict):
+            raise TypeError(f"section: expected an object, got {type(data).__name__}")
+        groups = []
+        for g in items(data.get("groups"), "groups"):
+            if not isinstance(g, dict):
+                raise TypeError(f"section group: expected an object, got {type(g).__name__}")
+            groups.append(Group(text(g.get("heading"), "heading"),
+                                tuple(text(i, "item") for i in items(g.get("items"), "items"))))
+        project_id = data.get("project_id")
+        if type(project_id) is not int:
+            raise TypeError(f"section project_id: expected an integer, got {type(project_id).__name__}")
         return cls(
-            project_id=int(data["project_id"]),
-            name=str(data["name"]),
-            summary=str(data.get("summary") or ""),
-            groups=groups,
-            source=str(data.get("source") or "deterministic"),
-            note=data.get("note"),
+            project_id=project_id,
+            name=text(data.get("name"), "name"),
+            summary=text(data.get("summary"), "summary", optional=True) or "",
+            groups=tuple(groups),
+            source=text(data.get("source"), "source", optional=True) or "deterministic",
+            note=text(data.get("note"), "note", optional=True),
         )
 
     def trimmed(self, max_items: int | None) -> Section:
