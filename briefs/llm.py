@@ -322,13 +322,22 @@ def _describe(error: Any) -> str:
 
 
 def _usage(data: dict[str, Any]) -> tuple[int, int]:
-    """(prompt_tokens, completion_tokens) of a reply's envelope; zeros when it reported none."""
+    """(prompt_tokens, completion_tokens) of a reply's envelope; zeros when it reported none.
+
+    Each count is an int in 0 .. 2**31 - 1 (what the brief's integer columns hold); a negative
+    count is read as 0 (it would also break the Prometheus counter), a larger one as the maximum.
+    """
     usage = data.get("usage")
     if not isinstance(usage, dict):
         return 0, 0
-    prompt = usage.get("prompt_tokens")
-    done = usage.get("completion_tokens")
-    return (prompt if type(prompt) is int else 0, done if type(done) is int else 0)
+
+    def count(value: Any) -> int:
+        return min(max(value, 0), _TOKENS_MAX) if type(value) is int else 0
+
+    return count(usage.get("prompt_tokens")), count(usage.get("completion_tokens"))
+
+
+_TOKENS_MAX = 2**31 - 1
 
 
 class _Malformed(Exception):
