@@ -225,6 +225,7 @@ class FakeLLM:
         self.latency: float = 0.0
         self.responder: Callable[[dict[str, Any]], str] | None = None
         self.expected_key: str | None = None  # if set, other bearer tokens get 401
+        self.usage: dict[str, Any] | None = None  # if set, every reply's "usage" object instead of the counted one
         self.requests: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []  # request headers, parallel to ``requests``
         self.max_in_flight = 0
@@ -389,7 +390,7 @@ class FakeLLM:
                     "finish_reason": "stop",
                 }
             ],
-            "usage": {
+            "usage": self.usage if self.usage is not None else {
                 "prompt_tokens": prompt_tokens,
                 "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens,

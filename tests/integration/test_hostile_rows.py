@@ -1,0 +1,160 @@
+"""Hostile domain rows, and rows an earlier run left behind, through the real worker.
+
+Each case is a row a buggy app, a hand edit or an earlier crash can leave in the database. None of
+them may leak one user's data into another's brief, or stop a brief (let alone for good).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from tests.fakellm import FakeLLM
+
+
+async def run_one(h: Any, uid: int, settings: Any, **enqueue: Any) -> dict[str, Any]:
+    await h.enqueue(uid, **enqueue)
+    await h.run(settings)
+    jobs = [j for j in await h.jobs("generate_daily_brief") if j["user_id"] == uid]
+    assert jobs and all(j["status"] == "completed" for j in jobs), [j["last_error"] for j in jobs]
+    return await h.brief(uid)
+
+
+async def test_tasks_and_notes_of_another_user_in_a_project_never_reach_its_brief(
+    briefs_harness: Any, brief_seed: Any
+) -> None:
+    h = briefs_harness
+    today = datetime.now(UTC).date()
+    alice, bob = brief_seed.user("Alice"), brief_seed.user("Bob")
+    project = brief_seed.project(alice, "Alice's project")
+    brief_seed.task(project, "alice's own task", start_date=today)
+    # Rows owned by Bob that point at Alice's project: a bug in the app, or a forged id.
+    brief_seed.conn.execute(
+        """INSERT INTO tasks (project_id, user_id, title, status, priority, start_date, due_date)
+           VALUES (%(p)s, %(u)s, 'BOB SECRET today', 'backlog', 'high', %(d)s, NULL),
+                  (%(p)s, %(u)s, 'BOB SECRET overdue', 'blocked', 'high', NULL, %(d)s::date - 3)""",
+        {"p": project, "u": bob, "d": today},
+    )
+    brief_seed.conn.execute(
+        "INSERT INTO notes (project_id, user_id, title, content) VALUES (%s, %s, 'BOB SECRET note', 'pin 1234')",
+        (project, bob),
+    )
+    brief = await run_one(h, alice, h.settings())
+    md = str(brief["summary_markdown"])
+    assert "alice's own task" in md
+    assert "SECRET" not in md and "1234" not in md
+    assert "overdue" not in str(brief["executive_summary"]).lower()  # Bob's task is not counted either
+    [section] = await h.sections(brief["id"])
+    assert "SECRET" not in str(section["content_markdown"]) and "SECRET" not in str(section["metadata"])
+
+
+async def test_dates_python_cannot_hold_are_read_at_its_limits_not_fatal(briefs_harness: Any, brief_seed: Any) -> None:
+    h = briefs_harness
+    today = datetime.now(UTC).date()
+    uid = brief_seed.user("Dana")
+    brief_seed.conn.execute("UPDATE users SET last_visit_at = 'infinity' WHERE id = %s", (uid,))
+    project = brief_seed.project(uid, "Edge dates")
+    brief_seed.task(project, "due minus infinity", due_date="-infinity")
+    brief_seed.task(project, "due before Christ", due_date="0044-03-15 BC", priority="high")
+    brief_seed.task(project, "starts today, due never", start_date=today, due_date="infinity")
+    brief_seed.task(project, "starts at infinity", start_date="infinity", due_date=today)
+    brief_seed.task(project, "far future", due_date="294276-01-01")
+    brief = await run_one(h, uid, h.settings())
+    md = str(brief["summary_markdown"])
+    for title in ("due minus infinity", "due before Christ", "starts today, due never", "starts at infinity"):
+        assert title in md
+    assert "far future" not in md  # not upcoming: it is due long after the next 7 days
+    assert "due Mon 1 Jan" in md  # the overdue ones show the earliest date Python knows
+
+
+async def test_a_brief_row_whose_metadata_is_not_an_object_is_redone(briefs_harness: Any, brief_seed: Any) -> None:
+    h = briefs_harness
+    today = datetime.now(UTC).date()
+    users = {}
+    for label, status, meta in [
+        ("array", "processing", "[1, 2]"),
+        ("string", "failed", '"x"'),
+        ("revision text", "failed", '{"revision": "abc"}'),
+        ("revision object", "processing", '{"revision": {"n": 1}, "email": [1]}'),
+        ("revision huge", "failed", '{"revision": 1e40}'),
+    ]:
+        uid = brief_seed.user(label)
+        brief_seed.busy_project(uid, f"{label} project", today)
+        brief_seed.conn.execute(
+            "INSERT INTO daily_briefs (user_id, brief_date, status, metadata) VALUES (%s, %s, %s, %s::jsonb)",
+            (uid, today, status, meta),
+        )
+        users[label] = uid
+        await h.enqueue(uid, force=label == "revision huge")
+    await h.run(h.settings())
+    for label, uid in users.items():
+        [job] = [j for j in await h.jobs("generate_daily_brief") if j["user_id"] == uid]
+        assert job["status"] == "completed" and job["attempts"] == 1, (label, job["last_error"])
+        brief = await h.brief(uid)
+        assert brief["status"] == "completed", label
+        assert isinstance(brief["metadata"]["revision"], int) and 1 <= brief["metadata"]["revision"] < 2**31
+
+
+async def test_kept_sections_of_any_shape_are_redone_or_kept_never_fatal(
+    briefs_harness: Any, brief_seed: Any, fake_llm: FakeLLM
+) -> None:
+    """A resumed brief keeps the LLM sections of the earlier run; what it reads back may be anything."""
+    h = briefs_harness
+    today = datetime.now(UTC).date()
+    good = {"project_id": 0, "name": "n", "summary": "KEPT SUMMARY", "groups": [], "source": "llm", "note": None}
+    shapes: list[Any] = [
+        "not an object",
+        [good],
+        {**good, "project_id": "1"},
+        {**good, "name": {"x": 1}},
+        {**good, "groups": "abc"},
+        {**good, "groups": [{"heading": {"x": 1}, "items": []}]},
+        {**good, "groups": [{"heading": "h", "items": "abc"}]},
+        {**good, "groups": [{"heading": "h", "items": [{"x": 1}]}]},
+        {**good, "note": {"x": 1}},
+        {**good, "project_id": -1},  # another project's section
+    ]
+    uid = brief_seed.user("Eve")
+    brief_id = brief_seed._one(
+        "INSERT INTO daily_briefs (user_id, brief_date, status) VALUES (%s, %s, 'processing') RETURNING id",
+        (uid, today),
+    )
+    kept_ok = brief_seed.busy_project(uid, "kept ok", today)
+    brief_seed.conn.execute(
+        """INSERT INTO project_daily_briefs (daily_brief_id, project_id, status, metadata)
+           VALUES (%s, %s, 'completed', jsonb_build_object('source', 'llm', 'section', %s::jsonb,
+                   'prompt_tokens', 1e30, 'completion_tokens', 'many', 'model', jsonb_build_array(1)))""",
+        (brief_id, kept_ok, json.dumps({**good, "project_id": kept_ok})),
+    )
+    for i, shape in enumerate(shapes):
+        pid = brief_seed.busy_project(uid, f"shape {i}", today)
+        brief_seed.conn.execute(
+            """INSERT INTO project_daily_briefs (daily_brief_id, project_id, status, metadata)
+               VALUES (%s, %s, 'completed', jsonb_build_object('source', 'llm', 'section', %s::jsonb,
+                       'prompt_tokens', 'abc'))""",
+            (brief_id, pid, json.dumps(shape)),
+        )
+    settings = h.settings(fake_llm, brief_max_projects=20)
+    brief = await run_one(h, uid, settings)
+    assert brief["status"] == "completed"
+    assert str(brief["summary_markdown"]).count("KEPT SUMMARY") == 1  # the good one kept, the others redone
+    assert brief["metadata"]["resumed_sections"] == len(shapes) + 1
+    assert 0 <= brief["prompt_tokens"] < 2**31 and 0 <= brief["completion_tokens"] < 2**31
+    project_calls = [r for r in fake_llm.requests if "schema name: ProjectBrief" in str(r.get("messages"))]
+    assert len(project_calls) == len(shapes)
+
+
+async def test_token_counts_the_provider_reports_cannot_overflow_the_brief(
+    briefs_harness: Any, brief_seed: Any, fake_llm: FakeLLM
+) -> None:
+    h = briefs_harness
+    today = datetime.now(UTC).date()
+    uid = brief_seed.user("Finn")
+    for i in range(3):
+        brief_seed.busy_project(uid, f"p{i}", today)
+    fake_llm.usage = {"prompt_tokens": 10**30, "completion_tokens": -5, "total_tokens": 10**30}
+    brief = await run_one(h, uid, h.settings(fake_llm))
+    assert brief["status"] == "completed"
+    assert brief["prompt_tokens"] == 2**31 - 1 and brief["completion_tokens"] == 0
+
