@@ -27,7 +27,8 @@ import psycopg
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from briefs import metrics
-from briefs.db import Database
+from briefs.db import ConfigError, Database
+from briefs.terminal import one_line
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,14 @@ class HealthServer:
         self.loops.append(LoopCheck(name, last, max_age, started=time.monotonic()))
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self.host, self.port, limit=MAX_LINE)
+        try:
+            self._server = await asyncio.start_server(self._handle, self.host, self.port, limit=MAX_LINE)
+        except (OSError, OverflowError, UnicodeError) as exc:  # in use, no such host, not allowed, not a port
+            where = one_line(f"{self.host}:{self.port}", 120)
+            reason = one_line(getattr(exc, "strerror", None) or str(exc), 200)
+            raise ConfigError(
+                f"cannot serve health checks on {where} (BRIEFS_HEALTH_HOST, BRIEFS_HEALTH_PORT): {reason}"
+            ) from None
         sockets = self._server.sockets or ()
         if sockets:
             self.port = sockets[0].getsockname()[1]
