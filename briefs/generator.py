@@ -63,7 +63,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -100,6 +100,19 @@ def _count(value: Any) -> int:
     if type(value) is not int or value < 0:
         return 0
     return min(value, TOKENS_MAX)
+
+
+# The dates a brief can cover: its windows reach 7 days back (notes) and 8 days ahead (upcoming tasks, the
+# end of the local day) in any timezone; past these, date arithmetic overflows Python's years 1 .. 9999.
+FIRST_BRIEF_DATE = date.min + timedelta(days=10)
+LAST_BRIEF_DATE = date.max - timedelta(days=10)
+
+
+def check_brief_date(day: date, what: str = "brief_date") -> None:
+    """:class:`PermanentError` (a short reason) for a date no brief can cover."""
+    if not FIRST_BRIEF_DATE <= day <= LAST_BRIEF_DATE:
+        raise PermanentError(f"{what} {day.isoformat()} is outside the dates a brief can cover "
+                             f"({FIRST_BRIEF_DATE.isoformat()} .. {LAST_BRIEF_DATE.isoformat()})")
 
 
 def brief_dedup_key(user_id: int, brief_date: date) -> str:
@@ -166,6 +179,7 @@ class BriefRequest:
             brief_date = None
         if brief_date is None:
             raise PermanentError(f"generate_daily_brief: brief_date must be YYYY-MM-DD, got {raw_date!r}")
+        check_brief_date(brief_date, "generate_daily_brief: brief_date")
         raw_notify = payload.get("notify_at")
         when = notify_at
         if raw_notify is not None:
@@ -175,6 +189,12 @@ class BriefRequest:
                 raise PermanentError(f"generate_daily_brief: notify_at is not ISO 8601: {raw_notify!r}") from None
         if when is not None and when.tzinfo is None:
             raise PermanentError(f"generate_daily_brief: notify_at has no UTC offset: {raw_notify!r}")
+        if when is not None:
+            try:
+                when = when.astimezone(UTC)
+                check_brief_date(when.date(), "generate_daily_brief: notify_at")
+            except OverflowError:
+                raise PermanentError(f"generate_daily_brief: notify_at is out of range: {raw_notify!r}") from None
         stage = payload.get("engagement_stage") or STANDARD
         if stage not in STAGES:
             log.warning("unknown engagement stage %r; using %r", stage, STANDARD)
@@ -185,7 +205,7 @@ class BriefRequest:
             if not isinstance(value, bool):
                 raise PermanentError(f"generate_daily_brief: {name} must be true or false, got {value!r}")
             flags[name] = value
-        return cls(uid, brief_date, when.astimezone(UTC) if when else None, stage, **flags)
+        return cls(uid, brief_date, when, stage, **flags)
 
     def to_payload(self) -> dict[str, Any]:
         return {

@@ -20,7 +20,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from briefs.db import Database
 from briefs.errors import PermanentError
-from briefs.generator import BRIEF_JOB, BriefRequest, EnqueueHook, FollowUp, brief_dedup_key
+from briefs.generator import BRIEF_JOB, BriefRequest, EnqueueHook, FollowUp, brief_dedup_key, check_brief_date
 from briefs.render import STANDARD
 
 MANUAL_PRIORITY = 10  # a brief someone asked for by hand runs ahead of scheduled ones (50)
@@ -110,6 +110,10 @@ async def enqueue_brief(
                     f"user {user_id}'s timezone is unusable ({exc}): fix users.timezone, or pass --date with --force"
                 ) from None
         day = brief_date or today
+        try:
+            check_brief_date(day)
+        except PermanentError as exc:
+            raise BadRequest(f"user {user_id}: {exc}") from None
         if not force and not today - timedelta(days=DATE_PAST_DAYS) <= day <= today + timedelta(days=DATE_FUTURE_DAYS):
             raise BadRequest(
                 f"brief date {day.isoformat()} is outside {today - timedelta(days=DATE_PAST_DAYS)} .. "

@@ -7,8 +7,10 @@ them may leak one user's data into another's brief, or stop a brief (let alone f
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
+
+import pytest
 
 from tests.fakellm import FakeLLM
 
@@ -158,3 +160,34 @@ async def test_token_counts_the_provider_reports_cannot_overflow_the_brief(
     assert brief["status"] == "completed"
     assert brief["prompt_tokens"] == 2**31 - 1 and brief["completion_tokens"] == 0
 
+
+
+async def test_a_brief_date_no_window_can_cover_fails_once_with_the_reason(
+    briefs_harness: Any, brief_seed: Any
+) -> None:
+    """Dates at Python's limits: the windows (7 days back, 8 ahead) would overflow mid-run."""
+    from briefs.cli import queue_hook
+    from briefs.service import BadRequest, enqueue_brief
+    from worker import queue
+
+    h = briefs_harness
+    uid = brief_seed.user("Gus")
+    brief_seed.busy_project(uid, "p", datetime.now(UTC).date())
+    with pytest.raises(BadRequest, match="outside the dates a brief can cover"):
+        await enqueue_brief(h.db, h.settings(), uid, date(9999, 12, 31), force=True, enqueue=queue_hook(h.settings()))
+    payloads = [
+        ({"brief_date": "9999-12-31"}, "brief_date 9999-12-31 is outside the dates a brief can cover"),
+        ({"brief_date": "0001-01-01"}, "brief_date 0001-01-01 is outside the dates a brief can cover"),
+        ({"brief_date": "2026-11-30", "notify_at": "0001-01-01T00:00:00-05:00"}, "notify_at 0001-01-01 is outside"),
+        ({"brief_date": "2026-11-29", "notify_at": "0001-01-01T00:00:00+05:00"}, "notify_at is out of range"),
+    ]
+    async with h.db.raw() as conn:
+        for payload, _ in payloads:
+            await queue.enqueue(conn, queue.NewJob("generate_daily_brief", {"user_id": uid, **payload}, user_id=uid))
+    await h.run(h.settings())
+    jobs = await h.jobs("generate_daily_brief")
+    assert len(jobs) == len(payloads)
+    for job, (_, reason) in zip(jobs, payloads, strict=True):
+        assert job["status"] == "failed" and job["attempts"] == 1
+        assert reason in str(job["last_error"])
+    assert not await h.rows("SELECT 1 FROM daily_briefs WHERE user_id = %s", uid)
