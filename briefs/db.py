@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -63,8 +64,38 @@ def check_database_url(url: str) -> str:
     try:
         conninfo_to_dict(libpq_url(url))
     except psycopg.Error as exc:
-        raise ConfigError(f"DATABASE_URL is not a valid PostgreSQL URL: {_short(exc)}") from None
+        # libpq quotes the token it could not read, which may be (part of) the password.
+        reason = _without(_short(exc), _url_secrets(url))
+        raise ConfigError(f"DATABASE_URL is not a valid PostgreSQL URL: {reason}") from None
+    _register_password(url)
     return url
+
+
+_SECRET_KEYS = frozenset({"password", "sslpassword"})
+
+
+def _url_secrets(url: str) -> set[str]:
+    """Every form (raw, percent-decoded) of the password-like values of a URL libpq cannot parse."""
+    found: set[str] = set()
+    try:
+        parts = urlsplit(url)
+        userinfo_pw, query = parts.password, parts.query
+    except ValueError:
+        userinfo_pw, query = None, url.partition("?")[2]
+    if userinfo_pw:
+        found |= {userinfo_pw, unquote(userinfo_pw)}
+    for pair in re.split(r"[&;]", query):
+        key, sep, value = pair.partition("=")
+        name = unquote(key).strip().lower()
+        if sep and value and (name in _SECRET_KEYS or "pass" in name or name == "pwd"):
+            found |= {value, unquote(value), unquote(value.replace("+", " "))}
+    return {value for value in found if value}
+
+
+def _without(text: str, secrets: set[str]) -> str:
+    for value in sorted(secrets, key=len, reverse=True):
+        text = text.replace(value, "***")
+    return text
 
 
 def _clip(text: str, limit: int = 200) -> str:
@@ -74,25 +105,30 @@ def _clip(text: str, limit: int = 200) -> str:
 def _register_password(url: str) -> None:
     """Mask this database's password in every log line (it may sit in ``user:pw@`` or ``?password=``)."""
     try:
-        password = conninfo_to_dict(url).get("password")
-    except psycopg.Error:
+        params = conninfo_to_dict(libpq_url(url) if "://" in url else url)
+    except (psycopg.Error, ValueError):
         return
-    if password:
-        register_secret(str(password))
+    for key in _SECRET_KEYS:  # the password, and the one that unlocks the client key (sslpassword)
+        if params.get(key):
+            register_secret(str(params[key]))
 
 
 def libpq_url(url: str) -> str:
     """The URL as libpq/psycopg wants it (no SQLAlchemy driver suffix)."""
-    parts = urlsplit(url)
-    scheme = parts.scheme.split("+", 1)[0]
-    if scheme == "postgres":
-        scheme = "postgresql"
-    return urlunsplit(parts._replace(scheme=scheme))
+    return _with_scheme(url, "postgresql")
 
 
 def sqlalchemy_url(url: str) -> str:
-    parts = urlsplit(libpq_url(url))
-    return urlunsplit(parts._replace(scheme="postgresql+psycopg"))
+    return _with_scheme(url, "postgresql+psycopg")
+
+
+def _with_scheme(url: str, scheme: str) -> str:
+    """``url`` with its scheme replaced and the rest kept as written: ``urlunsplit`` would turn
+    ``postgresql:///db?host=/run/postgresql`` (no host: a local socket) into ``postgresql:/db…``."""
+    _, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    return f"{scheme}://{rest}"
 
 
 def start_embedded(data_dir: Path) -> str:

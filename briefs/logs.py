@@ -46,7 +46,7 @@ _SCHEME_URL = re.compile(
 _BARE_USERINFO = re.compile(r"(?<![^\s'\"(<,;=])(?P<head>[^\s'\"(<,;=:/@]++:)(?P<pw>[^\s/@]{1,256}+@)(?=[\w\[])")
 # password=value as a URL query parameter or a libpq keyword (quoted or not).
 _KEYWORD = re.compile(
-    r"(?<![a-z0-9_])(?P<head>(?:password|passwd|pwd)\s*+=\s*+)"
+    r"(?<![a-z0-9_])(?P<head>(?:sslpassword|password|passwd|pwd)\s*+=\s*+)"
     r"(?P<pw>'(?:[^'\\]++|\\.)*+'?|\"(?:[^\"\\]++|\\.)*+\"?|[^\s&;,'\"]++)",
     re.I,
 )

@@ -206,7 +206,9 @@ class Settings(BaseSettings):
         return bool(self.openai_api_key and self.openai_api_key.get_secret_value())
 
 
-_SECRET_PARAM = re.compile(r"((?:^|[?&;\s])(?:password|passwd|pass|pwd|secret|token|api_key|apikey)=)([^&;\s]*)", re.I)
+_SECRET_PARAM = re.compile(
+    r"((?:^|[?&;\s])(?:sslpassword|password|passwd|pass|pwd|secret|token|api_key|apikey)=)([^&;\s]*)", re.I
+)
 
 
 def redact_url(url: str) -> str:

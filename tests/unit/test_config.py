@@ -164,3 +164,48 @@ def test_bounded_settings_keep_their_usual_values() -> None:
     assert settings.worker_id == "host-1:42"
     assert Settings(_env_file=None, worker_id=" ").worker_id is None  # type: ignore[call-arg]
     assert Settings(_env_file=None, health_port=8080).health_port == 8080  # type: ignore[call-arg]
+
+
+# --------------------------------------------------------------------------- DATABASE_URL in every form
+
+
+def test_a_url_without_a_host_keeps_its_slashes() -> None:
+    from briefs.db import libpq_url, sqlalchemy_url
+
+    # A local socket (or the host in the query) leaves the host part empty; urlunsplit used to
+    # drop the '//' and libpq then refused "postgresql:/db?host=…" as an invalid option.
+    url = "postgresql:///briefs?host=/run/postgresql&user=app"
+    assert check_database_url(url) == url
+    assert libpq_url(url) == url
+    assert libpq_url("postgres:///briefs") == "postgresql:///briefs"
+    assert sqlalchemy_url(url) == "postgresql+psycopg:///briefs?host=/run/postgresql&user=app"
+
+
+@pytest.mark.parametrize(
+    ("url", "secret"),
+    [
+        ("postgresql://u:p w-secret1@h/db", "w-secret1"),
+        ("postgresql://u:a%zz-secret2@h/db", "zz-secret2"),
+        ("postgresql://h/db?password=a b-secret3", "b-secret3"),
+        ("postgresql://h/db?pass%77ord=a%zz-secret4", "zz-secret4"),
+        ("postgresql://h/db?sslpassword=x y-secret5", "y-secret5"),
+    ],
+)
+def test_an_unparseable_url_is_refused_without_its_password(url: str, secret: str) -> None:
+    # libpq's message quotes the token it could not read: the password, or part of it.
+    with pytest.raises(ConfigError, match="not a valid PostgreSQL URL") as err:
+        check_database_url(url)
+    assert secret not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "secret"),
+    [
+        ("postgresql://u@h/db?sslpassword=ssl-secret-9", "ssl-secret-9"),
+        ("postgresql://u@h/db?pass%77ord=pct-secret-10", "pct-secret-10"),
+        ("postgresql:///db?host=h&password=nohost-secret-11", "nohost-secret-11"),
+    ],
+)
+def test_every_password_libpq_reads_is_masked(url: str, secret: str) -> None:
+    check_database_url(url)  # registers what libpq reads as a password, however the URL spells it
+    assert secret not in logs.redact(f"using {url}")
