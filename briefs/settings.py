@@ -177,6 +177,32 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
+    @field_validator("openai_base_url")
+    @classmethod
+    def _openai_base_url(cls, value: str | None) -> str | None:
+        # Checked here, once: a URL the HTTP client cannot even build (a CR/LF, file://) used to fail
+        # every brief job at the LLM client's construction, retried until the job was lost.
+        if value is None or not value.strip():
+            return None
+        value = value.strip()
+        problem = None
+        if any(c.isspace() or not c.isprintable() for c in value):
+            problem = "it contains whitespace or control characters"
+        else:
+            try:
+                parts = urlsplit(value)
+                parts.port  # noqa: B018 - raises ValueError for a bad port
+            except ValueError as exc:
+                problem = str(exc)
+            else:
+                if parts.scheme.lower() not in ("http", "https"):
+                    problem = "not an http(s) URL"
+                elif not parts.hostname:
+                    problem = "no host"
+        if problem:
+            raise ValueError(f"OPENAI_BASE_URL is unusable ({problem}); expected e.g. https://api.openai.com/v1")
+        return value
+
     @field_validator("worker_id")
     @classmethod
     def _worker_id(cls, value: str | None) -> str | None:

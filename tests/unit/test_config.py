@@ -209,3 +209,28 @@ def test_an_unparseable_url_is_refused_without_its_password(url: str, secret: st
 def test_every_password_libpq_reads_is_masked(url: str, secret: str) -> None:
     check_database_url(url)  # registers what libpq reads as a password, however the URL spells it
     assert secret not in logs.redact(f"using {url}")
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        # A CR/LF made the HTTP client refuse to build: every brief job failed, retried until lost.
+        ("http://127.0.0.1:1/v1\r\nX-Injected: y", "whitespace or control characters"),
+        ("file:///etc/passwd", "not an http(s) URL"),
+        ("garbage", "not an http(s) URL"),
+        ("http://u:pw-secret-12@h:99999/v1", "Port out of range"),
+        ("https:///v1", "no host"),
+    ],
+)
+def test_an_unusable_llm_base_url_is_refused_at_startup(url: str, says: str) -> None:
+    with pytest.raises(ValidationError, match="OPENAI_BASE_URL is unusable") as err:
+        Settings(_env_file=None, openai_base_url=url)  # type: ignore[call-arg]
+    [error] = err.value.errors()
+    assert says in error["msg"]
+    assert "pw-secret-12" not in error["msg"]  # what `briefs` prints (never the input value)
+
+
+def test_a_usable_llm_base_url_is_kept() -> None:
+    for url in ("https://api.example.com/v1", "http://127.0.0.1:8080/v1", "http://u:p@[::1]:9/v1"):
+        assert Settings(_env_file=None, openai_base_url=f" {url} ").openai_base_url == url  # type: ignore[call-arg]
+    assert Settings(_env_file=None, openai_base_url="").openai_base_url is None  # type: ignore[call-arg]
