@@ -50,7 +50,10 @@ def _parse_instant(text: str) -> datetime:
         raise UsageError(f"not an ISO 8601 instant: {text!r} (example: 2026-03-08T12:00:00Z)") from exc
     if value.tzinfo is None:
         raise UsageError(f"the instant {text!r} has no UTC offset (add Z or +00:00)")
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00+14:00 is before the first instant Python can hold in UTC
+        raise UsageError(f"the instant {text!r} is out of range in UTC (years 1 to 9999)") from None
 
 
 def _parse_date(text: str) -> date:
@@ -64,10 +67,11 @@ MAX_ID = 2**63 - 1  # bigint
 
 
 def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not a number: {text[:40]!r}") from exc
+    # ASCII digits only: int() also reads '١' or '９' (other scripts), '1_000', ' +7 '; an id that
+    # cancels or retries a job must be the number the operator sees.
+    if not (text.isascii() and text.removeprefix("-").isdigit()):
+        raise argparse.ArgumentTypeError(f"not a number: {text[:40]!r} (digits 0-9 only)")
+    value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive: {value}")
     if value > MAX_ID:
