@@ -15,6 +15,7 @@ so its process-wide limits apply across briefs.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -31,6 +32,14 @@ log = logging.getLogger(__name__)
 
 # The SMTP exchange is cut at briefs.email.SEND_BUDGET (90 s); the claim and the record are short transactions.
 EMAIL_TIMEOUT = 120.0
+# The brief's own deadline ends this much before the job's (BRIEFS_JOB_TIMEOUT), so that a brief that runs
+# out of time fails through the handler (which, on the last attempt, marks the brief failed with the reason)
+# rather than by the worker's cancellation (which would leave it "processing" for ever).
+GIVE_UP_MARGIN = 5.0  # seconds, at most a tenth of the job's timeout
+
+
+def brief_budget(job_timeout: float) -> float:
+    return job_timeout - min(GIVE_UP_MARGIN, job_timeout / 10)
 
 
 def llm_client(ctx: JobContext) -> LLMClient:
@@ -81,15 +90,22 @@ async def generate_daily_brief(ctx: JobContext) -> dict[str, Any]:
         # What ctx.progress() does, inside the generator's own transaction (no extra round trip).
         await queue.set_progress(conn, job.id, job.token, data)
 
+    budget = brief_budget(ctx.settings.job_timeout)
     try:
-        outcome = await generator.generate(
-            ctx.db,
-            ctx.settings,
-            request,
-            llm=llm_client(ctx) if ctx.settings.llm_enabled else None,
-            progress=progress,
-            enqueue=enqueue,
-        )
+        try:
+            async with asyncio.timeout(budget):
+                outcome = await generator.generate(
+                    ctx.db,
+                    ctx.settings,
+                    request,
+                    llm=llm_client(ctx) if ctx.settings.llm_enabled else None,
+                    progress=progress,
+                    enqueue=enqueue,
+                )
+        except TimeoutError:
+            limit = ctx.settings.job_timeout
+            raise TimeoutError(f"the brief took longer than {budget:g}s "
+                               f"(BRIEFS_JOB_TIMEOUT {limit:g}s less a margin to record it)") from None
     except Exception as exc:
         if is_permanent(exc) or job.attempts >= job.max_attempts:
             # The job gives up: say so on the brief instead of leaving it "processing" forever.

@@ -191,3 +191,21 @@ async def test_a_brief_date_no_window_can_cover_fails_once_with_the_reason(
         assert job["status"] == "failed" and job["attempts"] == 1
         assert reason in str(job["last_error"])
     assert not await h.rows("SELECT 1 FROM daily_briefs WHERE user_id = %s", uid)
+
+
+async def test_a_brief_that_runs_out_of_time_on_its_last_attempt_is_marked_failed_with_the_reason(
+    briefs_harness: Any, brief_seed: Any, fake_llm: FakeLLM
+) -> None:
+    """An LLM slower than the job's timeout: the slot is freed, and the brief does not stay "processing"."""
+    h = briefs_harness
+    uid = brief_seed.user("Hal")
+    brief_seed.busy_project(uid, "slow", datetime.now(UTC).date())
+    fake_llm.latency = 25.0  # far past the job's timeout; the fake stops sleeping when it is stopped
+    settings = h.settings(fake_llm, job_timeout=2.0, llm_timeout=60.0)
+    await h.enqueue(uid, max_attempts=1)
+    await h.run(settings)
+    [job] = await h.jobs("generate_daily_brief")
+    assert job["status"] == "failed" and "took longer than" in str(job["last_error"])
+    brief = await h.brief(uid)
+    assert brief["status"] == "failed"
+    assert "took longer than 1.8s" in str(brief["error"])
