@@ -87,6 +87,7 @@ class HealthServer:
         self.loops: list[LoopCheck] = []
         self._server: asyncio.Server | None = None
         self._active = 0
+        self._reading: dict[asyncio.StreamWriter, None] = {}  # still sending the request head, oldest first
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._conn_lock = asyncio.Lock()
 
@@ -203,8 +204,15 @@ class HealthServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._active >= MAX_CONNECTIONS:
-            writer.transport.abort()
-            return
+            if not self._reading:  # every slot is answering a request: this one waits its turn elsewhere
+                writer.transport.abort()
+                return
+            # Full of clients that have not finished sending their request (idle or slowloris): drop the
+            # oldest of them, not the newcomer, so an orchestrator's probe is answered however many
+            # silent connections someone keeps open.
+            oldest = next(iter(self._reading))
+            del self._reading[oldest]
+            oldest.transport.abort()
         self._active += 1
         try:
             await self._serve(reader, writer)
@@ -217,15 +225,19 @@ class HealthServer:
                 await writer.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reading[writer] = None
         try:
             async with asyncio.timeout(READ_TIMEOUT):
                 method, path = await self._read_request(reader)
         except _Refused as refused:
+            self._reading.pop(writer, None)  # answered: no longer evictable
             await self._send(writer, refused.status, f"{refused}\n".encode(), "text/plain")
             await self._linger(reader, writer)
             return
         except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
             return
+        finally:
+            self._reading.pop(writer, None)
         head = method == "HEAD"
         try:
             if method not in ("GET", "HEAD"):
@@ -254,7 +266,7 @@ class HealthServer:
         for _ in range(MAX_HEADERS + 1):
             header = await _read_line(reader, "header line")
             if header in (b"\r\n", b"\n"):
-                return parts[0], parts[1].split("?", 1)[0]
+                return parts[0], _path(parts[1])
             total += len(header)
             if total > MAX_HEADER_BYTES:
                 raise _Refused(431, f"headers over {MAX_HEADER_BYTES} bytes")
@@ -285,6 +297,15 @@ class HealthServer:
         )
         writer.write(head_lines.encode() + (b"" if head else body))
         await writer.drain()
+
+
+def _path(target: str) -> str:
+    """The path of a request target: origin form (``/healthz?x``) or absolute form
+    (``http://host:port/healthz``, which HTTP/1.1 servers must accept)."""
+    scheme, sep, rest = target.partition("://")
+    if sep and scheme.lower() in ("http", "https"):
+        target = "/" + rest.partition("/")[2]
+    return target.split("?", 1)[0]
 
 
 async def _read_line(reader: asyncio.StreamReader, what: str) -> bytes:
