@@ -637,9 +637,19 @@ class _Run:
             cur = await conn.execute(_SQL["save_sections"], {"brief": self.brief_id, "run": self.run_id,
                                                              "rows": Jsonb(rows)})
             if not await cur.fetchall():
-                raise BriefSuperseded(f"brief {self.brief_id} was taken over by another run")
+                raise await self._superseded(conn)
             if progress and self._progress_due():
                 await self._write_progress(conn)
+
+    async def _superseded(self, conn: Conn) -> Exception:
+        """Why this run may no longer write its brief: another run took it over (transient: that run
+        finishes it), or the row is gone — the user was deleted meanwhile (permanent: nothing to redo)."""
+        cur = await conn.execute("SELECT status FROM daily_briefs WHERE id = %s", (self.brief_id,))
+        row = await cur.fetchone()
+        if row is None:
+            return PermanentError(f"brief {self.brief_id} was deleted during the run "
+                                  f"(user {self.req.user_id} deleted?); nothing to finish")
+        return BriefSuperseded(f"brief {self.brief_id} was taken over by another run (now {row[0]})")
 
     async def _save_pending(self) -> None:
         """Write every finished, unsaved section in one statement (with progress when it is due).
@@ -829,7 +839,7 @@ class _Run:
             )
             row = await cur.fetchone()
             if row is None:
-                raise BriefSuperseded(f"brief {self.brief_id} was taken over by another run")
+                raise await self._superseded(conn)
             if row[0] is not None:
                 follow = []  # already mailed (a resumed run after the email went out)
             if follow and self.enqueue_hook is not None:

@@ -209,3 +209,27 @@ async def test_a_brief_that_runs_out_of_time_on_its_last_attempt_is_marked_faile
     brief = await h.brief(uid)
     assert brief["status"] == "failed"
     assert "took longer than 1.8s" in str(brief["error"])
+
+
+async def test_a_user_deleted_while_their_brief_runs_fails_once_saying_so(
+    briefs_harness: Any, brief_seed: Any, fake_llm: FakeLLM
+) -> None:
+    import psycopg
+
+    from tests.fakellm import default_responder
+
+    h = briefs_harness
+    uid = brief_seed.user("Ivy")
+    brief_seed.busy_project(uid, "p", datetime.now(UTC).date())
+
+    def delete_then_answer(body: dict[str, Any]) -> str:
+        with psycopg.connect(h.database_url, autocommit=True) as conn:
+            conn.execute("DELETE FROM users WHERE id = %s", (uid,))
+        return default_responder(body)
+
+    fake_llm.responder = delete_then_answer
+    await h.enqueue(uid)
+    await h.run(h.settings(fake_llm))
+    [job] = await h.jobs("generate_daily_brief")
+    assert job["status"] == "failed" and job["attempts"] == 1  # not retried as if another run had taken it
+    assert "was deleted during the run" in str(job["last_error"])
