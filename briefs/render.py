@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date
@@ -44,8 +45,9 @@ USER_MARKER = "\u241e=== user message ===\u241e"
 # Every string that comes from a user's rows or from the LLM is hostile until it passed here.
 # ``clean`` makes it storable and printable: PostgreSQL refuses NUL in text and jsonb, UTF-8 cannot
 # encode a lone surrogate (JSON's "\ud800" decodes to one), C0/C1 control characters drive terminals
-# (``briefs show``), bidirectional overrides disguise text, and U+241E is the prompt's system/user
-# split marker. ``md_inline`` then escapes for the Markdown brief; ``plain_inline`` is the same
+# (``briefs show``), bidirectional overrides disguise text, U+241E is the prompt's system/user
+# split marker, and a run of combining marks is cut to three. ``md_inline`` then escapes for the
+# Markdown brief; ``plain_inline`` is the same
 # without Markdown escaping, for prompts and plain text.
 
 # C0 except tab and newline, DEL, C1, surrogates, bidi embeddings/overrides/isolates, the prompt marker.
@@ -57,6 +59,34 @@ _ESCAPE_SEQ_RE = re.compile(
     "|(?:\x1b\\]|\x9d)[^\x07\x1b\x9c]{0,512}(?:\x07|\x1b\\\\|\x9c)?"  # OSC … BEL or ST
     "|\x1b[ -/]*[0-~]?"  # any other escape sequence
 )
+# Combining marks past the third in a row (Unicode categories Mn, Mc, Me). Real text stacks two or
+# three; a name of thousands ("Zalgo") draws a tower over the lines above and below it (email,
+# terminal, console). A regex class of every mark is slow in ``re`` (~300 ranges), so marks are
+# flattened to U+0300 with ``str.translate`` (one char for one: offsets stay) and runs found there.
+MAX_MARKS = 3
+_FLAT_MARK = "\u0300"
+_MARK_RUN_RE = re.compile(f"{_FLAT_MARK}{{{MAX_MARKS + 1},}}")
+
+
+@cache
+def _mark_table() -> dict[int, int]:
+    planes = (*range(0x30000), *range(0xE0000, 0xE1000))  # where marks are (E0100..: variation selectors)
+    return dict.fromkeys((cp for cp in planes if unicodedata.category(chr(cp))[0] == "M"), ord(_FLAT_MARK))
+
+
+def cap_marks(text: str) -> str:
+    """``text`` with every run of combining marks cut to ``MAX_MARKS``."""
+    if text.isascii():
+        return text
+    flat = text.translate(_mark_table())
+    if _FLAT_MARK * (MAX_MARKS + 1) not in flat:
+        return text
+    out, pos = [], 0
+    for run in _MARK_RUN_RE.finditer(flat):
+        out.append(text[pos : run.start() + MAX_MARKS])
+        pos = run.end()
+    out.append(text[pos:])
+    return "".join(out)
 _MD_CHARS_RE = re.compile(r"([\\`*_\[\]#|~])")
 _MD_LEAD_RE = re.compile(r"^(?:([-+=])|(\d{1,9})([.)]))")
 CLIP_MARK = "…"
@@ -70,7 +100,7 @@ def clean(text: object) -> str:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
     if "\x1b" in text or "\x9b" in text or "\x9d" in text:
         text = _ESCAPE_SEQ_RE.sub("", text)
-    return _UNSAFE_RE.sub("", text)
+    return cap_marks(_UNSAFE_RE.sub("", text))
 
 
 def clip(text: str, limit: int) -> str:

@@ -233,3 +233,32 @@ async def test_a_user_deleted_while_their_brief_runs_fails_once_saying_so(
     [job] = await h.jobs("generate_daily_brief")
     assert job["status"] == "failed" and job["attempts"] == 1  # not retried as if another run had taken it
     assert "was deleted during the run" in str(job["last_error"])
+
+
+async def test_combining_mark_towers_and_direction_overrides_are_cut_from_names_and_replies(
+    briefs_harness: Any, brief_seed: Any, fake_llm: FakeLLM
+) -> None:
+    import unicodedata
+
+    def longest_mark_run(text: str) -> int:
+        longest = run = 0
+        for ch in text:
+            run = run + 1 if unicodedata.category(ch)[0] == "M" else 0
+            longest = max(longest, run)
+        return longest
+
+    h = briefs_harness
+    today = datetime.now(UTC).date()
+    uid = brief_seed.user("Z\u0336" * 3000 + "\u202eevil")
+    brief_seed.busy_project(uid, "\u202egnp.exe" + "\u0301\u20d2" * 5000 + "\U0001f600" * 1000, today)
+    brief_seed.busy_project(uid, "Tiê\u0301ng Viê\u0323\u0302t", today)  # real text stacks two marks: kept
+    fake_llm.responder = lambda body: json.dumps({
+        "summary": "ok" + "\u0489\u0334" * 2000, "highlights": ["a" + "\u0300" * 900], "risks": [], "next_steps": [],
+        "priority_actions": ["b" + "\u1ab0" * 900],
+    })
+    brief = await run_one(h, uid, h.settings(fake_llm))
+    stored = [brief["summary_markdown"], brief["subject"], brief["executive_summary"], brief["priority_actions"]]
+    stored += [(s["content_markdown"], s["metadata"]) for s in await h.sections(brief["id"])]
+    text = json.dumps(stored, ensure_ascii=False)
+    assert longest_mark_run(text) == 3 and "\u202e" not in text
+    assert "Tiê\u0301ng Viê\u0323\u0302t" in str(brief["summary_markdown"])
