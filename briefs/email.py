@@ -385,6 +385,7 @@ _SQL = {
         FROM (SELECT pdb.id, p.id AS project_id, p.name, coalesce(pdb.metadata ->> 'reason', '') = 'quiet' AS quiet,
                      row_number() OVER (ORDER BY lower(p.name), p.id) AS n, count(*) OVER () AS total
               FROM project_daily_briefs pdb JOIN projects p ON p.id = pdb.project_id
+              JOIN daily_briefs b ON b.id = pdb.daily_brief_id AND b.user_id = p.user_id  -- the owner's only
               WHERE pdb.daily_brief_id = %(brief)s) AS s
         JOIN project_daily_briefs pdb ON pdb.id = s.id
         WHERE s.n <= %(sections)s + %(names)s

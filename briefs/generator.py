@@ -306,11 +306,12 @@ _SQL = {
         WHERE id = %(id)s
     """,
     "drop_all_sections": "DELETE FROM project_daily_briefs WHERE daily_brief_id = %s",
-    # Keep what an earlier run got from the LLM; redo everything else.
+    # Keep what an earlier run got from the LLM for a project of this run; redo everything else. A section
+    # of a project this run leaves out (no longer active, beyond the limit, moved to another user) goes.
     "drop_redo_sections": """
         DELETE FROM project_daily_briefs
         WHERE daily_brief_id = %s AND NOT (status = 'completed' AND metadata->>'source' = 'llm'
-                                           AND metadata ? 'section')
+                                           AND metadata ? 'section' AND project_id = ANY(%s))
     """,
     "kept_sections": "SELECT project_id, metadata FROM project_daily_briefs WHERE daily_brief_id = %s",
     # A batch of sections in one statement, written only while this run still owns the brief (the
@@ -435,7 +436,7 @@ class _Run:
             projects, more, more_names = await load_projects(conn, user, req.brief_date, anchor, self.limits)
             self.total = len(projects)
             self.phase = "projects"
-            skipped = await self._claim(conn, user)
+            skipped = await self._claim(conn, user, projects)
             if skipped is not None:
                 return skipped
             await self._publish_progress(conn, self._progress_value())
@@ -448,7 +449,7 @@ class _Run:
         summary, actions, summary_meta = await self._summary(ctx, results)
         return await self._finish(ctx, results, summary, actions, summary_meta)
 
-    async def _claim(self, conn: Conn, user: UserContext) -> BriefOutcome | None:
+    async def _claim(self, conn: Conn, user: UserContext, projects: Sequence[ProjectContext]) -> BriefOutcome | None:
         """Take the brief row for this run; an outcome when there is nothing to do."""
         req = self.req
         meta = {"run_id": self.run_id, "revision": 1}
@@ -498,7 +499,7 @@ class _Run:
             },
         )
         if resume:
-            await conn.execute(_SQL["drop_redo_sections"], (brief_id,))
+            await conn.execute(_SQL["drop_redo_sections"], (brief_id, [p.id for p in projects]))
             cur = await conn.execute(_SQL["kept_sections"], (brief_id,))
             self.kept = {pid: m for pid, m in await cur.fetchall() if isinstance(m, dict)}
             log.info("resuming brief %s (was %s): %d project section(s) kept", brief_id, status, len(self.kept))

@@ -262,3 +262,35 @@ async def test_combining_mark_towers_and_direction_overrides_are_cut_from_names_
     text = json.dumps(stored, ensure_ascii=False)
     assert longest_mark_run(text) == 3 and "\u202e" not in text
     assert "Tiê\u0301ng Viê\u0323\u0302t" in str(brief["summary_markdown"])
+
+
+async def test_a_kept_section_of_a_project_now_someone_elses_is_dropped_from_brief_and_email(
+    briefs_harness: Any, brief_seed: Any, smtp_server: Any
+) -> None:
+    """A crashed run left an LLM section; before the resume, that project went to another user."""
+    h = briefs_harness
+    today = datetime.now(UTC).date()
+    alice = brief_seed.user("Alice", email="alice@example.com", email_enabled=True)
+    bob = brief_seed.user("Bob")
+    brief_seed.busy_project(alice, "Alice's own", today)
+    moved = brief_seed.busy_project(alice, "Moved", today)
+    brief_id = brief_seed._one(
+        "INSERT INTO daily_briefs (user_id, brief_date, status) VALUES (%s, %s, 'processing') RETURNING id",
+        (alice, today),
+    )
+    section = {"project_id": moved, "name": "Moved", "summary": "OLD LLM TEXT", "groups": [], "source": "llm"}
+    brief_seed.conn.execute(
+        """INSERT INTO project_daily_briefs (daily_brief_id, project_id, status, metadata)
+           VALUES (%s, %s, 'completed', jsonb_build_object('source', 'llm', 'section', %s::jsonb))""",
+        (brief_id, moved, json.dumps(section)),
+    )
+    brief_seed.conn.execute("UPDATE projects SET user_id = %s, name = 'BOB SECRET' WHERE id = %s", (bob, moved))
+    settings = h.settings(None, smtp_url=smtp_server.url, secret_key="k" * 40)
+    await h.enqueue(alice)
+    for _ in range(3):  # the brief, then its email job
+        await h.run(settings, services={})
+    [message] = smtp_server.wait_for(1)
+    body = message.as_string()
+    assert "Alice's own" in body or "Alice&#x27;s own" in body
+    assert "BOB SECRET" not in body and "OLD LLM TEXT" not in body
+    assert [s["name"] for s in await h.sections(brief_id)] == ["Alice's own"]
