@@ -102,6 +102,7 @@ log = logging.getLogger(__name__)
 EMAIL_BUDGET = 98_000  # bytes of the whole message on the wire; the requirement is "under 100 KB"
 SMTP_TIMEOUT = 30.0  # seconds per socket operation
 SEND_BUDGET = 90.0  # seconds for the whole SMTP exchange; the socket is shut down past it
+REPLY_MAX_LINES = 100  # of one SMTP reply (an EHLO reply has a dozen); a server sending more is cut off
 SMTP_THREADS = 32  # SMTP exchanges in flight per process (more wait for a thread, holding no connection)
 CLAIM_STALE = SEND_BUDGET + 60.0  # a send claim older than this belonged to a sender that died
 NOT_READY_DELAY = 30.0
@@ -900,6 +901,59 @@ def _tls_context() -> ssl.SSLContext:
     return ssl.create_default_context()
 
 
+class SMTPReplyTooLong(smtplib.SMTPException):
+    """The server's reply broke the bounds (a line over 8 KiB, more than :data:`REPLY_MAX_LINES` lines)."""
+
+
+class _BoundedReplies:
+    """smtplib's ``getreply`` with a bound on the lines of one reply.
+
+    smtplib keeps every continuation line ("250-…") of a reply in memory: a server that never
+    ends its reply grew the worker by gigabytes before the send budget cut it. A line over
+    smtplib's limit was reported as the server's own "500 Line too long." (a permanent refusal
+    it never sent); both are now :class:`SMTPReplyTooLong`, a fault to retry.
+    """
+
+    sock: Any
+    file: Any
+    close: Any  # smtplib.SMTP's
+
+    def getreply(self) -> tuple[int, bytes]:
+        lines: list[bytes] = []
+        if self.file is None:
+            self.file = self.sock.makefile("rb")
+        while True:
+            try:
+                line = self.file.readline(smtplib._MAXLINE + 1)
+            except OSError as exc:
+                self.close()
+                raise smtplib.SMTPServerDisconnected(f"Connection unexpectedly closed: {exc}") from None
+            if not line:
+                self.close()
+                raise smtplib.SMTPServerDisconnected("Connection unexpectedly closed")
+            if len(line) > smtplib._MAXLINE:
+                self.close()
+                raise SMTPReplyTooLong(f"the server sent a reply line over {smtplib._MAXLINE} bytes")
+            lines.append(line[4:].strip(b" \t\r\n"))
+            if len(lines) > REPLY_MAX_LINES:
+                self.close()
+                raise SMTPReplyTooLong(f"the server sent a reply of more than {REPLY_MAX_LINES} lines")
+            try:
+                code = int(line[:3])
+            except ValueError:
+                return -1, b"\n".join(lines)
+            if line[3:4] != b"-":
+                return code, b"\n".join(lines)
+
+
+class _SMTP(_BoundedReplies, smtplib.SMTP):
+    pass
+
+
+class _SMTP_SSL(_BoundedReplies, smtplib.SMTP_SSL):
+    pass
+
+
 def smtp_send(target: SmtpTarget, message: EmailMessage, from_addr: str, to_addr: str, *,
               budget: float = SEND_BUDGET, timeout: float = SMTP_TIMEOUT) -> None:
     """Send ``message`` to exactly ``to_addr`` (blocking: run it in a thread).
@@ -924,9 +978,9 @@ def smtp_send(target: SmtpTarget, message: EmailMessage, from_addr: str, to_addr
     timer.start()
     try:
         if target.tls == "implicit":
-            holder.append(smtplib.SMTP_SSL(target.host, target.port, timeout=timeout, context=_tls_context()))
+            holder.append(_SMTP_SSL(target.host, target.port, timeout=timeout, context=_tls_context()))
         else:
-            holder.append(smtplib.SMTP(target.host, target.port, timeout=timeout))
+            holder.append(_SMTP(target.host, target.port, timeout=timeout))
         server = holder[0]
         server.ehlo()
         if target.tls == "starttls":
