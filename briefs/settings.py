@@ -177,6 +177,22 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
+    @field_validator("data_dir", mode="before")
+    @classmethod
+    def _data_dir(cls, value: object) -> object:
+        # Empty means the default. A relative path would name a different directory (and so a
+        # different embedded database) for each working directory a process starts in.
+        if isinstance(value, str) and not value.strip():
+            return _default_data_dir()
+        if isinstance(value, str | Path):
+            text = str(value)
+            if any(not c.isprintable() for c in text):
+                raise ValueError("BRIEFS_DATA_DIR contains control characters")
+            if not Path(text).expanduser().is_absolute():
+                raise ValueError("BRIEFS_DATA_DIR must be an absolute path (or start with ~)")
+            return Path(text).expanduser()
+        return value
+
     @field_validator("openai_base_url")
     @classmethod
     def _openai_base_url(cls, value: str | None) -> str | None:

@@ -234,3 +234,24 @@ def test_a_usable_llm_base_url_is_kept() -> None:
     for url in ("https://api.example.com/v1", "http://127.0.0.1:8080/v1", "http://u:p@[::1]:9/v1"):
         assert Settings(_env_file=None, openai_base_url=f" {url} ").openai_base_url == url  # type: ignore[call-arg]
     assert Settings(_env_file=None, openai_base_url="").openai_base_url is None  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        # Each was resolved against the working directory: ../../../../etc made /etc/pgdata, and
+        # every process started elsewhere got a database of its own. A newline reached initdb.
+        ("../../../../etc", "must be an absolute path"),
+        ("data", "must be an absolute path"),
+        ("/tmp/a\nb", "contains control characters"),
+    ],
+)
+def test_an_unusable_data_dir_is_refused(value: str, says: str) -> None:
+    with pytest.raises(ValidationError, match=f"BRIEFS_DATA_DIR {says}"):
+        Settings(_env_file=None, data_dir=value)  # type: ignore[call-arg]
+
+
+def test_an_empty_data_dir_is_the_default_and_home_is_expanded() -> None:
+    default = Settings(_env_file=None).data_dir  # type: ignore[call-arg]
+    assert Settings(_env_file=None, data_dir="").data_dir == default  # type: ignore[call-arg]
+    assert Settings(_env_file=None, data_dir="~/briefs").data_dir == Path.home() / "briefs"  # type: ignore[call-arg]
