@@ -190,8 +190,30 @@ def record_message(record: logging.LogRecord) -> str:
             args = {k: _bound_arg(v) for k, v in args.items()}
         else:
             args = tuple(_bound_arg(a) for a in args)
-        msg = msg % args
+        try:
+            msg = msg % args
+        except (TypeError, ValueError, KeyError):  # arguments that do not fit the message: keep both
+            msg = f"{msg} (arguments that do not fit it: {args!r})"
     return bounded_redact(msg)
+
+
+# In text logs: C0 controls but tab and newline, DEL, C1, lone surrogates, bidi controls and the
+# Unicode line separators are shown escaped; every line after the first is indented. A hostile
+# value (an error text, a stored string) can neither drive the terminal nor forge a log line.
+_UNSAFE_TEXT = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff\u202a-\u202e\u2066-\u2069\u2028\u2029]")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def safe_text_line(text: str) -> str:
+    """``text`` for a text log: control characters escaped, continuation lines indented."""
+    return _UNSAFE_TEXT.sub(_escape, text).replace("\n", "\n    ")
 
 
 _STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "job"}
@@ -253,7 +275,7 @@ class TextFormatter(logging.Formatter):
             line += "\n" + exc
         if record.stack_info:
             line += "\n" + bounded_redact(self.formatStack(record.stack_info), MAX_EXC_CHARS)
-        return line
+        return safe_text_line(line)
 
 
 class JsonFormatter(logging.Formatter):
@@ -272,7 +294,11 @@ class JsonFormatter(logging.Formatter):
         exc = _exc_text(self, record)
         if exc:
             data["exc"] = exc
-        return json.dumps(data, default=str)
+        text = json.dumps(data, default=str)
+        if "\\ud" in text:  # a lone surrogate comes out as a bare escape strict JSON readers refuse: U+FFFD
+            raw = json.dumps(data, default=str, ensure_ascii=False)
+            text = json.dumps(json.loads(_SURROGATE.sub("\ufffd", raw)))
+        return text
 
 
 # --------------------------------------------------------------------------- live lines (progress bars)
