@@ -347,12 +347,28 @@ class _Malformed(Exception):
 _JSON_OBJECT = {"type": "json_object"}
 
 
-def _envelope(response: httpx2.Response) -> dict[str, Any]:
-    """The chat.completion object of a 2xx reply (a dict), or :class:`_Malformed`."""
-    if len(response.content) > MAX_REPLY_BYTES:
-        raise _Malformed(f"response body too large ({len(response.content):,} bytes)")
+async def _read_capped(response: httpx2.Response) -> bytes:
+    """The body of a streamed 2xx reply, read only up to just past ``MAX_REPLY_BYTES`` (decoded size: a
+    compressed bomb counts as what it inflates to); the connection is released either way."""
+    chunks: list[bytes] = []
+    size = 0
     try:
-        data = json.loads(response.content)
+        async for chunk in response.aiter_bytes():
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_REPLY_BYTES:
+                break
+    finally:
+        await response.aclose()
+    return b"".join(chunks)
+
+
+def _envelope(content: bytes) -> dict[str, Any]:
+    """The chat.completion object of a 2xx reply's body (a dict), or :class:`_Malformed`."""
+    if len(content) > MAX_REPLY_BYTES:
+        raise _Malformed(f"response body too large (over {MAX_REPLY_BYTES:,} bytes)")
+    try:
+        data = json.loads(content)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise _Malformed(f"truncated or invalid JSON response body ({type(err).__name__})") from None
     if not isinstance(data, dict):
@@ -587,7 +603,7 @@ class LLMClient:
             delay = max(delay, min(retry_after, RETRY_AFTER_CAP))
         return delay
 
-    async def _send(self, messages: list[dict[str, Any]], purpose: str) -> httpx2.Response:
+    async def _send(self, messages: list[dict[str, Any]], purpose: str) -> bytes:
         assert self._openai is not None
         bucket = rate_limiter(self.settings.llm_rpm)
         body = {"model": self.model, "messages": messages, "response_format": _JSON_OBJECT}
@@ -606,7 +622,10 @@ class LLMClient:
                 # type-driven transform of the parameters (a no-op for plain-string messages, yet a
                 # third of the client's CPU: 2.0 → 1.35 ms per call measured) and the ChatCompletion
                 # model: the reply's envelope is read by _envelope/_parse, its content validated there.
-                return await self._openai.post("/chat/completions", cast_to=httpx2.Response, body=body)
+                # Streamed, so a huge body is never held whole: it is read up to MAX_REPLY_BYTES, then cut.
+                response = await self._openai.post("/chat/completions", cast_to=httpx2.Response, body=body,
+                                                   stream=True)
+                return await _read_capped(response)
 
     def _parse(self, data: dict[str, Any], schema: type[T]) -> T:
         choices = data.get("choices")
@@ -663,7 +682,7 @@ class LLMClient:
             malformed = False
             status = None
             try:
-                response = await self._send(request, purpose)
+                content = await self._send(request, purpose)
             except openai.APIStatusError as err:
                 status = err.status_code
                 kind = status_kind(status, err.code if isinstance(err.code, str) else None)
@@ -687,7 +706,7 @@ class LLMClient:
                 problem = f"API error: {self._redact(_short(str(err)))}"
             else:
                 try:
-                    data = _envelope(response)
+                    data = _envelope(content)
                     used_prompt, used_completion = _usage(data)  # a bad reply's tokens count too
                     prompt_tokens += used_prompt
                     completion_tokens += used_completion

@@ -1,0 +1,80 @@
+"""A provider that answers with a huge body: the client stops reading past MAX_REPLY_BYTES.
+
+The server streams its body lazily (nothing big is held on either side) and counts what it managed
+to send before the client hung up: an unbounded read would take all of it into the worker's memory.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from briefs import llm
+from briefs.llm import LLMClient, LLMError, ProjectBrief
+from briefs.settings import Settings
+
+BODY = 512 * 2**20  # what the server offers: 512 MiB
+CHUNK = b" " * 2**16  # JSON whitespace, so the body is even valid-looking up to its end
+
+
+class EndlessReplyServer:
+    """HTTP/1.1 on a socket: one request gets a 200 whose body is BODY bytes of whitespace."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sent = 0
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
+
+    def _serve(self) -> None:  # one connection: the client makes one request (no retries)
+        self.sock.settimeout(30)
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(30)
+            try:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {BODY}\r\n\r\n"
+                conn.sendall(head.encode())
+                while self.sent < BODY:
+                    conn.sendall(CHUNK)
+                    self.sent += len(CHUNK)
+            except OSError:
+                pass  # the client hung up: what we measure
+
+    def __enter__(self) -> EndlessReplyServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture
+def server() -> Iterator[EndlessReplyServer]:
+    with EndlessReplyServer() as srv:
+        yield srv
+
+
+async def test_a_huge_reply_is_cut_after_max_reply_bytes_not_read_whole(server: EndlessReplyServer) -> None:
+    values: dict[str, Any] = {"openai_api_key": "test-key", "openai_base_url": server.base_url,
+                              "llm_max_retries": 0, "llm_timeout": 30.0, "llm_rpm": 0}
+    async with LLMClient(Settings(_env_file=None, **values)) as client:  # type: ignore[call-arg]
+        with pytest.raises(LLMError) as caught:
+            await client.complete([{"role": "user", "content": "Project: P"}], ProjectBrief)
+    assert caught.value.kind == "malformed" and "response body too large" in str(caught.value)
+    # What the server got out before the client hung up: the cap plus what the sockets buffer
+    # (a few MiB on loopback), far from the whole body.
+    assert server.sent < llm.MAX_REPLY_BYTES + 64 * 2**20 < BODY
