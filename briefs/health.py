@@ -90,6 +90,7 @@ class HealthServer:
         self._reading: dict[asyncio.StreamWriter, None] = {}  # still sending the request head, oldest first
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._conn_lock = asyncio.Lock()
+        self._gauges: asyncio.Future[None] | None = None  # the refresh in flight, shared by concurrent scrapes
 
     def watch(self, name: str, last: Callable[[], float | None], max_age: float) -> None:
         self.loops.append(LoopCheck(name, last, max_age, started=time.monotonic()))
@@ -109,6 +110,8 @@ class HealthServer:
         log.info("health and metrics on http://%s:%d (/healthz, /readyz, /metrics)", self.host, self.port)
 
     async def stop(self) -> None:
+        if self._gauges is not None and not self._gauges.done():
+            self._gauges.cancel()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -173,6 +176,17 @@ class HealthServer:
         return ok, {"status": "ok" if ok else "failing", "checks": checks}
 
     async def refresh_queue_gauges(self) -> None:
+        """Refresh the queue gauges; scrapes arriving while a refresh runs share it.
+
+        Without this, a burst of ``/metrics`` requests queued one aggregate query each on the
+        server's single connection, and ``/healthz`` waited behind all of them.
+        """
+        task = self._gauges
+        if task is None or task.done():
+            task = self._gauges = asyncio.ensure_future(self._refresh_queue_gauges())
+        await asyncio.shield(task)
+
+    async def _refresh_queue_gauges(self) -> None:
         """Set the queue gauges from the table: one series per known job type, the rest under ``other``.
 
         Aggregated in SQL (a few rows whatever is in the queue) and safe with any row:

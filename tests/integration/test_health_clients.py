@@ -55,3 +55,42 @@ async def test_an_absolute_form_target_is_served(db: Database, target: str) -> N
         assert other.startswith(b"HTTP/1.1 404")
     finally:
         await server.stop()
+
+
+async def test_a_burst_of_scrapes_shares_one_gauge_query(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before: every /metrics request ran its own aggregate over queue_jobs on the server's one
+    # connection; 150 of them on a 300,000-row queue held /healthz for 1.8 s (its limit is 2 s).
+    server = HealthServer(db, 0, host="127.0.0.1")
+    queries = 0
+    release = asyncio.Event()
+    real = HealthServer._refresh_queue_gauges
+
+    async def slow_refresh(self: HealthServer) -> None:
+        nonlocal queries
+        queries += 1
+        await release.wait()
+        await real(self)
+
+    callers = 0
+    shared = HealthServer.refresh_queue_gauges
+
+    async def counted(self: HealthServer) -> None:
+        nonlocal callers
+        callers += 1
+        await shared(self)
+
+    monkeypatch.setattr(HealthServer, "_refresh_queue_gauges", slow_refresh)
+    monkeypatch.setattr(HealthServer, "refresh_queue_gauges", counted)
+    await server.start()
+    try:
+        scrapes = [asyncio.create_task(request(server.port, b"GET /metrics HTTP/1.1\r\n\r\n")) for _ in range(40)]
+        while callers < 40:  # noqa: ASYNC110 - every scrape is waiting on the refresh in flight
+            await asyncio.sleep(0.01)
+        health = await request(server.port, b"GET /healthz HTTP/1.1\r\n\r\n")  # not queued behind them
+        assert health.startswith(b"HTTP/1.1 200 OK"), health[:200]
+        release.set()
+        answers = await asyncio.gather(*scrapes)
+        assert all(a.startswith(b"HTTP/1.1 200 OK") for a in answers)
+        assert queries == 1
+    finally:
+        await server.stop()
