@@ -30,7 +30,7 @@ from briefs.db import Database, DatabaseUnavailable
 from briefs.errors import PermanentError
 from briefs.logs import redact, register_secret, setup_logging
 from briefs.migrate import MigrationError
-from briefs.settings import Settings
+from briefs.settings import MAX_COUNT, Settings
 from briefs.terminal import one_line, printable
 
 log = logging.getLogger("briefs")
@@ -76,6 +76,13 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be positive: {value}")
     if value > MAX_ID:
         raise argparse.ArgumentTypeError(f"too large: {text[:40]} (at most {MAX_ID})")
+    return value
+
+
+def _slots(text: str) -> int:
+    value = _positive(text)
+    if value > MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"at most {MAX_COUNT} slots (as BRIEFS_WORKER_CONCURRENCY): {value}")
     return value
 
 
@@ -584,7 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("migrate", help="apply pending SQL migrations").set_defaults(fn=cmd_migrate)
 
     p = sub.add_parser("worker", help="run a queue worker")
-    p.add_argument("--concurrency", type=_positive, help="job slots (default BRIEFS_WORKER_CONCURRENCY)")
+    p.add_argument("--concurrency", type=_slots, help="job slots (default BRIEFS_WORKER_CONCURRENCY)")
     p.add_argument("--burst", action="store_true", help="drain what is runnable now, then exit")
     p.set_defaults(fn=cmd_worker)
 

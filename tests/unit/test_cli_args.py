@@ -37,3 +37,11 @@ def test_an_instant_outside_utc_range_is_a_usage_error(
     assert main(["schedule", "--once", "--now", now]) == 2
     err = capsys.readouterr().err
     assert err == f"briefs: error: the instant {now!r} is out of range in UTC (years 1 to 9999)\n"
+
+
+def test_worker_slots_are_bounded_like_the_setting(capsys: pytest.CaptureFixture[str]) -> None:
+    # --concurrency took up to 2**63 - 1 while BRIEFS_WORKER_CONCURRENCY stops at 100,000.
+    with pytest.raises(SystemExit) as exit_:
+        main(["worker", "--concurrency", "9223372036854775807"])
+    assert exit_.value.code == 2
+    assert "at most 100000 slots" in capsys.readouterr().err
