@@ -132,6 +132,9 @@ def test_env_file_named_explicitly(tmp_path: Path) -> None:
         ("BRIEFS_RETENTION_DAYS", "inf"),
         ("BRIEFS_RETRY_MAX", "1e300"),
         ("BRIEFS_LOOKAHEAD", "Infinity"),
+        ("BRIEFS_LOOKAHEAD", "316224000"),  # ten years: 7,300 occurrences planned per user and tick
+        ("BRIEFS_CATCH_UP", "31536000"),
+        ("BRIEFS_GENERATION_BUFFER", "604800"),
         ("BRIEFS_WORKER_CONCURRENCY", str(10**30)),
         ("BRIEFS_MAX_ATTEMPTS", str(10**30)),
         ("BRIEFS_DB_POOL_SIZE", str(10**12)),
