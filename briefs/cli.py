@@ -441,6 +441,7 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     from briefs.progress import Progress
     from scheduler.daemon import SchedulerDaemon
     from scheduler.daemon import health_max_age as scheduler_health_max_age
+    from worker.brief_handlers import warn_if_email_unusable
     from worker.handlers import build_handlers
     from worker.main import close_services
     from worker.main import health_max_age as worker_health_max_age
@@ -459,6 +460,7 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
         if args.demo:
             demo_user = await _seed_demo(db, settings)
         worker = Worker(db, settings, build_handlers(settings), services=services)
+        warn_if_email_unusable(settings)
         daemon = SchedulerDaemon(db, settings)
         stop = asyncio.Event()
 

@@ -16,6 +16,7 @@ so its process-wide limits apply across briefs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -38,8 +39,30 @@ EMAIL_TIMEOUT = 120.0
 GIVE_UP_MARGIN = 5.0  # seconds, at most a tenth of the job's timeout
 
 
+ABANDON_CHECK_TIMEOUT = 5.0  # seconds for the check (and mark) when the job was stopped from outside
+
+
 def brief_budget(job_timeout: float) -> float:
     return job_timeout - min(GIVE_UP_MARGIN, job_timeout / 10)
+
+
+def warn_if_email_unusable(settings: Any) -> bool:
+    """At startup: say once, as an error, when email is configured but its settings cannot work.
+
+    Each ``send_brief_email`` job checks them again and fails permanently naming the setting;
+    without this line the first sign of a typo in BRIEFS_SMTP_URL or BRIEFS_EMAIL_FROM was a
+    day's worth of failed jobs. The worker still starts: briefs are made without email.
+    Returns whether email is usable (or deliberately off).
+    """
+    if not (settings.smtp_url and settings.smtp_url.get_secret_value()):
+        return True
+    try:
+        brief_email.EmailConfig.from_settings(settings)
+    except Exception as exc:  # PermanentError naming the setting; anything else is as unusable
+        log.error("email is configured but cannot work: %s. Every email job will fail until this is fixed "
+                  "(then `briefs retry --failed`)", exc)
+        return False
+    return True
 
 
 def llm_client(ctx: JobContext) -> LLMClient:
@@ -106,6 +129,13 @@ async def generate_daily_brief(ctx: JobContext) -> dict[str, Any]:
             limit = ctx.settings.job_timeout
             raise TimeoutError(f"the brief took longer than {budget:g}s "
                                f"(BRIEFS_JOB_TIMEOUT {limit:g}s less a margin to record it)") from None
+    except asyncio.CancelledError:
+        # Stopped from outside: shutdown (the job goes back to pending: the brief is resumed), a lost lease
+        # (rescued: retried, or failed when its attempts are used up) or `briefs cancel`. When the job
+        # will not run again, say so on the brief instead of leaving it "processing" for ever.
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await asyncio.shield(_fail_if_abandoned(ctx, request))
+        raise
     except Exception as exc:
         if is_permanent(exc) or job.attempts >= job.max_attempts:
             # The job gives up: say so on the brief instead of leaving it "processing" forever.
@@ -115,6 +145,17 @@ async def generate_daily_brief(ctx: JobContext) -> dict[str, Any]:
                 log.warning("could not mark the brief failed", exc_info=True)
         raise
     return outcome.result()
+
+
+async def _fail_if_abandoned(ctx: JobContext, request: generator.BriefRequest) -> None:
+    """Mark the brief failed when its job, stopped from outside, is finished for good (cancelled or failed)."""
+    async with asyncio.timeout(ABANDON_CHECK_TIMEOUT):
+        async with ctx.db.raw() as conn:
+            cur = await conn.execute("SELECT status, left(last_error, 500) FROM queue_jobs WHERE id = %s",
+                                     (ctx.job.id,))
+            row = await cur.fetchone()
+        if row is not None and row[0] in ("cancelled", "failed"):
+            await generator.mark_failed(ctx.db, request, f"job {ctx.job.id} {row[0]}: {row[1] or 'no reason given'}")
 
 
 async def send_brief_email(ctx: JobContext) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from briefs.db import Database
 from briefs.migrate import require_schema
 from briefs.process import exit_now, install_stop_signals
 from briefs.settings import Settings
+from worker.brief_handlers import warn_if_email_unusable
 from worker.handlers import build_handlers
 from worker.runner import Worker, WorkerStats
 
@@ -53,8 +54,9 @@ async def serve(
     try:
         async with db.raw() as conn:
             await require_schema(conn)
-        worker = Worker(db, settings, build_handlers(settings), concurrency=concurrency, burst=burst,
-                        services=services)
+        handlers = build_handlers(settings)
+        warn_if_email_unusable(settings)
+        worker = Worker(db, settings, handlers, concurrency=concurrency, burst=burst, services=services)
         if signals:
             def hard() -> None:
                 worker.abort()
