@@ -222,6 +222,16 @@ class Settings(BaseSettings):
             raise ValueError(f"OPENAI_BASE_URL is unusable ({problem}); expected e.g. https://api.openai.com/v1")
         return value
 
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value: str) -> str:
+        # Sent in every LLM request and shown in its errors: an empty one failed every call (a 400
+        # per section, all falling back), a huge one was repeated in every log line about them.
+        value = value.strip()
+        if not value or len(value) > 200 or not value.isprintable():
+            raise ValueError("BRIEFS_MODEL must be a model name: 1 to 200 printable characters on one line")
+        return value
+
     @field_validator("worker_id")
     @classmethod
     def _worker_id(cls, value: str | None) -> str | None:

@@ -144,6 +144,8 @@ def test_env_file_named_explicitly(tmp_path: Path) -> None:
         ("BRIEFS_WORKER_ID", "w1\nINFO forged log line"),
         ("BRIEFS_WORKER_ID", "w1\x1b[31m"),
         ("BRIEFS_WORKER_ID", "w" * 10_000),
+        ("BRIEFS_MODEL", " "),  # every LLM call was a 400, every section fell back
+        ("BRIEFS_MODEL", "gpt\n" * 100_000),
     ],
 )
 def test_unholdable_settings_are_refused_with_their_name(
