@@ -294,3 +294,33 @@ async def test_a_kept_section_of_a_project_now_someone_elses_is_dropped_from_bri
     assert "Alice's own" in body or "Alice&#x27;s own" in body
     assert "BOB SECRET" not in body and "OLD LLM TEXT" not in body
     assert [s["name"] for s in await h.sections(brief_id)] == ["Alice's own"]
+
+
+async def test_a_brief_whose_job_is_cancelled_mid_run_is_marked_failed_not_left_processing(
+    briefs_harness: Any, brief_seed: Any, fake_llm: FakeLLM
+) -> None:
+    import time
+
+    import psycopg
+
+    from tests.fakellm import default_responder
+
+    h = briefs_harness
+    uid = brief_seed.user("Jo")
+    brief_seed.busy_project(uid, "p", datetime.now(UTC).date())
+
+    def cancel_then_answer_late(body: dict[str, Any]) -> str:
+        with psycopg.connect(h.database_url, autocommit=True) as conn:  # what `briefs cancel` does
+            conn.execute("""UPDATE queue_jobs SET status = 'cancelled', finished_at = now(), lease_expires_at = NULL,
+                                   last_error = 'cancelled by operator'
+                            WHERE job_type = 'generate_daily_brief' AND status = 'processing'""")
+        time.sleep(3)  # the worker notices at its next heartbeat (lease 0.3 s: every 0.1 s) and stops the job
+        return default_responder(body)
+
+    fake_llm.responder = cancel_then_answer_late
+    await h.enqueue(uid)
+    await h.run(h.settings(fake_llm, lease_seconds=0.3))
+    [job] = await h.jobs("generate_daily_brief")
+    assert job["status"] == "cancelled"
+    brief = await h.brief(uid)
+    assert brief["status"] == "failed" and "cancelled by operator" in str(brief["error"])
