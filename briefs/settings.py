@@ -196,6 +196,20 @@ class Settings(BaseSettings):
             return Path(text).expanduser()
         return value
 
+    @field_validator("openai_api_key")
+    @classmethod
+    def _openai_api_key(cls, value: SecretStr | None) -> SecretStr | None:
+        # It goes into an HTTP header: with a newline every call failed as "cannot reach the LLM",
+        # with a non-ASCII character as an internal error with a traceback. Never echoed.
+        if value is None:
+            return None
+        key = value.get_secret_value().strip()
+        if not key:
+            return None
+        if not (key.isascii() and key.isprintable()) or any(c.isspace() for c in key):
+            raise ValueError("OPENAI_API_KEY must be one token of printable ASCII characters (no spaces or newlines)")
+        return SecretStr(key)
+
     @field_validator("openai_base_url")
     @classmethod
     def _openai_base_url(cls, value: str | None) -> str | None:

@@ -262,3 +262,28 @@ def test_an_empty_data_dir_is_the_default_and_home_is_expanded() -> None:
     default = Settings(_env_file=None).data_dir  # type: ignore[call-arg]
     assert Settings(_env_file=None, data_dir="").data_dir == default  # type: ignore[call-arg]
     assert Settings(_env_file=None, data_dir="~/briefs").data_dir == Path.home() / "briefs"  # type: ignore[call-arg]
+
+
+
+@pytest.mark.parametrize("key", ["sk-abc\r\nX-Injected: 1", "sk-ünïcode-secret", "sk abc", "sk-\x1b[31mabc"])
+def test_an_api_key_that_cannot_be_a_header_is_refused_unechoed(
+    key: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: each LLM call failed, stored as "connection: cannot reach the LLM" (CR/LF) or as an
+    # internal error with a traceback in the log (non-ASCII).
+    from briefs.cli import main
+
+    monkeypatch.setenv("BRIEFS_ENV_FILE", "")
+    monkeypatch.setenv("DATABASE_URL", "postgresql://nobody@127.0.0.1:1/none")
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    assert main(["status"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("briefs: error: invalid configuration: OPENAI_API_KEY: ")
+    assert "abc" not in err and "secret" not in err
+
+
+def test_a_blank_api_key_means_no_llm() -> None:
+    settings = Settings(_env_file=None, openai_api_key="  ")  # type: ignore[call-arg]
+    assert settings.openai_api_key is None and not settings.llm_enabled
+    key = Settings(_env_file=None, openai_api_key=" sk-ok_123 ").openai_api_key  # type: ignore[call-arg]
+    assert key is not None and key.get_secret_value() == "sk-ok_123"
