@@ -172,6 +172,8 @@ class BriefRequest:
         uid = payload.get("user_id", user_id)
         if not isinstance(uid, int) or isinstance(uid, bool) or uid <= 0:
             raise PermanentError(f"generate_daily_brief: user_id must be a positive integer, got {uid!r}")
+        if user_id is not None and uid != user_id:  # the job is listed, deduplicated and scheduled as user_id's
+            raise PermanentError(f"generate_daily_brief: the payload's user_id {uid} is not the job's ({user_id})")
         raw_date = payload.get("brief_date")
         try:
             brief_date = date.fromisoformat(raw_date) if isinstance(raw_date, str) else None

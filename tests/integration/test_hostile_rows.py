@@ -324,3 +324,25 @@ async def test_a_brief_whose_job_is_cancelled_mid_run_is_marked_failed_not_left_
     assert job["status"] == "cancelled"
     brief = await h.brief(uid)
     assert brief["status"] == "failed" and "cancelled by operator" in str(brief["error"])
+
+
+async def test_a_brief_job_whose_payload_names_another_user_fails_once_without_a_brief(
+    briefs_harness: Any, brief_seed: Any
+) -> None:
+    """The job row is listed, deduplicated and scheduled as one user's: its payload may not brief another."""
+    from worker import queue
+
+    h = briefs_harness
+    today = datetime.now(UTC).date()
+    listed, other = brief_seed.user("Listed"), brief_seed.user("Other")
+    brief_seed.busy_project(other, "other's", today)
+    async with h.db.raw() as conn:
+        await queue.enqueue(conn, queue.NewJob(
+            "generate_daily_brief", {"user_id": other, "brief_date": today.isoformat()},
+            user_id=listed, dedup_key=f"brief:{listed}:{today.isoformat()}",
+        ))
+    await h.run(h.settings())
+    [job] = await h.jobs("generate_daily_brief")
+    assert job["status"] == "failed" and job["attempts"] == 1
+    assert f"the payload's user_id {other} is not the job's ({listed})" in str(job["last_error"])
+    assert not await h.rows("SELECT 1 FROM daily_briefs")
