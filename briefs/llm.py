@@ -451,6 +451,38 @@ def _probe_pool(transport: Any) -> bool:
     return False
 
 
+ERROR_BODY_MAX = 64 * 1024  # bytes of an error reply's body that are read: any provider's message fits
+
+
+class _CappedStream(httpx2.AsyncByteStream):
+    """A response body that ends after ``limit`` bytes as received; the rest is never read (the
+    connection is then closed, not reused)."""
+
+    def __init__(self, inner: httpx2.AsyncByteStream, limit: int) -> None:
+        self._inner = inner
+        self._limit = limit
+
+    async def __aiter__(self) -> Any:
+        left = self._limit
+        async for chunk in self._inner:
+            if len(chunk) >= left:
+                if left:
+                    yield chunk[:left]
+                return
+            left -= len(chunk)
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+async def _cap_error_body(response: httpx2.Response) -> None:
+    """Response hook: the SDK reads an error reply's body whole (for its message); only the first
+    ``ERROR_BODY_MAX`` bytes of it exist for the SDK. A 2xx body is read capped by :func:`_read_capped`."""
+    if not response.is_success:
+        response.stream = _CappedStream(response.stream, ERROR_BODY_MAX)
+
+
 def make_http_client(concurrency: int) -> httpx2.AsyncClient:
     """The SDK's default HTTP client (its timeouts, redirects, proxies from the environment), with a
     keep-alive pool at least as large as ``concurrency`` and the cheap idle-connection check.
@@ -463,7 +495,7 @@ def make_http_client(concurrency: int) -> httpx2.AsyncClient:
     (same behaviour, without the saving). :func:`fast_pool_checks` says which one you got.
     """
     limits = httpx2.Limits(max_connections=max(1000, concurrency), max_keepalive_connections=max(100, concurrency))
-    client = openai.DefaultAsyncHttpxClient(limits=limits)
+    client = openai.DefaultAsyncHttpxClient(limits=limits, event_hooks={"response": [_cap_error_body]})
     transports = [client._transport, *(t for t in client._mounts.values() if t is not None)]
     if not all([_probe_pool(t) for t in transports]):  # pragma: no cover - depends on the installed httpx2
         log.debug("httpx2 transport not as expected; keeping its stock idle-connection checks")

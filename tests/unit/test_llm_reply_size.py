@@ -1,4 +1,5 @@
-"""A provider that answers with a huge body: the client stops reading past MAX_REPLY_BYTES.
+"""A provider that answers with a huge body: the client stops reading past MAX_REPLY_BYTES (a reply)
+or ERROR_BODY_MAX (an error, whose body the SDK reads for its message).
 
 The server streams its body lazily (nothing big is held on either side) and counts what it managed
 to send before the client hung up: an unbounded read would take all of it into the worker's memory.
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -22,9 +22,10 @@ CHUNK = b" " * 2**16  # JSON whitespace, so the body is even valid-looking up to
 
 
 class EndlessReplyServer:
-    """HTTP/1.1 on a socket: one request gets a 200 whose body is BODY bytes of whitespace."""
+    """HTTP/1.1 on a socket: one request gets ``status`` with a body of BODY bytes of whitespace."""
 
-    def __init__(self) -> None:
+    def __init__(self, status: str = "200 OK") -> None:
+        self.status = status
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.sent = 0
         self.thread = threading.Thread(target=self._serve, daemon=True)
@@ -45,7 +46,7 @@ class EndlessReplyServer:
                 data = b""
                 while b"\r\n\r\n" not in data:
                     data += conn.recv(65536)
-                head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {BODY}\r\n\r\n"
+                head = f"HTTP/1.1 {self.status}\r\nContent-Type: application/json\r\nContent-Length: {BODY}\r\n\r\n"
                 conn.sendall(head.encode())
                 while self.sent < BODY:
                     conn.sendall(CHUNK)
@@ -62,19 +63,29 @@ class EndlessReplyServer:
         self.thread.join(timeout=30)
 
 
-@pytest.fixture
-def server() -> Iterator[EndlessReplyServer]:
-    with EndlessReplyServer() as srv:
-        yield srv
-
-
-async def test_a_huge_reply_is_cut_after_max_reply_bytes_not_read_whole(server: EndlessReplyServer) -> None:
+def make_client(server: EndlessReplyServer) -> LLMClient:
     values: dict[str, Any] = {"openai_api_key": "test-key", "openai_base_url": server.base_url,
                               "llm_max_retries": 0, "llm_timeout": 30.0, "llm_rpm": 0}
-    async with LLMClient(Settings(_env_file=None, **values)) as client:  # type: ignore[call-arg]
-        with pytest.raises(LLMError) as caught:
-            await client.complete([{"role": "user", "content": "Project: P"}], ProjectBrief)
+    return LLMClient(Settings(_env_file=None, **values))  # type: ignore[call-arg]
+
+
+async def test_a_huge_reply_is_cut_after_max_reply_bytes_not_read_whole() -> None:
+    with EndlessReplyServer() as server:
+        async with make_client(server) as client:
+            with pytest.raises(LLMError) as caught:
+                await client.complete([{"role": "user", "content": "Project: P"}], ProjectBrief)
     assert caught.value.kind == "malformed" and "response body too large" in str(caught.value)
     # What the server got out before the client hung up: the cap plus what the sockets buffer
     # (a few MiB on loopback), far from the whole body.
     assert server.sent < llm.MAX_REPLY_BYTES + 64 * 2**20 < BODY
+
+
+@pytest.mark.parametrize(("status", "kind"), [("500 Internal Server Error", "server"), ("400 Bad Request", "rejected"),
+                                              ("429 Too Many Requests", "rate_limit")])
+async def test_a_huge_error_body_is_cut_and_the_error_still_classified(status: str, kind: str) -> None:
+    with EndlessReplyServer(status) as server:
+        async with make_client(server) as client:
+            with pytest.raises(LLMError) as caught:
+                await client.complete([{"role": "user", "content": "Project: P"}], ProjectBrief)
+    assert caught.value.kind == kind and caught.value.status == int(status[:3])
+    assert server.sent < 64 * 2**10 + 64 * 2**20 < BODY  # ERROR_BODY_MAX (64 KiB) plus socket buffers
