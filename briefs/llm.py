@@ -369,7 +369,7 @@ def _envelope(content: bytes) -> dict[str, Any]:
         raise _Malformed(f"response body too large (over {MAX_REPLY_BYTES:,} bytes)")
     try:
         data = json.loads(content)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:  # RecursionError: nested too deep
         raise _Malformed(f"truncated or invalid JSON response body ({type(err).__name__})") from None
     if not isinstance(data, dict):
         raise _Malformed(f"response envelope failed validation (a JSON {type(data).__name__}, not an object)")

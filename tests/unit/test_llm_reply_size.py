@@ -7,6 +7,7 @@ to send before the client hung up: an unbounded read would take all of it into t
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 from typing import Any
@@ -24,8 +25,9 @@ CHUNK = b" " * 2**16  # JSON whitespace, so the body is even valid-looking up to
 class EndlessReplyServer:
     """HTTP/1.1 on a socket: one request gets ``status`` with a body of BODY bytes of whitespace."""
 
-    def __init__(self, status: str = "200 OK") -> None:
+    def __init__(self, status: str = "200 OK", body: bytes | None = None) -> None:
         self.status = status
+        self.body = body  # a fixed body instead of BODY bytes of whitespace
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.sent = 0
         self.thread = threading.Thread(target=self._serve, daemon=True)
@@ -46,8 +48,16 @@ class EndlessReplyServer:
                 data = b""
                 while b"\r\n\r\n" not in data:
                     data += conn.recv(65536)
-                head = f"HTTP/1.1 {self.status}\r\nContent-Type: application/json\r\nContent-Length: {BODY}\r\n\r\n"
+                head_end = data.index(b"\r\n\r\n") + 4
+                length = re.search(rb"(?i)content-length:\s*(\d+)", data[:head_end])
+                while length and len(data) - head_end < int(length[1]):  # the whole request: no reset on close
+                    data += conn.recv(65536)
+                size = BODY if self.body is None else len(self.body)
+                head = f"HTTP/1.1 {self.status}\r\nContent-Type: application/json\r\nContent-Length: {size}\r\n\r\n"
                 conn.sendall(head.encode())
+                if self.body is not None:
+                    conn.sendall(self.body)
+                    return
                 while self.sent < BODY:
                     conn.sendall(CHUNK)
                     self.sent += len(CHUNK)
@@ -89,3 +99,11 @@ async def test_a_huge_error_body_is_cut_and_the_error_still_classified(status: s
                 await client.complete([{"role": "user", "content": "Project: P"}], ProjectBrief)
     assert caught.value.kind == kind and caught.value.status == int(status[:3])
     assert server.sent < 64 * 2**10 + 64 * 2**20 < BODY  # ERROR_BODY_MAX (64 KiB) plus socket buffers
+
+
+async def test_an_envelope_nested_too_deep_for_json_is_a_malformed_reply() -> None:
+    with EndlessReplyServer(body=b"[" * 200_000 + b"]" * 200_000) as server:
+        async with make_client(server) as client:
+            with pytest.raises(LLMError) as caught:
+                await client.complete([{"role": "user", "content": "Project: P"}], ProjectBrief)
+    assert caught.value.kind == "malformed" and "RecursionError" in str(caught.value)
