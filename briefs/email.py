@@ -370,7 +370,9 @@ _SQL = {
                 WHERE a.n <= {ACTIONS_MAX} AND jsonb_typeof(a.value) = 'string') AS actions,
                left(b.engagement_stage, 40), left(b.metadata ->> 'revision', 12), left(b.metadata ->> 'llm', 20),
                left(b.metadata ->> 'summary_source', 20), left(b.metadata ->> 'catch_up', 8),
-               b.email_sent_at, b.brief_date, u.id,
+               CASE WHEN b.email_sent_at > '9999-12-30' THEN '9999-12-30'::timestamptz  -- one Python holds
+                    WHEN b.email_sent_at < '0001-01-03' THEN '0001-01-03'::timestamptz ELSE b.email_sent_at END,
+               b.brief_date, u.id,
                CASE WHEN length(u.email) <= {ADDRESS_MAX} THEN u.email END, left(u.name, {NAME_MAX * 2}),
                left(b.metadata #>> '{{email,sending,token}}', 64), left(b.metadata #>> '{{email,sending,at}}', 64),
                now()

@@ -294,7 +294,7 @@ _SQL = {
         RETURNING id
     """,
     "lock": """
-        SELECT id, status, email_sent_at, metadata FROM daily_briefs
+        SELECT id, status, email_sent_at IS NOT NULL, metadata FROM daily_briefs
         WHERE user_id = %s AND brief_date = %s FOR UPDATE
     """,
     "restart": """
@@ -342,7 +342,7 @@ _SQL = {
             prompt_tokens = %(prompt)s, completion_tokens = %(completion)s, error = %(error)s,
             metadata = metadata || %(meta)s, progress = %(progress)s, completed_at = now(), updated_at = now()
         WHERE id = %(brief)s AND status = 'processing' AND metadata->>'run_id' = %(run)s
-        RETURNING email_sent_at
+        RETURNING email_sent_at IS NOT NULL  -- only whether: the instant may be one Python cannot hold
     """,
     "mark_failed": """
         UPDATE daily_briefs SET status = 'failed', error = %s, completed_at = now(), updated_at = now()
@@ -474,12 +474,12 @@ class _Run:
         cur = await conn.execute(_SQL["lock"], (req.user_id, req.brief_date))
         row = await cur.fetchone()
         assert row is not None  # the insert conflicted, so the row exists (and rows are not deleted here)
-        brief_id, status, email_sent_at, old_meta = row
+        brief_id, status, email_sent, old_meta = row
         old_meta = old_meta if isinstance(old_meta, dict) else {}  # an earlier run's row may hold any JSON
         self.brief_id = brief_id
         if status in ("completed", "partial") and not req.force:
             follow = []
-            if (req.email or user.wants_email) and email_sent_at is None:
+            if (req.email or user.wants_email) and not email_sent:
                 follow = [self._email_follow_up()]
                 if self.enqueue_hook is not None:
                     await self.enqueue_hook(conn, follow)
@@ -843,7 +843,7 @@ class _Run:
             row = await cur.fetchone()
             if row is None:
                 raise await self._superseded(conn)
-            if row[0] is not None:
+            if row[0]:
                 follow = []  # already mailed (a resumed run after the email went out)
             if follow and self.enqueue_hook is not None:
                 await self.enqueue_hook(conn, follow)

@@ -346,3 +346,34 @@ async def test_a_brief_job_whose_payload_names_another_user_fails_once_without_a
     assert job["status"] == "failed" and job["attempts"] == 1
     assert f"the payload's user_id {other} is not the job's ({listed})" in str(job["last_error"])
     assert not await h.rows("SELECT 1 FROM daily_briefs")
+
+
+async def test_brief_row_instants_python_cannot_hold_stop_neither_the_brief_nor_its_email(
+    briefs_harness: Any, brief_seed: Any, smtp_server: Any
+) -> None:
+    from worker import queue
+
+    h = briefs_harness
+    today = datetime.now(UTC).date()
+    uid = brief_seed.user("Kim", email="kim@example.com", email_enabled=True)
+    brief_seed.busy_project(uid, "p", today)
+    brief_id = brief_seed._one(
+        """INSERT INTO daily_briefs (user_id, brief_date, status, email_sent_at, notify_at, started_at, completed_at)
+           VALUES (%s, %s, 'failed', 'infinity', '-infinity', 'infinity', '-infinity') RETURNING id""",
+        (uid, today),
+    )
+    settings = h.settings(None, smtp_url=smtp_server.url, secret_key="k" * 40)
+    await h.enqueue(uid)
+    await h.run(settings, services={})
+    [job] = await h.jobs("generate_daily_brief")
+    assert job["status"] == "completed", job["last_error"]
+    [brief] = await h.rows("SELECT id, status, email_sent_at = 'infinity' AS sent FROM daily_briefs")
+    assert brief == {"id": brief_id, "status": "completed", "sent": True}
+    assert not await h.jobs("send_brief_email")  # 'infinity' is a send on record: not mailed again
+    async with h.db.raw() as conn:
+        await queue.enqueue(conn, queue.NewJob(
+            "send_brief_email", {"brief_id": brief_id, "user_id": uid, "brief_date": today.isoformat()}, user_id=uid))
+    await h.run(settings, services={})
+    [email_job] = await h.jobs("send_brief_email")
+    assert email_job["status"] == "completed", email_job["last_error"]
+    assert smtp_server.messages == []
