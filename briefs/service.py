@@ -253,7 +253,7 @@ async def show_brief(db: Database, user_id: int, brief_date: date | None) -> str
         return text
     async with db.raw() as conn:
         cur = await conn.execute(
-            """SELECT u.id, (SELECT max(brief_date) FROM daily_briefs b
+            """SELECT u.id, (SELECT max(brief_date)::text FROM daily_briefs b  -- text: 'infinity' is a date too
                              WHERE b.user_id = u.id AND b.summary_markdown IS NOT NULL)
                FROM users u WHERE u.id = %s""",
             (user_id,),

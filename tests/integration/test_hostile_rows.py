@@ -377,3 +377,17 @@ async def test_brief_row_instants_python_cannot_hold_stop_neither_the_brief_nor_
     [email_job] = await h.jobs("send_brief_email")
     assert email_job["status"] == "completed", email_job["last_error"]
     assert smtp_server.messages == []
+
+
+async def test_show_names_a_latest_brief_date_python_cannot_hold(briefs_harness: Any, brief_seed: Any) -> None:
+    from briefs.service import NotFound, show_brief
+
+    uid = brief_seed.user("Lee")
+    brief_seed.conn.execute(
+        """INSERT INTO daily_briefs (user_id, brief_date, status, summary_markdown)
+           VALUES (%s, 'infinity', 'completed', 'x')""",
+        (uid,),
+    )
+    assert await show_brief(briefs_harness.db, uid, None) == "x"
+    with pytest.raises(NotFound, match="the latest is infinity"):
+        await show_brief(briefs_harness.db, uid, date(2026, 1, 1))
