@@ -160,6 +160,9 @@ class TickReport:
     queries: int = 0
     duration_s: float = 0.0
     skipped_locked: bool = False
+    # Briefs left 'processing' whose last job ended failed or cancelled with no live job to finish them
+    # (a worker killed on the last attempt: the rescuer fails the job in SQL, no brief code runs).
+    briefs_failed: list[dict[str, Any]] = field(default_factory=list)
 
     def skip(self, user_id: int, reason: str) -> None:
         self.skipped.append({"user_id": user_id, "reason": reason})
@@ -191,6 +194,7 @@ class TickReport:
             "deduplicated_users": [_jsonable(d) for d in self.deduplicated_users],
             "not_due_count": self.not_due_count,
             "not_due": [_jsonable(n) for n in self.not_due],
+            "briefs_failed": [_jsonable(b) for b in self.briefs_failed],
         }
 
     def summary(self) -> str:
@@ -205,6 +209,9 @@ class TickReport:
             f"moved {len(self.moved)}, cancelled {len(self.cancelled)}, skipped {len(self.skipped)}, "
             f"not due {self.not_due_count}",
         ]
+        if self.briefs_failed:
+            lines.append(f"  marked failed {len(self.briefs_failed)} brief(s) whose last job ended and left them "
+                         "processing")
         kinds = self.skipped_by_kind()
         if kinds:
             lines.append("  skipped: " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())))
@@ -493,6 +500,32 @@ FROM queue_jobs j
 WHERE j.dedup_key = ANY(%s) AND j.job_type = %s AND j.status IN ('pending', 'processing', 'completed')
 """
 
+# Briefs left 'processing' whose latest brief job (by the dedup key contract) ended failed or cancelled:
+# no job will finish them. Rows a running generator holds (FOR SHARE while it saves) are skipped.
+# The partial index daily_briefs_processing keeps this to the few processing rows.
+_ORPHANED_BRIEFS = """
+WITH stale AS (
+    SELECT b.id, j.id AS job_id, j.status AS job_status, j.last_error
+    FROM daily_briefs b
+    JOIN LATERAL (
+        SELECT q.id, q.status, q.last_error FROM queue_jobs q
+        WHERE q.dedup_key = 'brief:' || b.user_id || ':' || to_char(b.brief_date, 'YYYY-MM-DD')
+          AND q.job_type = %(job_type)s
+        ORDER BY q.id DESC
+        LIMIT 1
+    ) j ON true
+    WHERE b.status = 'processing' AND j.status IN ('failed', 'cancelled')
+    FOR UPDATE OF b SKIP LOCKED
+)
+UPDATE daily_briefs b
+SET status = 'failed', completed_at = %(now)s, updated_at = now(),
+    error = left(format('its job %%s ended %%s, so nothing will finish this brief: %%s',
+                        stale.job_id, stale.job_status, coalesce(stale.last_error, 'no error recorded')), 4000)
+FROM stale
+WHERE b.id = stale.id
+RETURNING b.user_id, to_char(b.brief_date, 'YYYY-MM-DD'), stale.job_id, stale.job_status  -- text: any date
+"""
+
 # Moves and cancels in one statement; only jobs still pending (a worker may have claimed one meanwhile).
 _CHANGE = """
 UPDATE queue_jobs j
@@ -569,8 +602,26 @@ async def _tick(conn: _Counted, settings: Settings, now: datetime, report: TickR
     # Pending scheduler jobs of users no page visited: their preference is inactive or gone.
     leftovers = [_Change(job, True, "preference inactive or removed") for jobs in pending.values() for job in jobs]
     await _apply(conn, leftovers, report)
+    await _fail_orphaned_briefs(conn, now, report)
     if not report.dry_run and (report.enqueued or report.moved):
         await conn.execute("SELECT pg_notify(%s, '')", (queue.NOTIFY_CHANNEL,))
+
+
+async def _fail_orphaned_briefs(conn: _Counted, now: datetime, report: TickReport) -> None:
+    """Mark failed the briefs that no job will ever finish: one statement per tick.
+
+    A brief job's handler marks its brief failed when the job gives up; a worker killed on the
+    job's last attempt never gets there (the rescuer fails the job in SQL), so the brief would say
+    'processing' for ever. A dry run reports them and rolls back with the rest of the tick.
+    """
+    cur = await conn.execute(_ORPHANED_BRIEFS, {"now": now, "job_type": JOB_TYPE})
+    for user_id, brief_date, job_id, job_status in await cur.fetchall():
+        report.briefs_failed.append(
+            {"user_id": user_id, "brief_date": brief_date, "job_id": job_id, "job_status": job_status}
+        )
+    if report.briefs_failed and not report.dry_run:
+        log.warning("marked %d brief(s) failed: left processing by a job that ended %s",
+                    len(report.briefs_failed), ", ".join(sorted({b["job_status"] for b in report.briefs_failed})))
 
 
 async def _load_pending(conn: _Counted) -> dict[int, list[_Pending]]:

@@ -104,9 +104,10 @@ async def test_a_page_of_only_bad_rows_does_not_stop_the_next_page(
     assert report.pages == 2
     assert set(reasons(report)) == set(bad)
     assert sorted(e["user_id"] for e in report.enqueued) == good
-    # Constant statements per page whatever the rows hold: lock, pending, the empty last page, cancel sweep,
-    # NOTIFY; per page the preferences, and for the page with due users dedup and enqueue (no engagement query).
-    assert report.queries == 4 + 1 + 3
+    # Constant statements per page whatever the rows hold: lock, pending, the empty last page, the
+    # orphaned-briefs sweep, NOTIFY; per page the preferences, and for the page with due users dedup and
+    # enqueue (no engagement query).
+    assert report.queries == 5 + 1 + 3
 
 
 @pytest.mark.parametrize(
@@ -355,3 +356,33 @@ async def test_dry_run_accounts_for_every_user(db: Database, settings: Settings,
     assert data["detailed"] is False and data["not_due"] == [] and data["not_due_count"] == 3
     assert set(reasons(report)) == {bad, wrong_tz, dormant}
     assert data["deduplicated_users"] == [] and data["deduplicated"] == 1
+
+
+async def test_briefs_no_job_will_finish_are_marked_failed(db: Database, settings: Settings,
+                                                           sched_seed: SchedulerSeed) -> None:
+    """A worker killed on a brief job's last attempt leaves the brief 'processing' (the rescuer fails the job in
+    SQL; no brief code runs). The tick marks such briefs failed, with the job's error; nothing else."""
+    day = date(2026, 3, 9)
+    orphan, cancelled, live, retried, no_job = (sched_seed.user("UTC", "23:00", active=False) for _ in range(5))
+    for uid in (orphan, cancelled, live, retried, no_job):
+        sched_seed.brief(uid, day, "standard", status="processing")
+    sched_seed.job(orphan, day, "failed")
+    sched_seed.execute("UPDATE queue_jobs SET last_error = 'lease expired: worker w1 stopped heartbeating' "
+                       "WHERE user_id = %s", (orphan,))
+    sched_seed.job(cancelled, day, "cancelled")
+    sched_seed.job(live, day, "processing")
+    sched_seed.job(retried, day, "failed")
+    sched_seed.job(retried, day, "pending", source=None)  # queued again by hand: that job will finish it
+
+    dry = await run(db, settings, dry_run=True)
+    assert sorted(b["user_id"] for b in dry.briefs_failed) == [orphan, cancelled]
+    assert {b["status"] for b in sched_seed.rows("SELECT status FROM daily_briefs")} == {"processing"}
+
+    report = await run(db, settings)
+    assert sorted(b["user_id"] for b in report.briefs_failed) == [orphan, cancelled]
+    assert report.to_dict()["briefs_failed"][0]["brief_date"] == "2026-03-09"
+    rows = {r["user_id"]: r for r in sched_seed.rows("SELECT user_id, status, error FROM daily_briefs")}
+    assert rows[orphan]["status"] == "failed" and "lease expired: worker w1" in rows[orphan]["error"]
+    assert rows[cancelled]["status"] == "failed" and "ended cancelled" in rows[cancelled]["error"]
+    assert all(rows[u]["status"] == "processing" for u in (live, retried, no_job))
+    assert (await run(db, settings)).briefs_failed == []  # once

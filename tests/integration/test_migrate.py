@@ -108,6 +108,7 @@ EXPECTED_INDEXES: dict[tuple[str, str], str] = {
     ("daily_briefs", "daily_briefs_user_date"): "UNIQUE (user_id, brief_date)",
     ("daily_briefs", "daily_briefs_user_latest"): "(user_id, brief_date DESC)",
     ("daily_briefs", "daily_briefs_completed"): "(completed_at) WHERE (completed_at IS NOT NULL)",
+    ("daily_briefs", "daily_briefs_processing"): "(user_id, brief_date) WHERE (status = 'processing'::text)",
     ("project_daily_briefs", "project_daily_briefs_pkey"): "UNIQUE (id)",
     ("project_daily_briefs", "project_daily_briefs_unique"): "UNIQUE (daily_brief_id, project_id)",
 }

@@ -41,15 +41,15 @@ async def test_queries_per_page_do_not_depend_on_page_size(
     report = await run_tick(db, settings, NOW)
     pages = 400 // page_size
     assert report.pages == pages and len(report.enqueued) == 400
-    # Per tick: lock, pending jobs, the final empty page, the cancel sweep (none here), NOTIFY.
-    # Per page: preferences, dedup, engagement history, enqueue.
-    assert report.queries == 4 + 4 * pages
+    # Per tick: lock, pending jobs, the final empty page, the orphaned-briefs sweep, NOTIFY (the cancel
+    # sweep has nothing to do here). Per page: preferences, dedup, engagement history, enqueue.
+    assert report.queries == 5 + 4 * pages
 
     # Every user's timezone changes: each page now moves jobs (one UPDATE) and enqueues nothing.
     sched_seed.execute("UPDATE users SET timezone = 'Europe/Paris'")  # 08:00 CET = 07:00Z: catch-up now
     report = await run_tick(db, settings, NOW + timedelta(minutes=5))
     assert len(report.moved) == 400 and report.enqueued == []
-    assert report.queries == 4 + 3 * pages
+    assert report.queries == 5 + 3 * pages
 
 
 async def test_hostile_rows_on_every_page_keep_the_statement_count(
@@ -69,7 +69,7 @@ async def test_hostile_rows_on_every_page_keep_the_statement_count(
     report = await run_tick(db, settings, NOW)
     assert report.pages == 8 and len(report.enqueued) == 360 and len(report.skipped) == 40
     assert report.skipped_by_kind() == {"invalid_last_visit": 20, "invalid_timezone": 10, "invalid_preference": 10}
-    assert report.queries == 4 + 4 * 8
+    assert report.queries == 5 + 4 * 8
 
 
 async def test_two_schedulers_at_once_make_each_job_once(
