@@ -10,6 +10,7 @@ from empty tables (TRUNCATE, a few milliseconds).
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import secrets
 import tempfile
@@ -27,6 +28,23 @@ from briefs.settings import Settings
 DOMAIN_AND_QUEUE_TABLES = (
     "queue_jobs, project_daily_briefs, daily_briefs, brief_preferences, notes, tasks, projects, users"
 )
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logging() -> Iterator[None]:
+    """Undo what a test's ``setup_logging`` (``briefs.cli.main`` calls it) did to the root logger.
+
+    Its handler writes to that test's captured stderr, which pytest closes afterwards; a later
+    log line from another thread (a test SMTP or LLM server) would then hit a closed file.
+    pytest's own capture handlers are left to pytest.
+    """
+    root = logging.getLogger()
+    before, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in before and not type(handler).__module__.startswith("_pytest"):
+            root.removeHandler(handler)
+    root.setLevel(level)
 
 
 def _with_dbname(url: str, dbname: str) -> str:
