@@ -95,7 +95,7 @@ from briefs import render, unsubscribe
 from briefs.db import Database
 from briefs.errors import PermanentError, RetryLater
 from briefs.render import BriefView, Group, Section
-from briefs.settings import redact_url
+from briefs.settings import http_url_problem, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -268,15 +268,10 @@ def check_public_url(value: str | None) -> str | None:
     elif not _PUBLIC_URL_OK.fullmatch(value):
         problem = "not an http(s) URL of plain URL characters"
     else:
-        try:
+        problem = http_url_problem(value)
+        if problem is None:
             parts = urlsplit(value)
-            parts.port  # noqa: B018 - raises ValueError for a bad port
-        except ValueError as exc:
-            problem = str(exc)
-        else:
-            if not parts.hostname:
-                problem = "no host"
-            elif parts.username is not None or parts.password is not None:
+            if parts.username is not None or parts.password is not None:
                 problem = "credentials in the URL"
             elif parts.query or parts.fragment or "?" in value or "#" in value:
                 problem = "a query or fragment"

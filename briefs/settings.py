@@ -218,20 +218,10 @@ class Settings(BaseSettings):
         if value is None or not value.strip():
             return None
         value = value.strip()
-        problem = None
         if any(c.isspace() or not c.isprintable() for c in value):
-            problem = "it contains whitespace or control characters"
+            problem: str | None = "it contains whitespace or control characters"
         else:
-            try:
-                parts = urlsplit(value)
-                parts.port  # noqa: B018 - raises ValueError for a bad port
-            except ValueError as exc:
-                problem = str(exc)
-            else:
-                if parts.scheme.lower() not in ("http", "https"):
-                    problem = "not an http(s) URL"
-                elif not parts.hostname:
-                    problem = "no host"
+            problem = http_url_problem(value)
         if problem:
             raise ValueError(f"OPENAI_BASE_URL is unusable ({problem}); expected e.g. https://api.openai.com/v1")
         return value
@@ -278,6 +268,20 @@ class Settings(BaseSettings):
 _SECRET_PARAM = re.compile(
     r"((?:^|[?&;\s])(?:sslpassword|password|passwd|pass|pwd|secret|token|api_key|apikey)=)([^&;\s]*)", re.I
 )
+
+
+def http_url_problem(value: str) -> str | None:
+    """Why ``value`` is not a usable http(s) URL with a host (a bad port included), or None."""
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as exc:
+        return str(exc)
+    if parts.scheme.lower() not in ("http", "https"):
+        return "not an http(s) URL"
+    if not parts.hostname:
+        return "no host"
+    return None
 
 
 def redact_url(url: str) -> str:
