@@ -151,9 +151,7 @@ async def _fail_if_abandoned(ctx: JobContext, request: generator.BriefRequest) -
     """Mark the brief failed when its job, stopped from outside, is finished for good (cancelled or failed)."""
     async with asyncio.timeout(ABANDON_CHECK_TIMEOUT):
         async with ctx.db.raw() as conn:
-            cur = await conn.execute("SELECT status, left(last_error, 500) FROM queue_jobs WHERE id = %s",
-                                     (ctx.job.id,))
-            row = await cur.fetchone()
+            row = await queue.outcome(conn, ctx.job.id)
         if row is not None and row[0] in ("cancelled", "failed"):
             await generator.mark_failed(ctx.db, request, f"job {ctx.job.id} {row[0]}: {row[1] or 'no reason given'}")
 

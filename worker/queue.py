@@ -869,6 +869,13 @@ async def _status_of(conn: Conn, job_id: int) -> str:
     return row[0] if row else "not found"
 
 
+async def outcome(conn: Conn, job_id: int) -> tuple[str, str | None] | None:
+    """(status, the first 500 characters of last_error) of a job, or None when it does not exist."""
+    cur = await conn.execute("SELECT status, left(last_error, 500) FROM queue_jobs WHERE id = %s", (job_id,))
+    row = await cur.fetchone()
+    return (row[0], row[1]) if row else None
+
+
 # --------------------------------------------------------------------------- inspection
 
 async def stats(conn: Conn) -> list[dict[str, Any]]:
