@@ -323,27 +323,19 @@ class EmailConfig:
 
 # --------------------------------------------------------------------------- hostile text
 
-# C0 controls (tab and newline handled apart), DEL, C1, lone surrogates, bidi embeddings/overrides/isolates,
-# line/paragraph separators (made newlines), the prompt marker.
-_DROP = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff\u202a-\u202e\u2066-\u2069\u241e]")
-
-
 def _clean(value: Any, limit: int, *, lines: bool = False) -> str:
-    """``value`` as display text: no control characters, whitespace collapsed (kept as paragraph breaks
-    when ``lines``), at most ``limit`` characters (an ellipsis marks a cut)."""
+    """``value`` as display text: :func:`render.clean` (control characters, escape sequences, mark runs),
+    whitespace collapsed (kept as paragraph breaks when ``lines``), at most ``limit`` characters."""
     if not isinstance(value, str):
         value = "" if value is None or isinstance(value, (dict, list)) else str(value)
     value = value[: limit * 4 + 16]  # bound the work before cleaning; whitespace runs collapse below
-    value = value.replace("\r\n", "\n").replace("\r", "\n").replace("\u2028", "\n").replace("\u2029", "\n\n")
-    value = _DROP.sub("", value).replace("\t", " ")
+    value = render.clean(value.replace("\u2028", "\n").replace("\u2029", "\n\n"))
     if lines:
-        paras = (" ".join(p.split()) for p in re.split(r"\n[ \x0b\x0c\x1c-\x1f\x85\xa0]*\n", value))
+        paras = (" ".join(p.split()) for p in re.split(r"\n[ \t\xa0]*\n", value))
         value = "\n\n".join(p for p in paras if p)
     else:
         value = " ".join(value.split())
-    if len(value) > limit:
-        value = value[: max(0, limit - 1)].rstrip() + "…"
-    return value
+    return render.clip(value, limit)
 
 
 def header_text(value: Any, limit: int) -> str:

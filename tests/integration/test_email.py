@@ -253,6 +253,27 @@ async def test_header_injection_from_name_and_subject_is_neutralised(
     assert all(j["status"] == "completed" for j in jobs)
 
 
+async def test_names_are_cleaned_like_everywhere_else_mark_runs_and_escape_sequences(
+    briefs_harness: Any, brief_seed: Any, smtp_server: Any
+) -> None:
+    # The email cleans text with render.clean: a run of combining marks is cut to three (a "Zalgo" name
+    # drew a tower over the lines around it) and an escape sequence goes whole, leaving no "[31m" behind.
+    h = briefs_harness
+    name = "Z" + "\u0301" * 60 + "oe \x1b[31mRed\x1b]0;pwned\x07"
+    uid = await brief_without_email(h, brief_seed, name, email="zoe@example.com")
+    await email_job(h, uid)
+    await h.run(mail(h, smtp_server), services={})
+
+    [message] = smtp_server.wait_for(1)
+    display = message["To"].addresses[0].display_name
+    text, html = parts(message)
+    for shown in (display, text, html):
+        assert "Z" + "\u0301" * 3 + "oe" in shown
+        assert "\u0301" * 4 not in shown
+        assert "[31m" not in shown and "pwned" not in shown
+    assert display == "Z" + "\u0301" * 3 + "oe Red"
+
+
 @pytest.mark.parametrize("sender", ["a@example.com, b@example.com", "briefs@example.com\r\nBcc: x@evil.example",
                                     "not an address", "=?utf-8?q?x?= <a@example.com>", ""])
 async def test_invalid_email_from_fails_permanently_naming_the_setting(
