@@ -405,9 +405,7 @@ _JOB_COLUMNS = (
     "j.user_id, j.notify_at, j.run_at, j.processing_token"
 )
 
-# One statement: pick (lock) the runnable rows in claim order, skipping rows other
-# workers hold, then update them. MATERIALIZED keeps the LIMIT exact.
-# A row whose stored payload is over this many bytes is never sent to a worker: the claim
+# A row whose stored payload is over this many times BRIEFS_MAX_PAYLOAD_BYTES is never sent to a worker: the claim
 # fails it on the spot (reading and parsing it would stall the worker for every other job).
 # A multiple of the enqueue cap, since jsonb's stored form of a payload can be larger than its text.
 PAYLOAD_READ_FACTOR = 16
@@ -477,7 +475,7 @@ SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, (SELECT
 async def claim(
     conn: Executor, limit: int, worker_id: str, lease_seconds: float, *,
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
-) -> list[Job]:
+) -> Claimed:
     """Claim up to ``limit`` runnable jobs: lowest priority first, then run_at, then id.
 
     A picked row whose stored payload is over ``PAYLOAD_READ_FACTOR * max_payload_bytes``
@@ -485,7 +483,7 @@ async def claim(
     fewer than ``limit`` jobs may come back while more are runnable.
     """
     if limit <= 0:
-        return []
+        return Claimed()
     cur = await conn.execute(_CLAIM, {"limit": limit, "worker": worker_id, "lease": lease_seconds,
                                       **_read_limit(max_payload_bytes)})
     try:
@@ -501,12 +499,14 @@ class Claimed(list[Job]):
 
     refused: list[tuple[int, str]]
 
+    def __init__(self, jobs: Iterable[Job] = (), refused: list[tuple[int, str]] | None = None) -> None:
+        super().__init__(jobs)
+        self.refused = refused or []
+
 
 def _claimed(jobs: list[Job]) -> Claimed:
-    result = Claimed(job for job in jobs if job.token is not None)
-    result.refused = [(job.id, job.job_type) for job in jobs if job.token is None] if len(result) < len(jobs) else []
-    result.sort(key=_claim_order)
-    return result
+    return Claimed(sorted((job for job in jobs if job.token is not None), key=_claim_order),
+                   [(job.id, job.job_type) for job in jobs if job.token is None])
 
 
 async def complete_and_claim(

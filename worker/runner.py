@@ -374,9 +374,8 @@ class Worker:
                     continue
                 if batch:
                     self._account(batch, written)
-                refused = getattr(jobs, "refused", ())
-                if refused:
-                    self._account_refused(refused)
+                if jobs.refused:
+                    self._account_refused(jobs.refused)
                 failures = 0
                 self.stats.claims += 1
                 if self._stopping.is_set():
@@ -384,7 +383,7 @@ class Worker:
                     await self._release(jobs, "claimed while the worker was stopping")
                     return
                 self._start_all(jobs)
-                if len(jobs) + len(refused) == free:
+                if len(jobs) + len(jobs.refused) == free:
                     self._wake = True  # the queue may hold more
                     continue
                 if self.burst and not self._running:
@@ -521,7 +520,7 @@ class Worker:
         permanent = is_permanent(error)
         message = _error_message(error)
         delay = getattr(error, "delay", None)
-        if delay is None or isinstance(delay, bool) or not isinstance(delay, int | float):
+        if isinstance(delay, bool) or not isinstance(delay, int | float):  # None, or not a number
             delay = queue.backoff_seconds(job.attempts, self.settings.retry_base, self.settings.retry_max)
         delay = queue.clamp_delay(delay)
         result: queue.FailOutcome | None = None
