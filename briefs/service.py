@@ -16,12 +16,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 from briefs.db import Database
 from briefs.errors import PermanentError
 from briefs.generator import BRIEF_JOB, BriefRequest, EnqueueHook, FollowUp, brief_dedup_key, check_brief_date
 from briefs.render import STANDARD
+from scheduler.plan import InvalidTimezone, load_timezone
 
 MANUAL_PRIORITY = 10  # a brief someone asked for by hand runs ahead of scheduled ones (50)
 ALL_BATCH = 1000
@@ -43,7 +44,9 @@ def user_zone(name: object) -> ZoneInfo:
     """The user's IANA zone; ``ValueError`` with a short, safe reason when the stored name is unusable.
 
     The name is checked before it reaches the filesystem: ``ZoneInfo`` of a 60 KB name raises
-    ``OSError`` (file name too long), which would read as a lost database connection.
+    ``OSError`` (file name too long), which would read as a lost database connection. The zone is
+    then loaded by the scheduler's :func:`~scheduler.plan.load_timezone`, so a name the tick skips
+    (``Factory``, a case-folded name) is skipped here too.
     """
     if not isinstance(name, str) or not name:
         raise ValueError("no timezone")
@@ -51,8 +54,8 @@ def user_zone(name: object) -> ZoneInfo:
     if len(name) > _ZONE_MAX or not _ZONE_NAME.fullmatch(name) or ".." in name:
         raise ValueError(f"invalid timezone {shown}")
     try:
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError, OSError):
+        return load_timezone(name)
+    except InvalidTimezone:
         raise ValueError(f"unknown timezone {shown}") from None
 
 

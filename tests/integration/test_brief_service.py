@@ -86,6 +86,7 @@ async def test_enqueue_all_queues_each_users_local_today(briefs_harness: Any, br
         ("Z" * 60_000, "invalid timezone 'ZZZZ"),
         ("../../../etc/passwd", "invalid timezone '../../../etc/passwd'"),
         ("Mars/Olympus_Mons", "unknown timezone 'Mars/Olympus_Mons'"),
+        ("Factory", "unknown timezone 'Factory'"),  # in tzdata, but no user's zone: the tick skips it too
         ("", "no timezone"),
     ],
 )
