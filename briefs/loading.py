@@ -46,7 +46,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import psycopg
 
-from briefs.render import plain_inline
+from briefs.render import plain_inline, project_title
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +295,7 @@ async def load_projects(
         return [], 0, ()
     projects, beyond = rows[: limits.projects], rows[limits.projects :]
     more = int(rows[0][4]) - len(projects)
-    more_names = tuple(plain_inline(row[1], MORE_NAME_CHARS) or "(untitled project)" for row in beyond)
+    more_names = tuple(project_title(row[1], MORE_NAME_CHARS) for row in beyond)
     ids = [row[0] for row in projects]
     tz = user.tz
 
