@@ -72,7 +72,7 @@ from psycopg.types.json import Jsonb
 from briefs import deterministic, render
 from briefs.db import Database
 from briefs.errors import PermanentError
-from briefs.llm import ExecutiveSummary, LLMClient, LLMError, ProjectBrief, instructions
+from briefs.llm import TOKENS_MAX, ExecutiveSummary, LLMClient, LLMError, ProjectBrief, instructions, token_count
 from briefs.loading import BriefContext, Limits, ProjectContext, UserContext, anchor_for, load_projects, load_user
 from briefs.render import STAGES, STANDARD, BriefView, Section, clip, scrub
 
@@ -92,14 +92,6 @@ SECTION_BATCH_WINDOW = 0.1
 EMAIL_JOB = "send_brief_email"
 BRIEF_JOB = "generate_daily_brief"
 AUTH_STATUSES = frozenset({401, 403})  # after one of these, the rest of the brief skips the LLM
-TOKENS_MAX = 2**31 - 1  # daily_briefs.prompt_tokens / completion_tokens are integer columns
-
-
-def _count(value: Any) -> int:
-    """A token count or revision read from a reply or a stored row: an int in 0 .. TOKENS_MAX, else 0."""
-    if type(value) is not int or value < 0:
-        return 0
-    return min(value, TOKENS_MAX)
 
 
 # The dates a brief can cover: its windows reach 7 days back (notes) and 8 days ahead (upcoming tasks, the
@@ -280,7 +272,7 @@ class _ProjectResult:
 
     @property
     def tokens(self) -> tuple[int, int]:
-        return _count(self.meta.get("prompt_tokens")), _count(self.meta.get("completion_tokens"))
+        return token_count(self.meta.get("prompt_tokens")), token_count(self.meta.get("completion_tokens"))
 
 
 # --------------------------------------------------------------------------- SQL
@@ -486,7 +478,7 @@ class _Run:
             log.info("brief %s for user %s on %s is already %s; not regenerating (no force)",
                      brief_id, req.user_id, req.brief_date, status)
             return BriefOutcome(brief_id, status, skipped=True, reason=f"already {status}", follow_ups=follow)
-        self.revision = min(max(_count(old_meta.get("revision")), 1), TOKENS_MAX - 1) + (1 if req.force else 0)
+        self.revision = min(max(token_count(old_meta.get("revision")), 1), TOKENS_MAX - 1) + (1 if req.force else 0)
         meta["revision"] = self.revision
         resume = not req.force and status in ("processing", "failed")
         await conn.execute(
@@ -757,8 +749,8 @@ class _Run:
     ) -> BriefOutcome:
         req = self.req
         sources: dict[str, int] = {}
-        prompt = _count(summary_meta.get("summary_prompt_tokens"))
-        completion = _count(summary_meta.get("summary_completion_tokens"))
+        prompt = token_count(summary_meta.get("summary_prompt_tokens"))
+        completion = token_count(summary_meta.get("summary_completion_tokens"))
         model = summary_meta.get("summary_model")
         for r in results:
             src = str(r.meta.get("source"))

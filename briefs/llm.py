@@ -47,6 +47,7 @@ from briefs.settings import Settings, redact_url
 
 __all__ = [
     "DEFAULT_BASE_URL",
+    "TOKENS_MAX",
     "ExecutiveSummary",
     "LLMClient",
     "LLMError",
@@ -59,6 +60,7 @@ __all__ = [
     "rate_limiter",
     "reset_stats",
     "stats",
+    "token_count",
 ]
 
 log = logging.getLogger(__name__)
@@ -330,14 +332,15 @@ def _usage(data: dict[str, Any]) -> tuple[int, int]:
     usage = data.get("usage")
     if not isinstance(usage, dict):
         return 0, 0
-
-    def count(value: Any) -> int:
-        return min(max(value, 0), _TOKENS_MAX) if type(value) is int else 0
-
-    return count(usage.get("prompt_tokens")), count(usage.get("completion_tokens"))
+    return token_count(usage.get("prompt_tokens")), token_count(usage.get("completion_tokens"))
 
 
-_TOKENS_MAX = 2**31 - 1
+TOKENS_MAX = 2**31 - 1  # daily_briefs.prompt_tokens / completion_tokens are integer columns
+
+
+def token_count(value: Any) -> int:
+    """A count read from a reply or a stored row: an int clamped to 0 .. TOKENS_MAX; anything else is 0."""
+    return min(max(value, 0), TOKENS_MAX) if type(value) is int else 0
 
 
 class _Malformed(Exception):
