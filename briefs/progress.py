@@ -14,6 +14,7 @@ from types import TracebackType
 from typing import TextIO
 
 from briefs.logs import LIVE_LOCK, live_line
+from briefs.terminal import one_line
 
 CLEAR_LINE = "\r\x1b[2K"
 
@@ -44,7 +45,7 @@ class Progress:
             width = 30
             filled = min(width, int(width * done / total))
             bar = "#" * filled + "-" * (width - filled)
-            self._text = f"{self.label} [{bar}] {done}/{total} {_printable(detail)[:40]:<40}"
+            self._text = f"{self.label} [{bar}] {done}/{total} {one_line(detail, 40):<40}"
             with LIVE_LOCK:
                 self.stream.write("\r" + self._text)
                 self.stream.flush()
@@ -52,7 +53,7 @@ class Progress:
         elif pct >= self._last_line_pct + 10 or done == total:
             # Plain lines, at most one per 10 %, so logs stay readable.
             self._last_line_pct = pct
-            suffix = f" ({_printable(detail)[:200]})" if detail else ""
+            suffix = f" ({one_line(detail, 200)})" if detail else ""
             self.stream.write(f"{self.label}: {done}/{total}{suffix}\n")
             self.stream.flush()
 
@@ -83,7 +84,3 @@ class Progress:
                 self.stream.write("\n")
                 self.stream.flush()
                 self._drawn = False
-
-
-def _printable(text: str) -> str:
-    return "".join(c if c.isprintable() else "?" for c in text[:400])

@@ -232,6 +232,18 @@ def test_progress_bar_and_log_lines_never_share_a_line() -> None:
     assert any(line.endswith("after") for line in shown)
 
 
+@pytest.mark.parametrize("tty", [True, False])
+def test_progress_detail_is_one_line_without_escape_sequences(tty: bool) -> None:
+    from briefs.progress import CLEAR_LINE, Progress
+
+    term = _Terminal() if tty else io.StringIO()
+    with Progress("seeding", stream=term, every=0) as bar:
+        bar.update(1, 1, "a\x1b[31mred\x1b]0;pwned\x07\nnext")
+    out = term.getvalue().replace(CLEAR_LINE, "")
+    assert "ared next" in out
+    assert "[31m" not in out and "pwned" not in out and "\x1b" not in out and "?" not in out
+
+
 def test_an_empty_password_is_not_invented() -> None:
     # the embedded server's URL has an empty password: nothing to mask, nothing to imply
     assert logs.redact("postgresql://postgres:@/briefs?host=/tmp/x") == "postgresql://postgres:@/briefs?host=/tmp/x"
