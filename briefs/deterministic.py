@@ -93,16 +93,12 @@ def project_section(p: ProjectContext, *, source: str = "deterministic", note: s
         _group(
             "Recent notes",
             [
-                plain_inline(n.title) + (f": {_clip(n.content, 120)}" if n.content.strip() else "")
+                plain_inline(n.title) + (f": {plain_inline(n.content, 120)}" if n.content.strip() else "")
                 for n in p.notes
             ],
         ),
     ]
     return Section(p.id, project_title(p.name), summary, tuple(g for g in groups if g), source=source, note=note)
-
-
-def _clip(text: str, limit: int) -> str:
-    return plain_inline(text, limit)
 
 
 def compact_line(p: ProjectContext, section: Section | None) -> dict[str, Any]:
@@ -116,8 +112,8 @@ def compact_line(p: ProjectContext, section: Section | None) -> dict[str, Any]:
         "upcoming": p.total("upcoming"),
         "completed": p.total("completed"),
         "open": p.open_tasks,
-        "top": [_clip(t, 80) for t in top[:3]],
-        "summary": _clip(section.summary if section else counts_sentence(p), 300),
+        "top": [plain_inline(t, 80) for t in top[:3]],
+        "summary": plain_inline(section.summary if section else counts_sentence(p), 300),
     }
 
 
@@ -136,7 +132,7 @@ def priority_actions(projects: Sequence[ProjectContext], brief_date: date, limit
         days = (brief_date - t.due_date).days if t.due_date else 0
         late = f"{_plural(days, 'day')} overdue"
         prio = ", high priority" if t.high else ""
-        actions.append(f"{project_title(p.name, 100)}: {_clip(t.title, 100)} ({late}{prio})")
+        actions.append(f"{project_title(p.name, 100)}: {plain_inline(t.title, 100)} ({late}{prio})")
         seen.add(t.id)
     today = sorted(
         ((t, p) for p in projects for t in p.today if t.id not in seen),
@@ -147,7 +143,7 @@ def priority_actions(projects: Sequence[ProjectContext], brief_date: date, limit
             break
         when = "due today" if t.due_date == brief_date else "starts today"
         prio = ", high priority" if t.high else ""
-        actions.append(f"{project_title(p.name, 100)}: {_clip(t.title, 100)} ({when}{prio})")
+        actions.append(f"{project_title(p.name, 100)}: {plain_inline(t.title, 100)} ({when}{prio})")
     return actions
 
 
