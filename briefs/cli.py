@@ -28,7 +28,7 @@ from pydantic import SecretStr, ValidationError
 
 from briefs.db import Database, DatabaseUnavailable
 from briefs.errors import PermanentError
-from briefs.logs import redact, register_secret, setup_logging
+from briefs.logs import redact, register_secret, setup_logging, truncate
 from briefs.migrate import MigrationError
 from briefs.settings import MAX_COUNT, Settings
 from briefs.terminal import one_line, printable
@@ -319,7 +319,7 @@ async def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
         async with db.raw() as conn:
             rows = await queue.list_jobs(conn, status=args.status, job_type=args.type, limit=args.limit)
         if args.json:
-            print(_json([{**r, "last_error": _clip(r.get("last_error"), 2000)} for r in rows]))
+            print(_json([{**r, "last_error": r["last_error"] and truncate(r["last_error"], 2000)} for r in rows]))
             return 0
         if not rows:
             print("no jobs")
@@ -351,12 +351,6 @@ def _instant(value: object) -> str:
     if isinstance(value, datetime):
         return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
     return one_line(str(value), 40)
-
-
-def _clip(text: str | None, limit: int) -> str | None:
-    if text is None or len(text) <= limit:
-        return text
-    return f"{text[:limit]}… [truncated {len(text) - limit:,} chars]"
 
 
 async def cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
