@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from datetime import date
 from typing import Any
 
-from briefs.loading import ProjectContext, TaskItem
+from briefs.loading import NoteItem, ProjectContext, TaskItem
 from briefs.render import Group, Section, plain_inline, project_title, short_date
 
 MAX_ITEMS = 10
@@ -90,15 +90,15 @@ def project_section(p: ProjectContext, *, source: str = "deterministic", note: s
         _group("Done in the last 24 hours", [plain_inline(t.title) for t in p.completed[:MAX_ITEMS]],
                p.total("completed")),
         _group("Coming up this week", [_task_line(t) for t in p.upcoming[:MAX_ITEMS]], p.total("upcoming")),
-        _group(
-            "Recent notes",
-            [
-                plain_inline(n.title) + (f": {plain_inline(n.content, 120)}" if n.content.strip() else "")
-                for n in p.notes
-            ],
-        ),
+        _group("Recent notes", [line for n in p.notes if (line := _note_line(n))]),
     ]
     return Section(p.id, project_title(p.name), summary, tuple(g for g in groups if g), source=source, note=note)
+
+
+def _note_line(note: NoteItem) -> str:
+    """A note as ``title: content`` (cleaned, one line); either part alone when the other cleans to nothing."""
+    title, content = plain_inline(note.title), plain_inline(note.content, 120)
+    return f"{title}: {content}" if title and content else title or content
 
 
 def compact_line(p: ProjectContext, section: Section | None) -> dict[str, Any]:

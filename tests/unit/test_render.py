@@ -146,3 +146,14 @@ def test_a_stored_timezone_that_cannot_load_falls_back_to_utc(name: str | None, 
 
     assert str(zone(name)) == "UTC"
     assert all(len(r.getMessage()) < 300 for r in caplog.records)  # the hostile name never reaches a log whole
+
+
+def test_a_note_whose_content_cleans_to_nothing_gets_no_dangling_colon() -> None:
+    note = NoteItem(1, "Standup", "\x00\x1b[2J\u202e\x07", datetime(2026, 3, 9, tzinfo=UTC))
+    section = deterministic.project_section(ProjectContext(1, "Apollo", None, 1, notes=(note,)))
+    notes = next(g for g in section.groups if g.heading == "Recent notes")
+    assert notes.items == ("Standup",)
+    untitled = NoteItem(2, "\x00", "Agenda\x07", datetime(2026, 3, 9, tzinfo=UTC))
+    blank = NoteItem(3, "\u202e", " \x1b[0m ", datetime(2026, 3, 9, tzinfo=UTC))
+    section = deterministic.project_section(ProjectContext(1, "Apollo", None, 1, notes=(untitled, blank)))
+    assert next(g for g in section.groups if g.heading == "Recent notes").items == ("Agenda",)
