@@ -405,9 +405,9 @@ _JOB_COLUMNS = (
     "j.user_id, j.notify_at, j.run_at, j.processing_token"
 )
 
-# A row whose stored payload is over this many times BRIEFS_MAX_PAYLOAD_BYTES is never sent to a worker: the claim
+# A row whose payload is over this many times BRIEFS_MAX_PAYLOAD_BYTES is never sent to a worker: the claim
 # fails it on the spot (reading and parsing it would stall the worker for every other job).
-# A multiple of the enqueue cap, since jsonb's stored form of a payload can be larger than its text.
+# A multiple of the enqueue cap, since jsonb's text of a payload can be larger than the JSON enqueued.
 PAYLOAD_READ_FACTOR = 16
 
 # What the claim returns per row; a row failed by the claim itself comes back without its
@@ -418,9 +418,15 @@ _CLAIMED_COLUMNS = (
     " CASE WHEN claim_status = 'processing' THEN processing_token END AS processing_token"
 )
 
+# A picked row the claim fails instead of handing out (its id is in the CTE ``oversized``).
+_OVERSIZED = "j.id = ANY(ARRAY(SELECT id FROM oversized))"
+
 # One statement: pick (lock) the runnable rows in claim order, skipping rows other
 # workers hold, then update them. MATERIALIZED keeps the LIMIT exact. A row whose
-# payload is too big to read is failed here instead, and not returned.
+# payload is too big to read is failed here instead, and not returned. Its size is what
+# the worker would receive: pg_column_size() of a compressed value is its compressed size
+# (50 MB of repeated text is stored in about 0.6 MB), so a compressed payload is measured
+# as text (once per claimed row, in ``oversized``); an uncompressed one as stored.
 _CLAIM_CTES = """
 picked AS MATERIALIZED (
     SELECT id FROM queue_jobs
@@ -429,21 +435,29 @@ picked AS MATERIALIZED (
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 ),
+oversized AS MATERIALIZED (
+    SELECT id, size FROM (
+        SELECT q.id, CASE WHEN pg_column_compression(q.payload) IS NULL THEN pg_column_size(q.payload)
+                          ELSE octet_length(q.payload::text) END AS size
+        FROM queue_jobs q WHERE q.id = ANY(ARRAY(SELECT id FROM picked))
+    ) s
+    WHERE size > %(max_read)s
+),
 claimed AS (
     UPDATE queue_jobs j
-    SET status = CASE WHEN pg_column_size(j.payload) > %(max_read)s THEN 'failed' ELSE 'processing' END,
+    SET status = CASE WHEN """ + _OVERSIZED + """ THEN 'failed' ELSE 'processing' END,
         attempts = least(j.attempts, 2147483646) + 1,
         locked_by = %(worker)s,
         processing_token = gen_random_uuid(),
-        lease_expires_at = CASE WHEN pg_column_size(j.payload) > %(max_read)s THEN NULL
+        lease_expires_at = CASE WHEN """ + _OVERSIZED + """ THEN NULL
                                 ELSE now() + make_interval(secs => %(lease)s) END,
         heartbeat_at = now(),
         started_at = now(),
-        finished_at = CASE WHEN pg_column_size(j.payload) > %(max_read)s THEN now() END,
-        last_error = CASE WHEN pg_column_size(j.payload) > %(max_read)s
-                          THEN format('payload is %%s bytes as stored, over the %%s bytes a worker reads '
+        finished_at = CASE WHEN """ + _OVERSIZED + """ THEN now() END,
+        last_error = CASE WHEN """ + _OVERSIZED + """
+                          THEN format('payload is %%s bytes, over the %%s bytes a worker reads '
                                       '(%%s x BRIEFS_MAX_PAYLOAD_BYTES): failed without running',
-                                      pg_column_size(j.payload), %(max_read)s, %(factor)s)
+                                      (SELECT size FROM oversized o WHERE o.id = j.id), %(max_read)s, %(factor)s)
                           ELSE j.last_error END,
         updated_at = now()
     WHERE j.id = ANY(ARRAY(SELECT id FROM picked))
@@ -478,7 +492,7 @@ async def claim(
 ) -> Claimed:
     """Claim up to ``limit`` runnable jobs: lowest priority first, then run_at, then id.
 
-    A picked row whose stored payload is over ``PAYLOAD_READ_FACTOR * max_payload_bytes``
+    A picked row whose payload is over ``PAYLOAD_READ_FACTOR * max_payload_bytes``
     is failed by the same statement (the reason in ``last_error``) and not returned, so
     fewer than ``limit`` jobs may come back while more are runnable.
     """
