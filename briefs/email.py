@@ -265,6 +265,8 @@ def check_public_url(value: str | None) -> str | None:
     problem = None
     if len(value) > 500:
         problem = "longer than 500 characters"
+    elif "?" in value or "#" in value:
+        problem = "a query or fragment"
     elif not _PUBLIC_URL_OK.fullmatch(value):
         problem = "not an http(s) URL of plain URL characters"
     else:
@@ -273,8 +275,6 @@ def check_public_url(value: str | None) -> str | None:
             parts = urlsplit(value)
             if parts.username is not None or parts.password is not None:
                 problem = "credentials in the URL"
-            elif parts.query or parts.fragment or "?" in value or "#" in value:
-                problem = "a query or fragment"
     if problem:
         raise PermanentError(f"BRIEFS_PUBLIC_URL is not usable for links ({problem}): {_short(value)}")
     return value.rstrip("/")

@@ -300,6 +300,11 @@ def test_sender_checks_accept_a_local_relay_and_display_names() -> None:
         with pytest.raises(PermanentError, match="BRIEFS_PUBLIC_URL"):
             brief_email.check_public_url(bad)
     assert brief_email.check_public_url("https://b.example.com/app/") == "https://b.example.com/app"
+    # each refusal names its reason
+    for bad, reason in (("https://b.example.com/?a=1", "query or fragment"), ("https://b.example.com/#x", "query"),
+                        ("https://user:pw@b.example.com", "credentials"), ("https://b.example.com/<", "plain URL")):
+        with pytest.raises(PermanentError, match=reason):
+            brief_email.check_public_url(bad)
 
 
 async def test_links_come_only_from_our_urls_and_text_has_no_control_characters(
