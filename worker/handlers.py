@@ -82,8 +82,10 @@ def build_handlers(settings: Settings) -> dict[str, Handler]:
 def _handler_problem(job_type: object, handler: object) -> str | None:
     if not isinstance(job_type, str) or not job_type.strip() or len(job_type) > MAX_JOB_TYPE_CHARS:
         return f"is not keyed by a job type (a non-empty string of at most {MAX_JOB_TYPE_CHARS} characters)"
-    if not isinstance(handler, Handler) or not callable(handler.fn):
+    if not isinstance(handler, Handler):
         return f"is of type {type(handler).__name__}, not a worker.runner.Handler"
+    if not callable(handler.fn):
+        return f"is a Handler whose function is {short_repr(handler.fn)}, not callable"
     timeout = handler.timeout
     if timeout is not None and (
         isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < math.inf

@@ -29,7 +29,7 @@ GOOD = "from worker.runner import Handler\nasync def run(ctx): return None\n"
         (GOOD + "HANDLERS = {'': Handler(run)}", "HANDLERS[''] is not keyed by a job type"),
         (GOOD + "HANDLERS = {'x': Handler(run, timeout=-1)}", "HANDLERS['x'] has the timeout -1"),
         (GOOD + "HANDLERS = {'x': Handler(run, timeout=float('inf'))}", "HANDLERS['x'] has the timeout inf"),
-        (GOOD + "HANDLERS = {'x': Handler(None)}", "HANDLERS['x'] is of type Handler"),
+        (GOOD + "HANDLERS = {'x': Handler(None)}", "HANDLERS['x'] is a Handler whose function is None, not callable"),
     ],
 )
 def test_a_module_that_cannot_serve_is_refused_by_name(
