@@ -895,9 +895,9 @@ async def outcome(conn: Conn, job_id: int) -> tuple[str, str | None] | None:
 async def stats(conn: Conn) -> list[dict[str, Any]]:
     """Jobs per type and status (what the ``queue_stats`` view shows), safe with any row in the table.
 
-    Computed here rather than read from the view: an infinite ``run_at`` makes the view's
-    ``now() - run_at`` fail. ``oldest_pending_age`` is a timedelta (``timedelta.max`` for a job
-    due since ``-infinity``); a ``next_run_at`` Python cannot represent comes back as its text.
+    Computed here rather than read from the view, which leaves a job due since ``-infinity``
+    out of its age: here ``oldest_pending_age`` is a timedelta, ``timedelta.max`` for such a
+    job (it is overdue, not absent). A ``next_run_at`` Python cannot represent comes back as its text.
     """
     cur = await conn.execute(
         """SELECT left(job_type, %(clip)s) AS job_type, status, count(*) AS jobs,
