@@ -42,11 +42,9 @@ def test_the_old_guessable_link_and_other_users_ids_do_not_pass() -> None:
     assert unsubscribe.verify("42", KEY, email=ADDRESS, now=NOW).status is Status.MALFORMED
 
 
-@pytest.mark.parametrize("position", range(0, 90, 3))
+@pytest.mark.parametrize("position", range(0, len(token()), 3))
 def test_any_changed_character_is_refused(position: int) -> None:
     t = token()
-    if position >= len(t):
-        return
     swapped = "A" if t[position] != "A" else "B"
     tampered = t[:position] + swapped + t[position + 1:]
     status = unsubscribe.verify(tampered, KEY, email=ADDRESS, now=NOW).status
