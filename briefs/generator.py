@@ -73,7 +73,7 @@ from briefs import deterministic, render
 from briefs.db import Database
 from briefs.errors import PermanentError
 from briefs.llm import TOKENS_MAX, ExecutiveSummary, LLMClient, LLMError, ProjectBrief, instructions, token_count
-from briefs.loading import BriefContext, Limits, ProjectContext, UserContext, anchor_for, load_projects, load_user
+from briefs.loading import BriefContext, Limits, ProjectContext, UserContext, load_brief_context
 from briefs.render import STAGES, STANDARD, BriefView, Section, clip, scrub
 
 log = logging.getLogger(__name__)
@@ -421,22 +421,19 @@ class _Run:
     async def run(self) -> BriefOutcome:
         req = self.req
         async with self.db.raw() as conn:
-            user = await load_user(conn, req.user_id, self.limits)
-            if user is None:
-                raise PermanentError(f"user {req.user_id} does not exist")
             # Loaded before the claim so the claim carries the first progress (projects_total): one
             # statement less. Nothing is visible before the commit, so the order is not observable.
-            anchor = anchor_for(req.brief_date, user.tz, req.notify_at)
-            projects, more, more_names = await load_projects(conn, user, req.brief_date, anchor, self.limits)
-            self.total = len(projects)
+            ctx = await load_brief_context(conn, req.user_id, req.brief_date, req.notify_at, self.limits)
+            if ctx is None:
+                raise PermanentError(f"user {req.user_id} does not exist")
+            self.total = len(ctx.projects)
             self.phase = "projects"
-            skipped = await self._claim(conn, user, projects)
+            skipped = await self._claim(conn, ctx.user, ctx.projects)
             if skipped is not None:
                 return skipped
             await self._publish_progress(conn, self._progress_value())
-        ctx = BriefContext(user, req.brief_date, anchor, tuple(projects), more, more_names)
 
-        results = await self._projects(ctx) if projects else []
+        results = await self._projects(ctx) if ctx.projects else []
 
         self.phase = "summary"
         await self._report()
