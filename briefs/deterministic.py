@@ -23,10 +23,16 @@ MAX_ACTIONS = 7
 
 NOTE_FALLBACK = "The AI summary for this project is unavailable today; here is the plain task list."
 NOTE_QUIET = None
+UNTITLED_TASK = "(untitled task)"
 
 
 def _plural(n: int, word: str, plural: str | None = None) -> str:
     return f"{n} {word if n == 1 else (plural or word + 's')}"
+
+
+def _title(task: TaskItem, limit: int | None = None) -> str:
+    """A task's title as one clean line; a title with nothing printable in it gets a placeholder."""
+    return plain_inline(task.title, limit) or UNTITLED_TASK
 
 
 def _task_line(task: TaskItem, *, show_due: bool = True) -> str:
@@ -37,7 +43,7 @@ def _task_line(task: TaskItem, *, show_due: bool = True) -> str:
         bits.append("high priority")
     if task.status in ("blocked", "in_progress"):
         bits.append(task.status.replace("_", " "))
-    title = plain_inline(task.title)
+    title = _title(task)
     return f"{title} ({', '.join(bits)})" if bits else title
 
 
@@ -87,7 +93,7 @@ def project_section(p: ProjectContext, *, source: str = "deterministic", note: s
     groups = [
         _group("Overdue", [_task_line(t) for t in p.overdue[:MAX_ITEMS]], p.total("overdue")),
         _group("Today", [_task_line(t, show_due=False) for t in p.today[:MAX_ITEMS]], p.total("today")),
-        _group("Done in the last 24 hours", [plain_inline(t.title) for t in p.completed[:MAX_ITEMS]],
+        _group("Done in the last 24 hours", [_title(t) for t in p.completed[:MAX_ITEMS]],
                p.total("completed")),
         _group("Coming up this week", [_task_line(t) for t in p.upcoming[:MAX_ITEMS]], p.total("upcoming")),
         _group("Recent notes", [line for n in p.notes if (line := _note_line(n))]),
@@ -103,7 +109,7 @@ def _note_line(note: NoteItem) -> str:
 
 def compact_line(p: ProjectContext, section: Section | None) -> dict[str, Any]:
     """One project, compactly, for the executive summary prompt (every project gets one)."""
-    top = [t.title for t in p.overdue[:2]] + [t.title for t in p.today[:2]]
+    top = [*p.overdue[:2], *p.today[:2]]
     return {
         "name": project_title(p.name, 120),
         "overdue": p.total("overdue"),
@@ -112,7 +118,7 @@ def compact_line(p: ProjectContext, section: Section | None) -> dict[str, Any]:
         "upcoming": p.total("upcoming"),
         "completed": p.total("completed"),
         "open": p.open_tasks,
-        "top": [plain_inline(t, 80) for t in top[:3]],
+        "top": [_title(t, 80) for t in top[:3]],
         "summary": plain_inline(section.summary if section else counts_sentence(p), 300),
     }
 
@@ -132,7 +138,7 @@ def priority_actions(projects: Sequence[ProjectContext], brief_date: date, limit
         days = (brief_date - t.due_date).days if t.due_date else 0
         late = f"{_plural(days, 'day')} overdue"
         prio = ", high priority" if t.high else ""
-        actions.append(f"{project_title(p.name, 100)}: {plain_inline(t.title, 100)} ({late}{prio})")
+        actions.append(f"{project_title(p.name, 100)}: {_title(t, 100)} ({late}{prio})")
         seen.add(t.id)
     today = sorted(
         ((t, p) for p in projects for t in p.today if t.id not in seen),
@@ -143,7 +149,7 @@ def priority_actions(projects: Sequence[ProjectContext], brief_date: date, limit
             break
         when = "due today" if t.due_date == brief_date else "starts today"
         prio = ", high priority" if t.high else ""
-        actions.append(f"{project_title(p.name, 100)}: {plain_inline(t.title, 100)} ({when}{prio})")
+        actions.append(f"{project_title(p.name, 100)}: {_title(t, 100)} ({when}{prio})")
     return actions
 
 

@@ -157,3 +157,14 @@ def test_a_note_whose_content_cleans_to_nothing_gets_no_dangling_colon() -> None
     blank = NoteItem(3, "\u202e", " \x1b[0m ", datetime(2026, 3, 9, tzinfo=UTC))
     section = deterministic.project_section(ProjectContext(1, "Apollo", None, 1, notes=(untitled, blank)))
     assert next(g for g in section.groups if g.heading == "Recent notes").items == ("Agenda",)
+
+
+def test_a_task_title_that_cleans_to_nothing_gets_a_placeholder_not_an_empty_line() -> None:
+    blank = TaskItem(7, "\x1b[2J\u202e \x07", "todo", "high", None, date(2026, 3, 8), None)
+    done = TaskItem(8, "\u2066\u2069", "done", "low", None, None, datetime(2026, 3, 9, tzinfo=UTC))
+    p = ProjectContext(1, "Apollo", None, 1, overdue=(blank,), completed=(done,))
+    items = [i for g in deterministic.project_section(p).groups for i in g.items]
+    assert items == [f"{deterministic.UNTITLED_TASK} (due Sun 8 Mar, high priority)", deterministic.UNTITLED_TASK]
+    assert deterministic.priority_actions([p], DAY) == [f"Apollo: {deterministic.UNTITLED_TASK} (2 days overdue, "
+                                                        "high priority)"]
+    assert deterministic.compact_line(p, None)["top"] == [deterministic.UNTITLED_TASK]
