@@ -47,8 +47,7 @@ USER_MARKER = "\u241e=== user message ===\u241e"
 # encode a lone surrogate (JSON's "\ud800" decodes to one), C0/C1 control characters drive terminals
 # (``briefs show``), bidirectional overrides disguise text, U+241E is the prompt's system/user
 # split marker, and a run of combining marks is cut to three. ``md_inline`` then escapes for the
-# Markdown brief; ``plain_inline`` is the same
-# without Markdown escaping, for prompts and plain text.
+# Markdown brief; ``plain_inline`` is the same without Markdown escaping, for prompts and plain text.
 
 # C0 except tab and newline, DEL, C1, surrogates, bidi embeddings/overrides/isolates, the prompt marker.
 _UNSAFE_RE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff\u202a-\u202e\u2066-\u2069\u241e]")
@@ -87,6 +86,8 @@ def cap_marks(text: str) -> str:
         pos = run.end()
     out.append(text[pos:])
     return "".join(out)
+
+
 _MD_CHARS_RE = re.compile(r"([\\`*_\[\]#|~])")
 _MD_LEAD_RE = re.compile(r"^(?:([-+=])|(\d{1,9})([.)]))")
 CLIP_MARK = "…"
