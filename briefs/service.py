@@ -22,7 +22,7 @@ from briefs.db import Database
 from briefs.errors import PermanentError
 from briefs.generator import BRIEF_JOB, BriefRequest, EnqueueHook, FollowUp, brief_dedup_key, check_brief_date
 from briefs.render import STANDARD
-from scheduler.plan import InvalidTimezone, load_timezone
+from briefs.zones import InvalidTimezone, load_timezone
 
 MANUAL_PRIORITY = 10  # a brief someone asked for by hand runs ahead of scheduled ones (50)
 ALL_BATCH = 1000
@@ -45,8 +45,8 @@ def user_zone(name: object) -> ZoneInfo:
 
     The name is checked before it reaches the filesystem: ``ZoneInfo`` of a 60 KB name raises
     ``OSError`` (file name too long), which would read as a lost database connection. The zone is
-    then loaded by the scheduler's :func:`~scheduler.plan.load_timezone`, so a name the tick skips
-    (``Factory``, a case-folded name) is skipped here too.
+    then loaded by :func:`briefs.zones.load_timezone`, the scheduler's own check, so a name the tick
+    skips (``Factory``, a case-folded name) is skipped here too.
     """
     if not isinstance(name, str) or not name:
         raise ValueError("no timezone")

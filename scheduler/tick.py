@@ -47,7 +47,7 @@ Hostile rows
     ``invalid_last_visit: …`` and its pending jobs are left alone. A pending scheduler
     job with an unusable ``notify_at`` is moved to its planned instant; a dedup key the
     scheduler would not write is left alone. Reasons and log lines show hostile values
-    clipped (:func:`scheduler.plan.shown`).
+    clipped (:func:`briefs.zones.shown`).
 
 The report
     A real tick lists what it enqueued, moved, cancelled and skipped, and counts the
