@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -30,6 +29,7 @@ from uuid import UUID
 import psycopg
 from psycopg.types.json import set_json_loads
 
+from briefs.backoff import job_retry
 from briefs.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -209,12 +209,6 @@ def safe_text(text: str, limit: int = MAX_ERROR_CHARS) -> str:
 
 
 MAX_RETRY_DELAY = 30 * 86400.0  # the longest a retry may be put off (a handler's RetryLater included)
-
-
-def backoff_seconds(attempts: int, base: float, cap: float) -> float:
-    """Exponential backoff with jitter: half fixed, half random, so retries spread out."""
-    delay = min(cap, base * 2.0 ** min(max(attempts - 1, 0), 60))  # the exponent is capped: attempts may be huge
-    return delay / 2 + random.random() * delay / 2
 
 
 def clamp_delay(seconds: Any) -> float:
@@ -765,47 +759,53 @@ async def release(conn: Conn, jobs: Iterable[tuple[int, UUID]], reason: str) -> 
 
 # --------------------------------------------------------------------------- maintenance
 
+# The rescue: expired leases (and leases no worker takes) back to pending after the job
+# retry backoff (``{backoff}``: :meth:`briefs.backoff.Backoff.sql`), or failed when used up.
+_RESCUE = """
+WITH expired AS MATERIALIZED (
+    SELECT id FROM queue_jobs
+    WHERE status = 'processing'
+      AND (lease_expires_at < now() OR lease_expires_at > now() + make_interval(secs => %(max_lease)s))
+    ORDER BY lease_expires_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE queue_jobs j
+SET status = CASE WHEN j.attempts >= j.max_attempts THEN 'failed' ELSE 'pending' END,
+    run_at = CASE WHEN j.attempts >= j.max_attempts THEN j.run_at
+                  ELSE now() + make_interval(secs => {backoff}) END,
+    finished_at = CASE WHEN j.attempts >= j.max_attempts THEN now() END,
+    last_error = CASE WHEN j.lease_expires_at < now()
+                      THEN format('lease expired: worker %%s stopped heartbeating (attempt %%s of %%s)',
+                                  coalesce(left(j.locked_by, 200), '?'), j.attempts, j.max_attempts)
+                      ELSE format('lease until %%s is not one a worker takes: rescued (attempt %%s of %%s)',
+                                  j.lease_expires_at, j.attempts, j.max_attempts) END,
+    locked_by = NULL,
+    lease_expires_at = NULL,
+    updated_at = now()
+FROM expired
+WHERE j.id = expired.id
+RETURNING j.id, j.job_type, j.status, j.attempts, CASE WHEN j.status = 'pending' THEN j.run_at END
+"""
+
+
 async def rescue_expired(
     conn: Conn, *, retry_base: float, retry_max: float, limit: int = 500, max_lease: float = 86400.0
 ) -> list[tuple[int, str, str, int, datetime | None]]:
     """Rescue jobs whose lease expired (their worker died or hung).
 
-    The lost run consumed its attempt: the job goes back to pending after a
-    backoff with jitter, or to failed when its attempts are used up. A lease that
+    The lost run consumed its attempt: the job goes back to pending after the job
+    retry backoff (:func:`briefs.backoff.job_retry` of ``retry_base`` and ``retry_max``),
+    or to failed when its attempts are used up. A lease that
     ends more than ``max_lease`` seconds from now (``infinity``, a bad manual edit)
     is no lease any worker took: it is rescued too, or the job would stay running
     forever. Returns (id, job_type, new status, attempts, run_at or None when
     failed) per rescued job.
     """
+    policy = job_retry(retry_base, clamp_delay(retry_max))
     cur = await conn.execute(
-        """
-        WITH expired AS MATERIALIZED (
-            SELECT id FROM queue_jobs
-            WHERE status = 'processing'
-              AND (lease_expires_at < now() OR lease_expires_at > now() + make_interval(secs => %(max_lease)s))
-            ORDER BY lease_expires_at
-            LIMIT %(limit)s
-            FOR UPDATE SKIP LOCKED
-        )
-        UPDATE queue_jobs j
-        SET status = CASE WHEN j.attempts >= j.max_attempts THEN 'failed' ELSE 'pending' END,
-            run_at = CASE WHEN j.attempts >= j.max_attempts THEN j.run_at
-                          ELSE now() + make_interval(secs => least(%(cap)s, %(base)s * 2 ^ least(greatest(
-                                                             j.attempts - 1, 0), 60)) * (0.5 + random() / 2)) END,
-            finished_at = CASE WHEN j.attempts >= j.max_attempts THEN now() END,
-            last_error = CASE WHEN j.lease_expires_at < now()
-                              THEN format('lease expired: worker %%s stopped heartbeating (attempt %%s of %%s)',
-                                          coalesce(left(j.locked_by, 200), '?'), j.attempts, j.max_attempts)
-                              ELSE format('lease until %%s is not one a worker takes: rescued (attempt %%s of %%s)',
-                                          j.lease_expires_at, j.attempts, j.max_attempts) END,
-            locked_by = NULL,
-            lease_expires_at = NULL,
-            updated_at = now()
-        FROM expired
-        WHERE j.id = expired.id
-        RETURNING j.id, j.job_type, j.status, j.attempts, CASE WHEN j.status = 'pending' THEN j.run_at END
-        """,
-        {"limit": limit, "cap": clamp_delay(retry_max), "base": retry_base, "max_lease": clamp_delay(max_lease)},
+        _RESCUE.format(backoff=policy.sql("j.attempts")),
+        {"limit": limit, "max_lease": clamp_delay(max_lease), **policy.sql_params()},
     )
     return [tuple(row) for row in await cur.fetchall()]  # type: ignore[misc]
 

@@ -61,6 +61,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from briefs import metrics
+from briefs.backoff import job_retry
 from briefs.db import Database, is_connection_error
 from briefs.errors import is_permanent
 from briefs.logs import job_context
@@ -260,6 +261,7 @@ class Worker:
         self._flush_lock = asyncio.Lock()
         # A result is stored with the job; one too big (a handler returning megabytes) fails its job instead.
         self._max_result_bytes = queue.PAYLOAD_READ_FACTOR * settings.max_payload_bytes
+        self._retry_policy = job_retry(settings.retry_base, settings.retry_max)
         metrics.register_job_types(handlers)
 
     # ------------------------------------------------------------------ control
@@ -521,7 +523,7 @@ class Worker:
         message = _error_message(error)
         delay = getattr(error, "delay", None)
         if isinstance(delay, bool) or not isinstance(delay, int | float):  # None, or not a number
-            delay = queue.backoff_seconds(job.attempts, self.settings.retry_base, self.settings.retry_max)
+            delay = self._retry_policy.delay(job.attempts)
         delay = queue.clamp_delay(delay)
         result: queue.FailOutcome | None = None
         for attempt in range(5):
