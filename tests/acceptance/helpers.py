@@ -7,12 +7,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psycopg
+
+from tests.polling import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -69,8 +70,16 @@ class WorkerProcess:
         return self.log_path.read_text(errors="replace")
 
     def wait_started(self, timeout: float = 30.0) -> None:
-        wait_for(lambda: "started:" in self.log() or self.proc.poll() is not None, timeout, "worker start")
+        self.wait_until(lambda: "started:" in self.log() or self.proc.poll() is not None, timeout, "worker start")
         assert self.proc.poll() is None, f"worker exited early ({self.proc.returncode}):\n{self.log()}"
+
+    def wait_until(self, condition: Callable[[], Any], timeout: float, what: str, **options: Any) -> Any:
+        """:func:`tests.polling.wait_for`; a failure also tells whether this worker still runs, and its log's end."""
+        try:
+            return wait_for(condition, timeout, what, **options)
+        except AssertionError as exc:
+            state = "running" if self.proc.poll() is None else f"exited ({self.proc.returncode})"
+            raise AssertionError(f"{exc}\nworker {self.pid} {state}; its log ends:\n{self.log()[-3000:]}") from None
 
     def signal(self, sig: signal.Signals) -> None:
         self.proc.send_signal(sig)
@@ -93,17 +102,6 @@ class WorkerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def query(url: str, sql: str, params: Any = None) -> list[tuple[Any, ...]]:

@@ -15,7 +15,8 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
-from tests.acceptance.helpers import WorkerProcess, briefs_command, query, scalar, wait_for
+from tests.acceptance.helpers import WorkerProcess, briefs_command, query, scalar
+from tests.polling import wait_for
 from worker import queue as q
 
 
@@ -49,7 +50,8 @@ def test_four_workers_run_five_thousand_jobs_exactly_once(clean_db: str, test_ru
         for w in workers:
             w.wait_started()
         ids = enqueue(url, "record", 5000)
-        wait_for(lambda: statuses(url) == {"completed": 5000}, 60, "5,000 completed jobs", interval=0.2)
+        wait_for(lambda: statuses(url), 60, "5,000 completed jobs", accept=lambda s: s == {"completed": 5000},
+                 interval=0.2)
         for w in workers:
             w.signal(signal.SIGTERM)
         assert [w.wait(15) for w in workers] == [0, 0, 0, 0]
@@ -70,13 +72,14 @@ def test_jobs_of_a_killed_worker_are_finished_by_another_after_the_lease(clean_d
     url = clean_db
     ids = enqueue(url, "sleep", 3, {"seconds": 60, "retry_seconds": 0.2})
     with WorkerProcess(url, LEASE_SECONDS=2) as victim:
-        wait_for(lambda: running_runs(url, ids) == 3, 30, "three running jobs")
+        victim.wait_until(lambda: running_runs(url, ids), 30, "three running jobs", accept=lambda n: n == 3)
         old_tokens = query(url, "SELECT id, processing_token FROM queue_jobs WHERE id = ANY(%s)", (ids,))
         victim.signal(signal.SIGKILL)
         assert victim.wait(10) == -signal.SIGKILL
         killed_at = time.monotonic()
         with WorkerProcess(url, LEASE_SECONDS=2, POLL_INTERVAL=0.2) as rescuer:
-            wait_for(lambda: statuses(url) == {"completed": 3}, 30, "the rescuer to complete them")
+            rescuer.wait_until(lambda: statuses(url), 30, "the rescuer to complete them",
+                               accept=lambda s: s == {"completed": 3})
             assert time.monotonic() - killed_at > 1.0  # not before the lease expired
             rescuer.signal(signal.SIGTERM)
             assert rescuer.wait(15) == 0
@@ -105,7 +108,7 @@ def test_sigterm_finishes_short_jobs_and_releases_long_ones(clean_db: str, test_
     short = enqueue(url, "sleep", 2, {"seconds": 0.8})
     long_ = enqueue(url, "sleep", 2, {"seconds": 60})
     with WorkerProcess(url, SHUTDOWN_GRACE=2) as w:
-        wait_for(lambda: running_runs(url, short + long_) == 4, 30, "four running jobs")
+        w.wait_until(lambda: running_runs(url, short + long_), 30, "four running jobs", accept=lambda n: n == 4)
         signalled = time.monotonic()
         w.signal(signal.SIGTERM)
         assert w.wait(10) == 0
@@ -124,7 +127,7 @@ def test_a_second_sigterm_exits_at_once(clean_db: str, test_runs: str) -> None:
     url = clean_db
     ids = enqueue(url, "sleep", 2, {"seconds": 60})
     with WorkerProcess(url, SHUTDOWN_GRACE=30) as w:
-        wait_for(lambda: running_runs(url, ids) == 2, 30, "two running jobs")
+        w.wait_until(lambda: running_runs(url, ids), 30, "two running jobs", accept=lambda n: n == 2)
         w.signal(signal.SIGTERM)
         time.sleep(0.3)
         assert w.proc.poll() is None  # draining: waiting for the grace period
@@ -144,7 +147,7 @@ def test_worker_recovers_when_its_connections_are_terminated(clean_db: str, test
     with WorkerProcess(url, POLL_INTERVAL=30, LEASE_SECONDS=3) as w:
         w.wait_started()
         ids = enqueue(url, "sleep", 400, {"seconds": 0.02})
-        wait_for(lambda: scalar(url, "SELECT count(*) FROM test_runs") >= 100, 30, "100 runs")
+        w.wait_until(lambda: scalar(url, "SELECT count(*) FROM test_runs"), 30, "100 runs", accept=lambda n: n >= 100)
         killed = query(
             url,
             """SELECT pid, application_name, pg_terminate_backend(pid) FROM pg_stat_activity
@@ -153,12 +156,13 @@ def test_worker_recovers_when_its_connections_are_terminated(clean_db: str, test
         names = {name for _, name, _ in killed}
         assert {"briefs-listen", "briefs-claim"} <= names, names
         assert statuses(url).get("pending", 0) > 0  # it really was mid-run
-        wait_for(lambda: statuses(url) == {"completed": 400}, 60, "all 400 to complete", interval=0.2)
+        w.wait_until(lambda: statuses(url), 60, "all 400 to complete", accept=lambda s: s == {"completed": 400},
+                     interval=0.2)
         # A fresh job starts at once: the worker LISTENs again (the 30 s poll would be too slow).
         [late] = enqueue(url, "sleep", 1, {"seconds": 0})
         enqueued = time.monotonic()
-        wait_for(lambda: scalar(url, "SELECT status FROM queue_jobs WHERE id = %s", (late,)) == "completed", 10,
-                 "the late job")
+        w.wait_until(lambda: scalar(url, "SELECT status FROM queue_jobs WHERE id = %s", (late,)), 10, "the late job",
+                     accept=lambda status: status == "completed")
         assert time.monotonic() - enqueued < 3
         names_after = {r[0] for r in query(
             url, "SELECT application_name FROM pg_stat_activity WHERE datname = current_database()")}
@@ -191,7 +195,8 @@ def test_poison_rows_fail_alone_and_the_worker_process_keeps_running(clean_db: s
             conn.execute("INSERT INTO queue_jobs (job_type, payload) VALUES ('record', %s::jsonb)",
                          ('{"a":' * 5000 + "1" + "}" * 5000,))
             conn.execute("SELECT pg_notify('briefs_queue', '')")
-        wait_for(lambda: statuses(url) == {"completed": 20, "failed": 21}, 30, "20 completed, 21 failed")
+        w.wait_until(lambda: statuses(url), 30, "20 completed, 21 failed",
+                     accept=lambda s: s == {"completed": 20, "failed": 21})
         assert w.proc.poll() is None  # still running
         w.signal(signal.SIGTERM)
         assert w.wait(15) == 0

@@ -16,6 +16,7 @@ from briefs.db import Database
 from briefs.health import HealthServer
 from briefs.migrate import migrate_url
 from tests.conftest import make_settings
+from tests.polling import wait_for_async
 from worker import queue
 from worker.handlers import build_handlers
 from worker.runner import Worker
@@ -33,14 +34,10 @@ async def get(port: int, path: str) -> tuple[int, str]:
 
 
 async def wait_for_status(port: int, path: str, status: int, timeout: float = 10.0) -> str:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        code, body = await get(port, path)
-        if code == status:
-            return body
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"{path} stayed {code}: {body}")
-        await asyncio.sleep(0.1)
+    """Ask ``path`` until it answers ``status``; its body."""
+    _, body = await wait_for_async(lambda: get(port, path), timeout, f"{path} to answer {status}",
+                                   accept=lambda answer: answer[0] == status, interval=0.1)
+    return body
 
 
 async def test_healthz_fails_when_the_claim_loop_stalls(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,19 +14,12 @@ from scheduler import daemon as daemon_mod
 from scheduler.daemon import SchedulerDaemon, serve
 from scheduler.tick import TickReport
 from tests.conftest import SchedulerSeed, make_settings
+from tests.polling import wait_for_async
 
 
 def soon() -> str:
     """A local time (UTC) ten minutes from now: due within the default one-hour lookahead."""
     return (datetime.now(UTC) + timedelta(minutes=10)).strftime("%H:%M")
-
-
-async def wait_for(predicate: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting")
-        await asyncio.sleep(0.02)
 
 
 async def test_ticks_at_start_and_again(db: Database, database_url: str, sched_seed: SchedulerSeed) -> None:
@@ -39,9 +32,9 @@ async def test_ticks_at_start_and_again(db: Database, database_url: str, sched_s
         job = daemon._scheduler.get_job(daemon_mod.JOB_ID)  # type: ignore[union-attr]
         # Late ticks always run (never dropped as misfires), coalesced into one, never two at once.
         assert (job.misfire_grace_time, job.coalesce, job.max_instances) == (None, True, 1)
-        await wait_for(lambda: daemon.ticks >= 1)
+        await wait_for_async(lambda: daemon.ticks, what="the tick at start")
         assert daemon.last_report is not None and [e["user_id"] for e in daemon.last_report.enqueued] == [uid]
-        await wait_for(lambda: daemon.ticks >= 3)
+        await wait_for_async(lambda: daemon.ticks, what="three ticks", accept=lambda n: n >= 3)
     finally:
         await daemon.stop()
     assert not daemon.running
@@ -58,7 +51,8 @@ async def test_the_first_tick_runs_at_start(db: Database, database_url: str, sch
     daemon = SchedulerDaemon(db, make_settings(database_url, scheduler_interval=3600))
     await daemon.start()
     try:
-        await wait_for(lambda: daemon.ticks >= 1)  # an hour-long interval: only the tick at start can be seen
+        # An hour-long interval: only the tick at start can be seen.
+        await wait_for_async(lambda: daemon.ticks, what="the tick at start")
     finally:
         await daemon.stop()
     assert daemon.ticks == 1 and daemon.last_report is not None
@@ -73,7 +67,7 @@ async def test_hostile_rows_never_fail_a_tick(db: Database, database_url: str, s
     daemon = SchedulerDaemon(db, make_settings(database_url, scheduler_interval=0.1))
     await daemon.start()
     try:
-        await wait_for(lambda: daemon.ticks >= 2)
+        await wait_for_async(lambda: daemon.ticks, what="two ticks", accept=lambda n: n >= 2)
     finally:
         await daemon.stop()
     assert daemon.last_error is None and daemon.last_report is not None
@@ -99,8 +93,8 @@ async def test_a_failing_tick_does_not_kill_the_daemon(
     daemon = SchedulerDaemon(db, make_settings(database_url, scheduler_interval=0.1))
     await daemon.start()
     try:
-        await wait_for(lambda: daemon.ticks >= 1)
-        await wait_for(lambda: daemon.last_report is not None)
+        await wait_for_async(lambda: daemon.ticks, what="the failing tick")
+        await wait_for_async(lambda: daemon.last_report, what="a tick that succeeds", accept=lambda r: r is not None)
     finally:
         await daemon.stop()
     assert daemon.last_error is None and len(calls) >= 2
@@ -136,7 +130,8 @@ async def test_serve_without_signals_runs_until_cancelled(
     uid = sched_seed.user("UTC", soon())
     settings = make_settings(database_url, scheduler_interval=30)
     task = asyncio.create_task(serve(settings, db=db, signals=False))
-    await wait_for(lambda: len(sched_seed.jobs(uid)) == 1)
+    await wait_for_async(lambda: sched_seed.jobs(uid), what="the job of the tick at start",
+                         accept=lambda jobs: len(jobs) == 1)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
