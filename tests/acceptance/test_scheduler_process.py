@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -17,6 +17,7 @@ import psycopg
 import pytest
 
 from tests.conftest import SchedulerSeed
+from tests.polling import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -38,33 +39,47 @@ def _soon() -> str:
     return (datetime.now(UTC) + timedelta(minutes=10)).strftime("%H:%M")
 
 
+# The line the daemon logs after every tick that ran (a tick skipped for the lock logs another one).
+_TICK_LINE = re.compile(r"tick at \S+: (?P<users>\d+) users, (?P<new>\d+) enqueued, (?P<queued>\d+) already queued")
+
+
+def _ticks(proc: subprocess.Popen[bytes], log: Path) -> list[dict[str, int]]:
+    """The ticks the running scheduler's log reports so far: users seen, jobs enqueued, jobs already queued."""
+    exited = proc.poll() is not None
+    text = log.read_text(errors="replace")
+    if exited:
+        raise AssertionError(f"the scheduler exited ({proc.returncode}):\n{text}")
+    return [{k: int(v) for k, v in m.groupdict().items()} for m in _TICK_LINE.finditer(text)]
+
+
 def test_python_m_scheduler_ticks_and_stops_on_sigterm(clean_db: str, tmp_path: Path) -> None:
     seed = SchedulerSeed(clean_db)
+    log = tmp_path / "scheduler.log"
     try:
         uid = seed.user("UTC", _soon())
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "scheduler"],
-            env=_env(clean_db, tmp_path, BRIEFS_SCHEDULER_INTERVAL="1"),
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        with log.open("w") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "scheduler"],
+                env=_env(clean_db, tmp_path, BRIEFS_SCHEDULER_INTERVAL="1", BRIEFS_LOG_LEVEL="INFO"),
+                cwd=tmp_path,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         try:
-            deadline = time.monotonic() + 30
-            while not seed.jobs(uid):
-                assert proc.poll() is None, proc.communicate()[0]
-                assert time.monotonic() < deadline, "no job appeared"
-                time.sleep(0.1)
-            time.sleep(1.5)  # let it tick again (deduplicated)
+            # Two ticks, counted from the log: the one at start enqueues the job, the next finds it queued.
+            first, *later = wait_for(lambda: _ticks(proc, log), 30, "two scheduler ticks",
+                                     accept=lambda seen: len(seen) >= 2)
             proc.send_signal(signal.SIGTERM)
-            output = proc.communicate(timeout=20)[0]
+            proc.wait(timeout=20)
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+        output = log.read_text()
         assert proc.returncode == 0, output
         assert "scheduler stopped" in output
+        assert first == {"users": 1, "new": 1, "queued": 0}, output
+        assert later and all(t == {"users": 1, "new": 0, "queued": 1} for t in later), output
         [job] = seed.jobs(uid)
         assert job["status"] == "pending" and job["payload"]["source"] == "scheduler"
     finally:
