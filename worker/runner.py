@@ -61,7 +61,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from briefs import metrics
-from briefs.backoff import job_retry
+from briefs.backoff import RECONNECT, job_retry
 from briefs.db import Database, is_connection_error
 from briefs.errors import is_permanent
 from briefs.logs import job_context
@@ -370,7 +370,7 @@ class Worker:
                     if is_connection_error(exc):
                         await self._claim_conn.close()
                     failures += 1
-                    delay = min(30.0, 0.25 * 2 ** min(failures - 1, 7)) * (0.5 + random.random() / 2)
+                    delay = RECONNECT.delay(failures)
                     log.warning("claim failed (%s); retrying in %.1fs", _first_line(exc), delay)
                     await self._sleep(delay)
                     continue
@@ -535,7 +535,7 @@ class Worker:
                 if not _retryable(exc) or attempt == 4:
                     log.error("could not record failure of job %s: %s", job.id, _first_line(exc))
                     return  # the lease will expire and the rescuer takes over
-                await asyncio.sleep(0.25 * 2**attempt)
+                await asyncio.sleep(RECONNECT.delay(attempt + 1))
         if result is None:
             log.warning("job %s failed but is no longer ours (rescued or cancelled): %s", job.id, message)
             return
@@ -600,7 +600,7 @@ class Worker:
                         self._unwritten.pop(job.token, None)
                     self._done = []
                     return
-                delay = min(10.0, 0.1 * 2**failures)
+                delay = RECONNECT.delay(failures)
                 log.warning("completing %d job(s) failed (%s); retrying in %.1fs", len(batch), _first_line(exc), delay)
                 await asyncio.sleep(delay)
                 continue
@@ -685,9 +685,8 @@ class Worker:
                 conn = await self.db.listen_connection()
             except Exception as exc:
                 failures += 1
-                delay = min(30.0, 0.25 * 2 ** min(failures - 1, 7))
                 log.warning("LISTEN connection failed (%s); polling until it returns", _first_line(exc))
-                await asyncio.sleep(delay)
+                await asyncio.sleep(RECONNECT.delay(failures))
                 continue
             try:
                 async with conn:
@@ -701,7 +700,7 @@ class Worker:
             except Exception as exc:
                 failures += 1
                 log.warning("LISTEN connection lost (%s); reconnecting", _first_line(exc))
-                await asyncio.sleep(min(30.0, 0.1 * 2 ** min(failures - 1, 8)))
+                await asyncio.sleep(RECONNECT.delay(failures))
 
     async def _maintenance_loop(self) -> None:
         rescue_every = max(0.2, min(self.settings.lease_seconds / 2, 30.0))
