@@ -38,8 +38,9 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from briefs import llm as llm_module
+from briefs.contract import BriefRequest
 from briefs.db import Database
-from briefs.generator import BriefRequest, generate
+from briefs.generator import generate
 from briefs.llm import LLMClient
 from briefs.migrate import migrate_url
 from briefs.settings import Settings

@@ -14,11 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import psycopg
 
-from briefs.generator import brief_dedup_key
+from briefs.contract import brief_dedup_key, load_timezone
 
 
 @dataclass(frozen=True)
@@ -98,7 +97,7 @@ async def seed(
     """
     seeded: list[tuple[int, str, datetime]] = []
     for index, user in enumerate(DEMO_USERS):
-        tz = ZoneInfo(user.timezone)
+        tz = load_timezone(user.timezone)
         local_now = now.astimezone(tz)
         cur = await conn.execute(
             """INSERT INTO users (email, name, timezone, last_visit_at) VALUES (%s, %s, %s, %s)
@@ -174,7 +173,7 @@ async def todays_brief_made(db: Any, user_id: int, when: datetime) -> date | Non
     async with db.raw() as conn:
         cur = await conn.execute("SELECT timezone FROM users WHERE id = %s", (user_id,))
         row = await cur.fetchone()
-        tz = ZoneInfo(row[0]) if row and row[0] in {u.timezone for u in DEMO_USERS} else UTC
+        tz = load_timezone(row[0]) if row and row[0] in {u.timezone for u in DEMO_USERS} else UTC
         day = when.astimezone(tz).date()
         cur = await conn.execute(
             """SELECT EXISTS (SELECT 1 FROM daily_briefs

@@ -92,6 +92,7 @@ from email_validator import EmailNotValidError, validate_email
 from pydantic import SecretStr
 
 from briefs import render, unsubscribe
+from briefs.contract import EmailRequest
 from briefs.db import Database
 from briefs.errors import PermanentError, RetryLater
 from briefs.render import BriefView, Group, Section
@@ -106,7 +107,6 @@ REPLY_MAX_LINES = 100  # of one SMTP reply (an EHLO reply has a dozen); a server
 SMTP_THREADS = 32  # SMTP exchanges in flight per process (more wait for a thread, holding no connection)
 CLAIM_STALE = SEND_BUDGET + 60.0  # a send claim older than this belonged to a sender that died
 NOT_READY_DELAY = 30.0
-MAX_ID = 2**63 - 1  # bigint
 
 # Clipping, before any rendering (characters).
 NAME_MAX = 100  # the user's name (To display name, greeting)
@@ -128,45 +128,9 @@ HEADERS = ("Subject", "From", "To", "Date", "Message-ID", "List-Unsubscribe", "L
 _PUBLIC_URL_OK = re.compile(r"https?://[A-Za-z0-9._~:/@!$&*+;=%\[\]-]+", re.ASCII)
 
 
-# --------------------------------------------------------------------------- the request
-
-
-def _id(value: Any, what: str, *, required: bool) -> int | None:
-    if value is None and not required:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_ID:
-        raise PermanentError(f"send_brief_email: {what} must be an integer from 1 to {MAX_ID}, got {_short(value)}")
-    return value
-
-
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
-
-
-@dataclass(frozen=True)
-class EmailRequest:
-    user_id: int
-    brief_date: date
-    brief_id: int | None = None
-
-    @classmethod
-    def from_payload(cls, payload: Any, *, user_id: int | None = None) -> EmailRequest:
-        """The job's payload, checked: anything malformed is a :class:`PermanentError` (retrying cannot help)."""
-        if not isinstance(payload, dict):
-            raise PermanentError(f"send_brief_email: payload must be a JSON object, got {type(payload).__name__}")
-        uid = _id(payload.get("user_id", user_id), "user_id", required=True)
-        assert uid is not None
-        if user_id is not None and uid != user_id:
-            raise PermanentError(f"send_brief_email: payload user_id {uid} is not the job's user {user_id}")
-        raw = payload.get("brief_date")
-        if not isinstance(raw, str) or len(raw) != 10:
-            raise PermanentError(f"send_brief_email: brief_date must be a YYYY-MM-DD string, got {_short(raw)}")
-        try:
-            day = date.fromisoformat(raw)
-        except ValueError:
-            raise PermanentError(f"send_brief_email: bad brief_date {_short(raw)}") from None
-        return cls(uid, day, _id(payload.get("brief_id"), "brief_id", required=False))
 
 
 # --------------------------------------------------------------------------- configuration

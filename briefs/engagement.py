@@ -37,12 +37,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, tzinfo
 from typing import Any
 
-STANDARD = "standard"
-REENGAGE = "re_engagement"
-REENGAGE_LATE = "re_engagement_late"
-DORMANT = "dormant_check_in"
-
-STAGES = (STANDARD, REENGAGE, REENGAGE_LATE, DORMANT)
+from briefs.contract import BRIEF_JOB, DORMANT, ISO_DATE_SQL_PATTERN, REENGAGE, REENGAGE_LATE, STANDARD
 
 REENGAGE_FROM_DAY = 4
 REENGAGE_LATE_FROM_DAY = 14
@@ -166,9 +161,9 @@ JOIN LATERAL (
     SELECT NULL::date, q.brief_text, q.stage
     FROM (SELECT j.payload->>'brief_date' COLLATE "C" AS brief_text, j.payload->>'engagement_stage' AS stage
           FROM queue_jobs j
-          WHERE j.user_id = t.user_id AND j.job_type = 'generate_daily_brief'
+          WHERE j.user_id = t.user_id AND j.job_type = '{BRIEF_JOB}'
             AND j.status IN ('pending', 'processing')) q
-    WHERE q.brief_text ~ '^[0-9]{{4}}-[0-9]{{2}}-[0-9]{{2}}$'
+    WHERE q.brief_text ~ '{ISO_DATE_SQL_PATTERN}'
       AND q.brief_text > to_char(t.after_date, 'YYYY-MM-DD') AND q.brief_text < to_char(t.before_date, 'YYYY-MM-DD')
 ) h ON true
 """

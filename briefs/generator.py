@@ -63,18 +63,19 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import psycopg
 from psycopg.types.json import Jsonb
 
 from briefs import deterministic, render
+from briefs.contract import EMAIL_JOB, BriefRequest, email_dedup_key
 from briefs.db import Database
 from briefs.errors import PermanentError
 from briefs.llm import TOKENS_MAX, ExecutiveSummary, LLMClient, LLMError, ProjectBrief, instructions, token_count
 from briefs.loading import BriefContext, Limits, ProjectContext, UserContext, load_brief_context
-from briefs.render import STAGES, STANDARD, BriefView, Section, clip, scrub
+from briefs.render import BriefView, Section, clip, scrub
 
 log = logging.getLogger(__name__)
 
@@ -89,30 +90,7 @@ SECTION_BATCH_WINDOW = 0.1
 # Transactions per brief: one to load the data and claim the row (the first progress rides in the
 # claim), one per batch of finished project sections (usually one: see SECTION_BATCH_WINDOW;
 # throttled progress rides along), one to finish (with the last progress and the email job).
-EMAIL_JOB = "send_brief_email"
-BRIEF_JOB = "generate_daily_brief"
 AUTH_STATUSES = frozenset({401, 403})  # after one of these, the rest of the brief skips the LLM
-
-
-# The dates a brief can cover: its windows reach 7 days back (notes) and 8 days ahead (upcoming tasks, the
-# end of the local day) in any timezone; past these, date arithmetic overflows Python's years 1 .. 9999.
-FIRST_BRIEF_DATE = date.min + timedelta(days=10)
-LAST_BRIEF_DATE = date.max - timedelta(days=10)
-
-
-def check_brief_date(day: date, what: str = "brief_date") -> None:
-    """:class:`PermanentError` (a short reason) for a date no brief can cover."""
-    if not FIRST_BRIEF_DATE <= day <= LAST_BRIEF_DATE:
-        raise PermanentError(f"{what} {day.isoformat()} is outside the dates a brief can cover "
-                             f"({FIRST_BRIEF_DATE.isoformat()} .. {LAST_BRIEF_DATE.isoformat()})")
-
-
-def brief_dedup_key(user_id: int, brief_date: date) -> str:
-    return f"brief:{user_id}:{brief_date.isoformat()}"
-
-
-def email_dedup_key(user_id: int, brief_date: date) -> str:
-    return f"email:{user_id}:{brief_date.isoformat()}"
 
 
 class BriefSuperseded(RuntimeError):
@@ -141,77 +119,6 @@ def _unavailable(project: ProjectContext) -> Section:
 
 
 # --------------------------------------------------------------------------- request and outcome
-
-
-@dataclass(frozen=True)
-class BriefRequest:
-    user_id: int
-    brief_date: date
-    notify_at: datetime | None = None
-    engagement_stage: str = STANDARD
-    email: bool = False
-    catch_up: bool = False
-    force: bool = False
-    resend_email: bool = False  # with force: mail the regenerated brief even if today's was sent
-
-    @classmethod
-    def from_payload(
-        cls, payload: dict[str, Any], *, user_id: int | None = None, notify_at: datetime | None = None
-    ) -> BriefRequest:
-        """Validate a job payload (the job row's user_id / notify_at fill gaps). Bad input is permanent."""
-        if not isinstance(payload, dict):
-            raise PermanentError(f"generate_daily_brief: payload must be an object, got {type(payload).__name__}")
-        uid = payload.get("user_id", user_id)
-        if not isinstance(uid, int) or isinstance(uid, bool) or uid <= 0:
-            raise PermanentError(f"generate_daily_brief: user_id must be a positive integer, got {uid!r}")
-        if user_id is not None and uid != user_id:  # the job is listed, deduplicated and scheduled as user_id's
-            raise PermanentError(f"generate_daily_brief: the payload's user_id {uid} is not the job's ({user_id})")
-        raw_date = payload.get("brief_date")
-        try:
-            brief_date = date.fromisoformat(raw_date) if isinstance(raw_date, str) else None
-        except ValueError:
-            brief_date = None
-        if brief_date is None:
-            raise PermanentError(f"generate_daily_brief: brief_date must be YYYY-MM-DD, got {raw_date!r}")
-        check_brief_date(brief_date, "generate_daily_brief: brief_date")
-        raw_notify = payload.get("notify_at")
-        when = notify_at
-        if raw_notify is not None:
-            try:
-                when = datetime.fromisoformat(str(raw_notify).replace("Z", "+00:00"))
-            except ValueError:
-                raise PermanentError(f"generate_daily_brief: notify_at is not ISO 8601: {raw_notify!r}") from None
-        if when is not None and when.tzinfo is None:
-            raise PermanentError(f"generate_daily_brief: notify_at has no UTC offset: {raw_notify!r}")
-        if when is not None:
-            try:
-                when = when.astimezone(UTC)
-                check_brief_date(when.date(), "generate_daily_brief: notify_at")
-            except OverflowError:
-                raise PermanentError(f"generate_daily_brief: notify_at is out of range: {raw_notify!r}") from None
-        stage = payload.get("engagement_stage") or STANDARD
-        if stage not in STAGES:
-            log.warning("unknown engagement stage %r; using %r", stage, STANDARD)
-            stage = STANDARD
-        flags = {}
-        for name in ("email", "catch_up", "force", "resend_email"):
-            value = payload.get(name, False)
-            if not isinstance(value, bool):
-                raise PermanentError(f"generate_daily_brief: {name} must be true or false, got {value!r}")
-            flags[name] = value
-        return cls(uid, brief_date, when, stage, **flags)
-
-    def to_payload(self) -> dict[str, Any]:
-        return {
-            "user_id": self.user_id,
-            "brief_date": self.brief_date.isoformat(),
-            "notify_at": self.notify_at.isoformat() if self.notify_at else None,
-            "engagement_stage": self.engagement_stage,
-            "email": self.email,
-            "catch_up": self.catch_up,
-            "force": self.force,
-            "resend_email": self.resend_email,
-        }
 
 
 @dataclass(frozen=True)

@@ -42,10 +42,12 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 import psycopg
 
+from briefs.contract import InvalidTimezone, load_timezone
+from briefs.errors import PermanentError
 from briefs.render import plain_inline, project_title
 
 log = logging.getLogger(__name__)
@@ -75,7 +77,7 @@ class UserContext:
     email: str
     name: str | None
     timezone: str  # as stored
-    tz: ZoneInfo  # the zone used (UTC when the stored name is invalid)
+    tz: ZoneInfo  # the stored name's zone (a name the scheduler would skip fails the brief)
     preference: Preference | None
     last_visit_at: datetime | None
 
@@ -250,13 +252,17 @@ _SQL = {
 }
 
 
-def zone(name: str | None) -> ZoneInfo:
-    """The user's zone; UTC (with a warning) when the stored name is not a valid IANA zone."""
+def zone(name: str | None, user_id: int | None = None) -> ZoneInfo:
+    """The user's zone, by the scheduler's own rule (:func:`briefs.contract.load_timezone`).
+
+    An unusable name is a :class:`PermanentError`: the scheduler skips such a user, and a brief
+    queued by hand is refused the same way rather than written in some other zone.
+    """
     try:
-        return ZoneInfo(name or "UTC")
-    except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a name too long for a file name
-        log.warning("invalid timezone %r; using UTC", (name or "")[:100])
-        return ZoneInfo("UTC")
+        return load_timezone(name)
+    except InvalidTimezone as exc:
+        who = f"user {user_id}'s " if user_id is not None else ""
+        raise PermanentError(f"{who}{exc}; fix users.timezone (the scheduler skips this user too)") from None
 
 
 def anchor_for(brief_date: date, tz: ZoneInfo, notify_at: datetime | None) -> datetime:
@@ -275,7 +281,7 @@ async def load_user(conn: Conn, user_id: int, limits: Limits | None = None) -> U
         return None
     uid, email, name, tzname, last_visit, has_pref, freq, dow, tod, active, email_enabled = row
     pref = Preference(freq, dow, tod, active, email_enabled) if has_pref else None
-    return UserContext(uid, email, name, tzname, zone(tzname), pref, last_visit)
+    return UserContext(uid, email, name, tzname, zone(tzname, uid), pref, last_visit)
 
 
 async def load_projects(

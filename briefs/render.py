@@ -25,18 +25,10 @@ from typing import Any
 
 import jinja2
 
+from briefs.contract import DORMANT, REENGAGE, REENGAGE_LATE, STAGES, STANDARD
+
 TEMPLATES = Path(__file__).parent / "templates"
 
-# Engagement stages (the scheduler's values; see briefs.engagement when present).
-try:  # pragma: no cover - depends on a colleague's module
-    from briefs.engagement import DORMANT, REENGAGE, REENGAGE_LATE, STANDARD
-except ImportError:  # pragma: no cover
-    STANDARD = "standard"
-    REENGAGE = "re_engagement"
-    REENGAGE_LATE = "re_engagement_late"
-    DORMANT = "dormant_check_in"
-
-STAGES = (STANDARD, REENGAGE, REENGAGE_LATE, DORMANT)
 
 USER_MARKER = "\u241e=== user message ===\u241e"
 

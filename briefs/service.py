@@ -11,25 +11,29 @@ metadata read for the LLM health report is type-checked in SQL before it is used
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
-from zoneinfo import ZoneInfo
 
+from briefs.contract import (
+    BRIEF_JOB,
+    MAX_TIMEZONE_CHARS,
+    BriefRequest,
+    InvalidTimezone,
+    brief_dedup_key,
+    check_brief_date,
+    load_timezone,
+)
 from briefs.db import Database
+from briefs.engagement import STANDARD
 from briefs.errors import PermanentError
-from briefs.generator import BRIEF_JOB, BriefRequest, EnqueueHook, FollowUp, brief_dedup_key, check_brief_date
-from briefs.render import STANDARD
-from briefs.zones import InvalidTimezone, load_timezone
+from briefs.generator import EnqueueHook, FollowUp
 
 MANUAL_PRIORITY = 10  # a brief someone asked for by hand runs ahead of scheduled ones (50)
 ALL_BATCH = 1000
 DATE_PAST_DAYS = 7  # `briefs enqueue --date` accepts the user's today - 7 days …
 DATE_FUTURE_DAYS = 1  # … through tomorrow, unless forced
-_ZONE_NAME = re.compile(r"[A-Za-z0-9_+\-]+(?:/[A-Za-z0-9_+\-]+)*")
-_ZONE_MAX = 64  # the longest IANA name is 32 characters
 
 
 class BadRequest(PermanentError):
@@ -38,25 +42,6 @@ class BadRequest(PermanentError):
 
 class NotFound(PermanentError):
     """What was asked for does not exist (the message says what does)."""
-
-
-def user_zone(name: object) -> ZoneInfo:
-    """The user's IANA zone; ``ValueError`` with a short, safe reason when the stored name is unusable.
-
-    The name is checked before it reaches the filesystem: ``ZoneInfo`` of a 60 KB name raises
-    ``OSError`` (file name too long), which would read as a lost database connection. The zone is
-    then loaded by :func:`briefs.zones.load_timezone`, the scheduler's own check, so a name the tick
-    skips (``Factory``, a case-folded name) is skipped here too.
-    """
-    if not isinstance(name, str) or not name:
-        raise ValueError("no timezone")
-    shown = repr(name[:40]) + ("…" if len(name) > 40 else "")
-    if len(name) > _ZONE_MAX or not _ZONE_NAME.fullmatch(name) or ".." in name:
-        raise ValueError(f"invalid timezone {shown}")
-    try:
-        return load_timezone(name)
-    except InvalidTimezone:
-        raise ValueError(f"unknown timezone {shown}") from None
 
 
 def _manual_job(user_id: int, day: date, now: datetime, *, force: bool, resend_email: bool = False) -> FollowUp:
@@ -101,14 +86,16 @@ async def enqueue_brief(
     """
     now = now or datetime.now(UTC)
     async with db.raw() as conn:
-        cur = await conn.execute("SELECT left(timezone, %s) FROM users WHERE id = %s", (_ZONE_MAX + 1, user_id))
+        cur = await conn.execute(
+            "SELECT left(timezone, %s), length(timezone) FROM users WHERE id = %s", (MAX_TIMEZONE_CHARS + 1, user_id)
+        )
         row = await cur.fetchone()
         if row is None:
             raise NotFound(f"no user with id {user_id}")
         if brief_date is None or not force:
             try:
-                today = now.astimezone(user_zone(row[0])).date()
-            except ValueError as exc:
+                today = now.astimezone(load_timezone(row[0], length=row[1])).date()
+            except InvalidTimezone as exc:
                 raise BadRequest(
                     f"user {user_id}'s timezone is unusable ({exc}): fix users.timezone, or pass --date with --force"
                 ) from None
@@ -193,20 +180,21 @@ async def enqueue_all(
     while True:
         async with db.raw() as conn:
             cur = await conn.execute(
-                """SELECT u.id, left(u.timezone, %(zmax)s) FROM brief_preferences p JOIN users u ON u.id = p.user_id
+                """SELECT u.id, left(u.timezone, %(zmax)s), length(u.timezone)
+                   FROM brief_preferences p JOIN users u ON u.id = p.user_id
                    WHERE p.is_active AND p.user_id > %(after)s AND u.id > %(after)s
                    ORDER BY p.user_id LIMIT %(batch)s""",
-                {"after": after, "batch": ALL_BATCH, "zmax": _ZONE_MAX + 1},
+                {"after": after, "batch": ALL_BATCH, "zmax": MAX_TIMEZONE_CHARS + 1},
             )
             rows = await cur.fetchall()
             if not rows:
                 break
             after = rows[-1][0]
             days: dict[int, date] = {}
-            for user_id, tz_name in rows:
+            for user_id, tz_name, tz_length in rows:
                 try:
-                    days[user_id] = now.astimezone(user_zone(tz_name)).date()
-                except ValueError as exc:
+                    days[user_id] = now.astimezone(load_timezone(tz_name, length=tz_length)).date()
+                except InvalidTimezone as exc:
                     report.skipped.append((user_id, str(exc)))
             finished: set[int] = set()
             if not force and days:

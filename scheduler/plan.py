@@ -26,20 +26,9 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 
 # A user's timezone is checked and loaded in one place, shared with the brief domain.
-from briefs.zones import InvalidTimezone, load_timezone, shown
+from briefs.contract import load_timezone
 
-__all__ = [
-    "InvalidTimezone",
-    "Occurrence",
-    "Preference",
-    "dedup_key",
-    "load_timezone",
-    "local_to_utc",
-    "next_occurrence",
-    "occurrences_between",
-    "plan",
-    "shown",
-]
+__all__ = ["Occurrence", "Preference", "local_to_utc", "next_occurrence", "occurrences_between", "plan"]
 
 _ONE_DAY = timedelta(days=1)
 _ZERO = timedelta(0)
@@ -149,8 +138,3 @@ def next_occurrence(pref: Preference, after: datetime) -> tuple[date, datetime] 
     except OverflowError:
         return None
     return found[0] if found else None
-
-
-def dedup_key(user_id: int, brief_date: date) -> str:
-    """The job key that makes (user, local brief date) unique: 'brief:<user_id>:<YYYY-MM-DD>'."""
-    return f"brief:{user_id}:{brief_date.isoformat()}"

@@ -47,7 +47,7 @@ Hostile rows
     ``invalid_last_visit: …`` and its pending jobs are left alone. A pending scheduler
     job with an unusable ``notify_at`` is moved to its planned instant; a dedup key the
     scheduler would not write is left alone. Reasons and log lines show hostile values
-    clipped (:func:`briefs.zones.shown`).
+    clipped (:func:`briefs.contract.shown`).
 
 The report
     A real tick lists what it enqueued, moved, cancelled and skipped, and counts the
@@ -97,26 +97,27 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from briefs import engagement, metrics
-from briefs.db import Database
-from briefs.settings import Settings
-from scheduler.plan import (
+from briefs.contract import (
+    BRIEF_JOB,
+    BriefRequest,
     InvalidTimezone,
-    Occurrence,
-    Preference,
-    dedup_key,
+    brief_date_of_key,
+    brief_dedup_key,
+    brief_key_sql,
+    iso_instant,
     load_timezone,
-    local_to_utc,
-    next_occurrence,
-    plan,
     shown,
 )
+from briefs.db import Database
+from briefs.settings import Settings
+from scheduler.plan import Occurrence, Preference, local_to_utc, next_occurrence, plan
 from worker import queue
 from worker.queue import NewJob
 
 log = logging.getLogger(__name__)
 
 LOCK_KEY = 0x6272696566_02  # "brief" + 2 (the migrator uses + 1): the scheduler's advisory lock
-JOB_TYPE = "generate_daily_brief"
+JOB_TYPE = BRIEF_JOB
 PRIORITY = 50
 SOURCE = "scheduler"  # payload["source"] of the jobs this module makes (the only ones it moves or cancels)
 _MIN_ID = -(2**63)
@@ -397,19 +398,6 @@ def _email_patch(job: _Pending, email: bool) -> _Change | None:
     return _Change(job, False, "email preference changed", job.notify_at, None, job.catch_up, email)
 
 
-def _parse_key(key: str, user_id: int) -> date | None:
-    """The brief date of a key exactly as :func:`dedup_key` writes it for this user, else None."""
-    prefix = f"brief:{user_id}:"
-    # 'YYYY-MM-DD' with its dashes in place: fromisoformat then reads only that form (ASCII digits), not
-    # the other ISO forms it accepts ('20260310', '2026-W11-2').
-    if len(key) != len(prefix) + 10 or key[-6] != "-" or key[-3] != "-" or not key.startswith(prefix):
-        return None
-    try:
-        return date.fromisoformat(key[-10:])
-    except ValueError:
-        return None
-
-
 # Python's calendar holds years 1..9999; two days of margin keep any zone's local time of an instant inside it.
 _EPOCH_MIN = -62135596800.0 + 2 * 86400  # 0001-01-03T00:00Z
 _EPOCH_MAX = 253402300800.0 - 3 * 86400  # 9999-12-29T00:00Z
@@ -503,13 +491,13 @@ WHERE j.dedup_key = ANY(%s) AND j.job_type = %s AND j.status IN ('pending', 'pro
 # Briefs left 'processing' whose latest brief job (by the dedup key contract) ended failed or cancelled:
 # no job will finish them. Rows a running generator holds (FOR SHARE while it saves) are skipped.
 # The partial index daily_briefs_processing keeps this to the few processing rows.
-_ORPHANED_BRIEFS = """
+_ORPHANED_BRIEFS = f"""
 WITH stale AS (
     SELECT b.id, j.id AS job_id, j.status AS job_status, j.last_error
     FROM daily_briefs b
     JOIN LATERAL (
         SELECT q.id, q.status, q.last_error FROM queue_jobs q
-        WHERE q.dedup_key = 'brief:' || b.user_id || ':' || to_char(b.brief_date, 'YYYY-MM-DD')
+        WHERE q.dedup_key = {brief_key_sql("b.user_id", "b.brief_date")}
           AND q.job_type = %(job_type)s
         ORDER BY q.id DESC
         LIMIT 1
@@ -629,7 +617,7 @@ async def _load_pending(conn: _Counted) -> dict[int, list[_Pending]]:
     pending: dict[int, list[_Pending]] = {}
     for job_id, user_id, key, notify_at, catch_up, email in await cur.fetchall():
         pending.setdefault(user_id, []).append(
-            _Pending(job_id, user_id, key, _parse_key(key, user_id), notify_at, catch_up, email)
+            _Pending(job_id, user_id, key, brief_date_of_key(key, user_id), notify_at, catch_up, email)
         )
     return pending
 
@@ -692,7 +680,7 @@ async def _page(
         user = _User(user_id, row[1], row[2], row[3], row[4], row[5], last_visit)
         keys = set()
         for occ in occurrences:
-            key = dedup_key(user_id, occ.brief_date)
+            key = brief_dedup_key(user_id, occ.brief_date)
             keys.add(key)
             due.append(_Due(user, occ, key))
         changed = len(changes)
@@ -773,7 +761,8 @@ async def _apply(conn: _Counted, changes: Sequence[_Change], report: TickReport)
                 [
                     None
                     if c.cancel
-                    else Jsonb({"notify_at": _iso(c.notify_at), "catch_up": c.catch_up, "email": c.email})
+                    else Jsonb({"notify_at": iso_instant(c.notify_at) if c.notify_at else None,
+                                "catch_up": c.catch_up, "email": c.email})
                     for c in changes
                 ],
                 [c.reason for c in changes],
@@ -844,15 +833,9 @@ async def _enqueue(conn: _Counted, settings: Settings, new: list[_Due], report: 
         jobs.append(
             NewJob(
                 job_type=JOB_TYPE,
-                payload={
-                    "user_id": d.user.user_id,
-                    "brief_date": occ.brief_date.isoformat(),
-                    "notify_at": _iso(occ.notify_at),
-                    "engagement_stage": stage,
-                    "email": d.user.email,
-                    "catch_up": occ.catch_up,
-                    "source": SOURCE,
-                },
+                payload=BriefRequest(
+                    d.user.user_id, occ.brief_date, occ.notify_at, stage, email=d.user.email, catch_up=occ.catch_up
+                ).to_payload(source=SOURCE),
                 priority=PRIORITY,
                 run_at=occ.run_at,
                 max_attempts=settings.max_attempts,

@@ -24,6 +24,7 @@ from typing import Any
 
 from briefs import email as brief_email
 from briefs import generator
+from briefs.contract import BriefRequest, EmailRequest
 from briefs.errors import is_permanent
 from briefs.llm import LLMClient
 from worker import queue
@@ -105,7 +106,7 @@ def enqueue_hook(max_attempts: int, max_payload_bytes: int = queue.DEFAULT_MAX_P
 
 async def generate_daily_brief(ctx: JobContext) -> dict[str, Any]:
     job = ctx.job
-    request = generator.BriefRequest.from_payload(job.payload, user_id=job.user_id, notify_at=job.notify_at)
+    request = BriefRequest.from_payload(job.payload, user_id=job.user_id, notify_at=job.notify_at)
 
     enqueue = enqueue_hook(ctx.settings.max_attempts, ctx.settings.max_payload_bytes)
 
@@ -147,7 +148,7 @@ async def generate_daily_brief(ctx: JobContext) -> dict[str, Any]:
     return outcome.result()
 
 
-async def _fail_if_abandoned(ctx: JobContext, request: generator.BriefRequest) -> None:
+async def _fail_if_abandoned(ctx: JobContext, request: BriefRequest) -> None:
     """Mark the brief failed when its job, stopped from outside, is finished for good (cancelled or failed)."""
     async with asyncio.timeout(ABANDON_CHECK_TIMEOUT):
         async with ctx.db.raw() as conn:
@@ -158,7 +159,7 @@ async def _fail_if_abandoned(ctx: JobContext, request: generator.BriefRequest) -
 
 async def send_brief_email(ctx: JobContext) -> dict[str, Any]:
     # A payload that is not an object, an id out of range or a bad date fails once, permanently (PermanentError).
-    request = brief_email.EmailRequest.from_payload(ctx.job.payload, user_id=ctx.job.user_id)
+    request = EmailRequest.from_payload(ctx.job.payload, user_id=ctx.job.user_id)
     return await brief_email.send_brief_email(ctx.db, ctx.settings, request, now=datetime.now(UTC))
 
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
-from zoneinfo import ZoneInfo
 
+import pytest
+
+from briefs.contract import load_timezone
 from briefs.db import Database
+from briefs.errors import PermanentError
 from briefs.loading import Limits, anchor_for, load_brief_context
 
-AUCKLAND = ZoneInfo("Pacific/Auckland")  # UTC+13 in March: the local date runs ahead of UTC's
+AUCKLAND = load_timezone("Pacific/Auckland")  # UTC+13 in March: the local date runs ahead of UTC's
 DAY = date(2026, 3, 10)
 NOTIFY = datetime(2026, 3, 10, 8, 0, tzinfo=AUCKLAND)  # = 2026-03-09T19:00Z
 
@@ -99,7 +102,7 @@ async def test_a_fixed_number_of_queries_whatever_the_number_of_projects(db: Dat
 async def test_missing_user_and_quiet_project(db: Database, brief_seed: Any) -> None:
     async with db.raw() as conn:
         assert await load_brief_context(conn, 999, DAY, NOTIFY) is None
-    uid = brief_seed.user("Quiet", tz="Not/AZone")  # an invalid zone falls back to UTC
+    uid = brief_seed.user("Quiet", tz="UTC")
     pid = brief_seed.project(uid, "Calm")
     brief_seed.task(pid, "someday", due_date=DAY + timedelta(days=30))
     async with db.raw() as conn:
@@ -107,6 +110,15 @@ async def test_missing_user_and_quiet_project(db: Database, brief_seed: Any) -> 
     assert ctx is not None and str(ctx.user.tz) == "UTC"
     [p] = ctx.projects
     assert p.quiet and p.open_tasks == 1
+
+
+async def test_a_zone_the_scheduler_skips_fails_the_brief_for_the_same_reason(db: Database, brief_seed: Any) -> None:
+    """It used to fall back to UTC, so `briefs enqueue` wrote a UTC brief for a user the scheduler skips."""
+    uid = brief_seed.user("Lost", tz="Not/AZone")
+    brief_seed.project(uid, "Calm")
+    async with db.raw() as conn:
+        with pytest.raises(PermanentError, match=rf"^user {uid}'s timezone 'Not/AZone' is not in the tz database"):
+            await load_brief_context(conn, uid, DAY, None)
 
 
 async def test_limits_are_applied_in_sql_with_full_counts(db: Database, brief_seed: Any) -> None:

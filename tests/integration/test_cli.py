@@ -375,7 +375,7 @@ def test_enqueue_all_reports_skipped_users(cli: Cli, seed: BriefSeed) -> None:
     code, out, err = cli("enqueue", "--all")
     assert code == 0, err
     assert out.startswith("queued 1 brief job(s); 0 already queued or finished; skipped 2 user(s)")
-    assert f"user {long_tz}: invalid timezone 'AAAA" in out and f"user {escaped}: invalid timezone" in out
+    assert f"user {long_tz}: timezone 'AAAA" in out and f"user {escaped}: timezone '\\x1b]0;x\\x07Bad/Zone'" in out
     assert "\x1b" not in out and "File name too long" not in out + err
     assert f"user {good}:" not in out
 

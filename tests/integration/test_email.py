@@ -17,8 +17,9 @@ from pydantic import SecretStr
 
 from briefs import email as brief_email
 from briefs import unsubscribe
+from briefs.contract import BriefRequest, EmailRequest
 from briefs.errors import PermanentError
-from briefs.generator import BriefRequest, generate
+from briefs.generator import generate
 from briefs.render import BriefView, Group, Section
 from tests.smtp import SMTPServer, tls_material
 
@@ -636,7 +637,7 @@ async def test_hostile_metadata_shapes_do_not_stop_the_send(briefs_harness: Any,
 )
 def test_bad_payloads_are_permanent_errors(payload: Any) -> None:
     with pytest.raises(PermanentError, match="send_brief_email"):
-        brief_email.EmailRequest.from_payload(payload, user_id=1)
+        EmailRequest.from_payload(payload, user_id=1)
 
 
 async def test_bad_payloads_fail_once_permanently_in_the_worker(briefs_harness: Any, brief_seed: Any,
@@ -805,7 +806,7 @@ async def test_a_send_cancelled_mid_smtp_still_completes_and_is_recorded_once(
     h = briefs_harness
     uid = await brief_without_email(h, brief_seed)
     settings = mail(h, smtp_server)
-    request = brief_email.EmailRequest(uid, datetime.now(UTC).date())
+    request = EmailRequest(uid, datetime.now(UTC).date())
     smtp_server.hold_data()
     sending = asyncio.create_task(brief_email.send_brief_email(h.db, settings, request))
     assert await asyncio.to_thread(smtp_server.wait_held, 1) == 1

@@ -416,7 +416,7 @@ async def test_rejected_key_gives_auth_kind_and_the_hint(briefs_harness: Any, br
 
 async def test_forced_regeneration_keeps_the_sent_email_unless_asked(briefs_harness: Any, brief_seed: Any,
                                                                      fake_llm: FakeLLM) -> None:
-    from briefs.generator import BriefRequest
+    from briefs.contract import BriefRequest
 
     assert BriefRequest.from_payload({"user_id": 1, "brief_date": "2026-03-10"}).resend_email is False
     request = BriefRequest.from_payload({"user_id": 1, "brief_date": "2026-03-10", "force": True,

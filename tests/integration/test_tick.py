@@ -150,6 +150,8 @@ async def test_payload_and_columns(db: Database, settings: Settings, sched_seed:
         "engagement_stage": "standard",
         "email": True,
         "catch_up": False,
+        "force": False,
+        "resend_email": False,
         "source": "scheduler",
     }
 
@@ -457,7 +459,7 @@ async def test_a_huge_engagement_error_is_clipped_in_the_reason_and_the_log(
 
 
 def test_pending_job_keys_are_read_only_as_the_scheduler_writes_them() -> None:
-    from scheduler.tick import _parse_key
+    from briefs.contract import brief_date_of_key as _parse_key
 
     assert _parse_key("brief:7:2026-03-10", 7) == date(2026, 3, 10)
     for key in (

@@ -12,18 +12,9 @@ from freezegun import freeze_time
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler.plan import (
-    InvalidTimezone,
-    Occurrence,
-    Preference,
-    dedup_key,
-    load_timezone,
-    local_to_utc,
-    next_occurrence,
-    occurrences_between,
-    plan,
-    shown,
-)
+from briefs.contract import InvalidTimezone, load_timezone, shown
+from briefs.contract import brief_dedup_key as dedup_key
+from scheduler.plan import Occurrence, Preference, local_to_utc, next_occurrence, occurrences_between, plan
 
 HOUR = timedelta(hours=1)
 MINUTE = timedelta(minutes=1)

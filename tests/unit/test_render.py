@@ -139,13 +139,21 @@ def test_deterministic_lists_say_how_many_more_from_the_full_counts() -> None:
     assert section.summary.startswith("100000 overdue tasks")
 
 
-@pytest.mark.parametrize("name", ["x" * 60_000, "Europe/" + "y" * 300, "europe/paris", "../etc/passwd", None, ""])
-def test_a_stored_timezone_that_cannot_load_falls_back_to_utc(name: str | None, caplog: pytest.LogCaptureFixture
-                                                               ) -> None:
+@pytest.mark.parametrize("name", ["x" * 60_000, "Europe/" + "y" * 300, "europe/paris", "../etc/passwd", None, "",
+                                  "Factory"])
+def test_a_stored_timezone_the_scheduler_would_skip_fails_the_brief_permanently(name: str | None) -> None:
+    """Once the brief fell back to UTC, so `briefs enqueue` wrote a UTC brief for a user the scheduler skips."""
+    from briefs.contract import InvalidTimezone, load_timezone
+    from briefs.errors import PermanentError
     from briefs.loading import zone
 
-    assert str(zone(name)) == "UTC"
-    assert all(len(r.getMessage()) < 300 for r in caplog.records)  # the hostile name never reaches a log whole
+    with pytest.raises(InvalidTimezone) as scheduler_says:
+        load_timezone(name)
+    with pytest.raises(PermanentError) as brief_says:
+        zone(name, 7)
+    assert str(brief_says.value).startswith(f"user 7's {scheduler_says.value}")
+    assert len(str(brief_says.value)) < 300  # the hostile name never reaches a message whole
+    assert zone("Europe/Paris").key == "Europe/Paris"
 
 
 def test_a_note_whose_content_cleans_to_nothing_gets_no_dangling_colon() -> None:
