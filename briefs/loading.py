@@ -45,6 +45,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import psycopg
+from psycopg.rows import namedtuple_row
 
 from briefs.contract import InvalidTimezone, load_timezone
 from briefs.errors import PermanentError
@@ -172,16 +173,20 @@ class Limits:
 
 _SQL = {
     "user": """
-        SELECT u.id, left(u.email, %(text)s), left(u.name, %(text)s), left(u.timezone, 100),
-               CASE WHEN u.last_visit_at BETWEEN '0001-01-03' AND '9999-12-30' THEN u.last_visit_at END,
-               p.user_id IS NOT NULL, p.frequency, p.day_of_week, p.time_of_day, p.is_active, p.email_enabled
+        SELECT u.id, left(u.email, %(text)s) AS email, left(u.name, %(text)s) AS name,
+               left(u.timezone, 100) AS timezone,
+               CASE WHEN u.last_visit_at BETWEEN '0001-01-03' AND '9999-12-30' THEN u.last_visit_at END
+                   AS last_visit_at,
+               p.user_id IS NOT NULL AS has_preference, p.frequency, p.day_of_week, p.time_of_day, p.is_active,
+               p.email_enabled
         FROM users u LEFT JOIN brief_preferences p ON p.user_id = u.id
         WHERE u.id = %(user)s
     """,
     # The most active projects first (overdue, today, recently completed), at most %(limit)s of them;
     # ``total`` counts every active project (the window runs before LIMIT).
     "projects": """
-        SELECT p.id, left(p.name, %(text)s), left(p.description, %(text)s), a.open_tasks, count(*) OVER () AS total
+        SELECT p.id, left(p.name, %(text)s) AS name, left(p.description, %(text)s) AS description, a.open_tasks,
+               count(*) OVER () AS total
         FROM projects p
         CROSS JOIN LATERAL (
             -- per project through tasks_project_live: one plan whatever the table's statistics say
@@ -204,9 +209,10 @@ _SQL = {
     # most recent), each row carrying the bucket's full count and its high-priority count. The ranking
     # sorts narrow rows; titles are joined to the few kept rows only.
     "tasks": """
-        SELECT r.project_id, r.bucket, r.id, left(t.title, %(text)s), t.status, t.priority,
-               greatest(least(t.start_date, '9999-12-31'::date), '0001-01-01'::date),
-               greatest(least(t.due_date, '9999-12-31'::date), '0001-01-01'::date), t.completed_at, r.total, r.high
+        SELECT r.project_id, r.bucket, r.id, left(t.title, %(text)s) AS title, t.status, t.priority,
+               greatest(least(t.start_date, '9999-12-31'::date), '0001-01-01'::date) AS start_date,
+               greatest(least(t.due_date, '9999-12-31'::date), '0001-01-01'::date) AS due_date, t.completed_at,
+               r.total, r.high
         FROM (
             SELECT t.project_id, b.bucket, t.id,
                    row_number() OVER (
@@ -239,7 +245,7 @@ _SQL = {
         ORDER BY r.project_id, r.bucket, r.rank
     """,
     "notes": """
-        SELECT project_id, id, left(title, %(text)s), left(content, %(text)s), updated_at FROM (
+        SELECT project_id, id, left(title, %(text)s) AS title, left(content, %(text)s) AS content, updated_at FROM (
             SELECT n.project_id, n.id, n.title, n.content, n.updated_at,
                    row_number() OVER (PARTITION BY n.project_id ORDER BY n.updated_at DESC, n.id DESC) AS rank
             FROM notes n
@@ -276,12 +282,14 @@ def anchor_for(brief_date: date, tz: ZoneInfo, notify_at: datetime | None) -> da
 async def load_user(conn: Conn, user_id: int, limits: Limits | None = None) -> UserContext | None:
     limits = limits or Limits()
     cur = await conn.execute(_SQL["user"], {"user": user_id, "text": limits.text})
+    cur.row_factory = namedtuple_row
     row = await cur.fetchone()
     if row is None:
         return None
-    uid, email, name, tzname, last_visit, has_pref, freq, dow, tod, active, email_enabled = row
-    pref = Preference(freq, dow, tod, active, email_enabled) if has_pref else None
-    return UserContext(uid, email, name, tzname, zone(tzname, uid), pref, last_visit)
+    pref = None
+    if row.has_preference:
+        pref = Preference(row.frequency, row.day_of_week, row.time_of_day, row.is_active, row.email_enabled)
+    return UserContext(row.id, row.email, row.name, row.timezone, zone(row.timezone, row.id), pref, row.last_visit_at)
 
 
 async def load_projects(
@@ -290,21 +298,42 @@ async def load_projects(
     """The included projects (most active first), how many more active projects were left out, and the
     names of the first few of those (the most active of the rest)."""
     limits = limits or Limits()
-    done_since = anchor - COMPLETED_WINDOW
-    cur = await conn.execute(
-        _SQL["projects"],
-        {"user": user.id, "day": brief_date, "done_since": done_since, "anchor": anchor,
-         "text": limits.text, "limit": limits.projects, "named": MORE_NAMED},
-    )
-    rows = await cur.fetchall()
+    rows = await _project_rows(conn, user, brief_date, anchor, limits)
     if not rows:
         return [], 0, ()
-    projects, beyond = rows[: limits.projects], rows[limits.projects :]
-    more = int(rows[0][4]) - len(projects)
-    more_names = tuple(project_title(row[1], MORE_NAME_CHARS) for row in beyond)
-    ids = [row[0] for row in projects]
-    tz = user.tz
+    included, beyond = rows[: limits.projects], rows[limits.projects :]
+    more = int(rows[0].total) - len(included)
+    more_names = tuple(project_title(row.name, MORE_NAME_CHARS) for row in beyond)
+    ids = [row.id for row in included]
+    tasks = await _load_tasks(conn, user, ids, brief_date, anchor, limits)
+    notes = await _load_notes(conn, user, ids, anchor, limits)
+    return [_project(row, tasks, notes) for row in included], more, more_names
 
+
+async def _project_rows(
+    conn: Conn, user: UserContext, brief_date: date, anchor: datetime, limits: Limits
+) -> list[Any]:
+    """The included projects' rows, then up to ``MORE_NAMED`` rows of those beyond the limit (named)."""
+    cur = await conn.execute(
+        _SQL["projects"],
+        {"user": user.id, "day": brief_date, "done_since": anchor - COMPLETED_WINDOW, "anchor": anchor,
+         "text": limits.text, "limit": limits.projects, "named": MORE_NAMED},
+    )
+    cur.row_factory = namedtuple_row
+    return await cur.fetchall()
+
+
+@dataclass(slots=True)
+class _Tasks:
+    """The loaded tasks by project and bucket, and the full counts of the buckets the limit cut."""
+
+    buckets: defaultdict[int, defaultdict[str, list[TaskItem]]]
+    totals: defaultdict[int, dict[str, int]]
+
+
+async def _load_tasks(
+    conn: Conn, user: UserContext, ids: list[int], brief_date: date, anchor: datetime, limits: Limits
+) -> _Tasks:
     cur = await conn.execute(
         _SQL["tasks"],
         {
@@ -312,49 +341,57 @@ async def load_projects(
             "user": user.id,
             "day": brief_date,
             "horizon": brief_date + timedelta(days=UPCOMING_DAYS),
-            "done_since": done_since,
+            "done_since": anchor - COMPLETED_WINDOW,
             "anchor": anchor,
             "text": limits.text,
             "limit": limits.tasks,
         },
     )
-    buckets: dict[int, dict[str, list[TaskItem]]] = defaultdict(lambda: defaultdict(list))
-    totals: dict[int, dict[str, int]] = defaultdict(dict)
-    for pid, bucket, tid, title, status, priority, start, due, completed_at, total, high in await cur.fetchall():
-        task = TaskItem(tid, title, status, priority, start, due, completed_at.astimezone(tz) if completed_at else None)
-        buckets[pid][bucket].append(task)
-        if total > limits.tasks:
-            totals[pid][bucket] = int(total)
-            if bucket == "overdue":
-                totals[pid]["overdue_high"] = int(high)
+    cur.row_factory = namedtuple_row
+    tz = user.tz
+    out = _Tasks(defaultdict(lambda: defaultdict(list)), defaultdict(dict))
+    for row in await cur.fetchall():
+        completed_at = row.completed_at.astimezone(tz) if row.completed_at else None
+        task = TaskItem(row.id, row.title, row.status, row.priority, row.start_date, row.due_date, completed_at)
+        out.buckets[row.project_id][row.bucket].append(task)
+        if row.total > limits.tasks:
+            out.totals[row.project_id][row.bucket] = int(row.total)
+            if row.bucket == "overdue":
+                out.totals[row.project_id]["overdue_high"] = int(row.high)
+    return out
 
+
+async def _load_notes(
+    conn: Conn, user: UserContext, ids: list[int], anchor: datetime, limits: Limits
+) -> dict[int, list[NoteItem]]:
     cur = await conn.execute(
         _SQL["notes"],
         {"projects": ids, "user": user.id, "since": anchor - NOTES_WINDOW, "anchor": anchor, "limit": NOTES_PER_PROJECT,
          "text": limits.text},
     )
+    cur.row_factory = namedtuple_row
+    tz = user.tz
     notes: dict[int, list[NoteItem]] = defaultdict(list)
-    for pid, nid, title, content, updated in await cur.fetchall():
-        notes[pid].append(NoteItem(nid, title, content or "", updated.astimezone(tz)))
+    for row in await cur.fetchall():
+        notes[row.project_id].append(NoteItem(row.id, row.title, row.content or "", row.updated_at.astimezone(tz)))
+    return notes
 
-    out: list[ProjectContext] = []
-    for pid, name, description, open_tasks, _total in projects:
-        b = buckets.get(pid, {})
-        out.append(
-            ProjectContext(
-                id=pid,
-                name=name,
-                description=description,
-                open_tasks=int(open_tasks),
-                today=tuple(b.get("today", ())),
-                overdue=tuple(b.get("overdue", ())),
-                upcoming=tuple(b.get("upcoming", ())),
-                completed=tuple(b.get("completed", ())),
-                notes=tuple(notes.get(pid, ())),
-                totals=totals.get(pid, {}),
-            )
-        )
-    return out, more, more_names
+
+def _project(row: Any, tasks: _Tasks, notes: dict[int, list[NoteItem]]) -> ProjectContext:
+    """One included project from its row, its tasks by bucket and its notes."""
+    b = tasks.buckets.get(row.id, {})
+    return ProjectContext(
+        id=row.id,
+        name=row.name,
+        description=row.description,
+        open_tasks=int(row.open_tasks),
+        today=tuple(b.get("today", ())),
+        overdue=tuple(b.get("overdue", ())),
+        upcoming=tuple(b.get("upcoming", ())),
+        completed=tuple(b.get("completed", ())),
+        notes=tuple(notes.get(row.id, ())),
+        totals=tasks.totals.get(row.id, {}),
+    )
 
 
 async def load_brief_context(
