@@ -8,10 +8,11 @@ One :class:`Worker` runs up to ``concurrency`` jobs at once. Its pieces:
   (the health check reads it);
 - each job runs as its own task under a timeout that really cancels it (a watchdog
   scans the running jobs, so a job costs no timer of its own);
-- successes are written in batches: when a slot frees, the claim loop sends the
-  completions that are waiting along with its claim (one statement); a completer
-  writes whatever no claim is about to carry (queue empty, all slots busy);
-  failures are written at once;
+- successes are written in batches by the :class:`~worker.completer.Completer`,
+  which owns them until they are written: when a slot frees, the claim loop sends
+  the completions that are waiting along with its claim (one statement); the
+  completer writes whatever no claim is about to carry (queue empty, all slots
+  busy); failures are written at once;
 - the heartbeat renews leases for every job this worker still owns, running or
   finished-but-not-yet-written, in one statement; a run that is no longer ours
   (rescued, cancelled) is cancelled locally;
@@ -52,13 +53,10 @@ import random
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from uuid import UUID
-
-import psycopg
-from psycopg.conninfo import conninfo_to_dict
 
 from briefs import metrics
 from briefs.backoff import RECONNECT, job_retry
@@ -67,7 +65,12 @@ from briefs.errors import is_permanent
 from briefs.logs import job_context
 from briefs.settings import Settings
 from worker import queue
+from worker.accounting import WorkerStats, metrics_for
+from worker.completer import BAD_RESULT, Completer
+from worker.connection import DedicatedConnection, first_line, retryable
 from worker.queue import Job
+
+__all__ = ["Handler", "HandlerFn", "JobContext", "Worker", "WorkerStats"]
 
 log = logging.getLogger(__name__)
 
@@ -114,113 +117,6 @@ class _Running:
         self.releasing = False  # cancelled by shutdown: handed back to pending
 
 
-@dataclass
-class WorkerStats:
-    claimed: int = 0
-    completed: int = 0
-    failed: int = 0
-    retried: int = 0
-    lost: int = 0
-    released: int = 0
-    claims: int = 0
-    last_cycle: float = field(default_factory=time.monotonic)
-
-
-class _TypeMetrics:
-    """The Prometheus children of one job type, looked up once (``labels()`` takes a lock and a dict)."""
-
-    __slots__ = ("claimed", "completed", "duration", "failed", "retried")
-
-    def __init__(self, job_type: str) -> None:
-        self.claimed = metrics.JOBS_CLAIMED.labels(job_type)
-        self.completed = metrics.JOBS_COMPLETED.labels(job_type)
-        self.failed = metrics.JOBS_FAILED.labels(job_type)
-        self.retried = metrics.JOBS_RETRIED.labels(job_type)
-        self.duration = metrics.JOB_DURATION.labels(job_type)
-
-
-_TYPE_METRICS: dict[str, _TypeMetrics] = {}
-
-# What a result the database cannot store raises (client-side JSON dump, or the server refusing it).
-_BAD_RESULT = (psycopg.DataError, TypeError, ValueError)
-
-# Lock conflicts between the worker's own statements (a heartbeat and a completion batch touch the
-# same rows in different orders: the deadlock detector aborts one) are retried like an outage.
-_CONFLICT = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure, psycopg.errors.LockNotAvailable)
-
-
-def _retryable(exc: BaseException) -> bool:
-    return isinstance(exc, _CONFLICT) or is_connection_error(exc)
-
-
-def _metrics_for(job_type: str) -> _TypeMetrics:
-    """The metrics of a job type's label: bounded (unknown types share ``other``), and so is this cache."""
-    found = _TYPE_METRICS.get(job_type)
-    if found is None:
-        label = metrics.job_type_label(job_type)
-        found = _TYPE_METRICS.get(label)
-        if found is None:
-            found = _TYPE_METRICS[label] = _TypeMetrics(label)
-    return found
-
-
-class _Connection:
-    """A dedicated autocommit connection for one hot loop, replaced when it breaks.
-
-    Outside the pool on purpose: a pooled connection is checked out with a ping and
-    handed back with a reset, and its transactions cost a BEGIN and a COMMIT round
-    trip each; a single autocommit statement is its own transaction (one round trip,
-    one commit). With ``hot`` (the claim and completion loops) its session settings
-    (``queue.HOT_PATH_OPTIONS``) suit only the queue's hot statements, so it is never
-    shared; the lease connection (not hot) is shared by the worker's bookkeeping tasks,
-    whose statements psycopg runs one at a time.
-    """
-
-    def __init__(self, db: Database, application_name: str, *, hot: bool = True) -> None:
-        self.db = db
-        self.application_name = application_name
-        self.hot = hot
-        self._conn: psycopg.AsyncConnection[Any] | None = None
-        self._cursor: psycopg.AsyncCursor[Any] | None = None
-        self._connecting = asyncio.Lock()
-
-    async def get(self) -> psycopg.AsyncConnection[Any]:
-        conn = self._conn
-        if conn is not None and not conn.closed and not conn.broken:
-            return conn
-        async with self._connecting:  # several tasks may find it broken at once: one reconnects
-            conn = self._conn
-            if conn is None or conn.closed or conn.broken:
-                await self.close()
-                given = conninfo_to_dict(self.db.url)
-                extra: dict[str, Any] = {}
-                if self.hot:
-                    extra["options"] = f"{given.get('options') or ''} {queue.HOT_PATH_OPTIONS}".strip()
-                if "connect_timeout" not in given:
-                    extra["connect_timeout"] = 10  # a stop must not wait minutes on an unreachable host
-                conn = await psycopg.AsyncConnection.connect(
-                    self.db.url, autocommit=True, application_name=self.application_name, **extra
-                )
-                if self.hot:
-                    queue.prepare_hot_connection(conn)
-                self._conn, self._cursor = conn, conn.cursor()
-        return conn
-
-    async def cursor(self) -> psycopg.AsyncCursor[Any]:
-        """The connection's one cursor, reused by every statement (cheaper than a cursor per execute)."""
-        conn = await self.get()
-        assert self._cursor is not None and self._cursor.connection is conn
-        return self._cursor
-
-    async def close(self) -> None:
-        conn, self._conn, self._cursor = self._conn, None, None
-        if conn is not None:
-            try:
-                await conn.close()
-            except Exception:  # a dead connection may fail to close
-                log.debug("closing a broken connection failed", exc_info=True)
-
-
 class Worker:
     def __init__(
         self,
@@ -243,22 +139,17 @@ class Worker:
         self.stats = WorkerStats()
         # Runs in progress, by token (one job may be run twice by this worker after a rescue).
         self._running: dict[UUID, _Running] = {}
-        # Finished successfully, completion not written yet: still ours, still heartbeated.
-        self._unwritten: dict[UUID, Job] = {}
-        self._writing: set[UUID] = set()  # of those, the ones whose completion is on the wire now
-        self._done: list[tuple[Job, Any]] = []
-        self._done_ready = asyncio.Event()
         self._kick = asyncio.Event()  # the claim loop has something to look at
         self._wake = True  # runnable jobs may be waiting (a NOTIFY, a rescue, the poll)
         self._stopping = asyncio.Event()
         self._aborting = False
         self._retry_horizon: datetime | None = None  # latest retry this worker scheduled (burst waits for it)
         self._side_tasks: list[asyncio.Task[Any]] = []
-        self._claim_conn = _Connection(db, CLAIM_APPLICATION_NAME)
-        self._done_conn = _Connection(db, COMPLETE_APPLICATION_NAME)
+        self._claim_conn = DedicatedConnection(db, CLAIM_APPLICATION_NAME)
+        # Finished successfully, completion not written yet: still ours, still heartbeated.
+        self._completer = Completer(DedicatedConnection(db, COMPLETE_APPLICATION_NAME), self.stats, self._bad_result)
         # Heartbeats, failures, releases, rescues, pruning: never the pool, which handlers can exhaust.
-        self._lease_conn = _Connection(db, LEASE_APPLICATION_NAME, hot=False)
-        self._flush_lock = asyncio.Lock()
+        self._lease_conn = DedicatedConnection(db, LEASE_APPLICATION_NAME, hot=False)
         # A result is stored with the job; one too big (a handler returning megabytes) fails its job instead.
         self._max_result_bytes = queue.PAYLOAD_READ_FACTOR * settings.max_payload_bytes
         self._retry_policy = job_retry(settings.retry_base, settings.retry_max)
@@ -276,6 +167,7 @@ class Worker:
     def abort(self) -> None:
         """Hard stop: cancel running jobs now (they are released to pending)."""
         self._aborting = True
+        self._completer.abort()
         self.stop()
         for running in list(self._running.values()):
             running.releasing = True
@@ -300,7 +192,7 @@ class Worker:
             ", ".join(sorted(self.handlers)),
         )
         self._side_tasks = [
-            asyncio.create_task(self._completer(), name="completer"),
+            asyncio.create_task(self._completer.run(), name="completer"),
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
             asyncio.create_task(self._listen_loop(), name="listener"),
             asyncio.create_task(self._maintenance_loop(), name="maintenance"),
@@ -337,49 +229,22 @@ class Worker:
 
     async def _claim_loop(self) -> None:
         failures = 0
-        poll = self.settings.poll_interval
         while not self._stopping.is_set():
             self.stats.last_cycle = time.monotonic()
             free = self.concurrency - len(self._running)
             if free > 0 and self._wake:
                 self._wake = False  # a NOTIFY during the claim sets it again
-                # Completions waiting to be written ride along with the claim: one statement, one commit.
-                batch, self._done = self._done, []
-                self._writing.update(job.token for job, _ in batch)
                 try:
-                    conn = await self._claim_conn.cursor()
-                    if batch:
-                        written, jobs = await queue.complete_and_claim(
-                            conn, [(j.id, j.token, r) for j, r in batch], free, self.worker_id,
-                            self.settings.lease_seconds, max_payload_bytes=self.settings.max_payload_bytes,
-                        )
-                    else:
-                        jobs = await queue.claim(conn, free, self.worker_id, self.settings.lease_seconds,
-                                                 max_payload_bytes=self.settings.max_payload_bytes)
+                    jobs = await self._claim(free)
                 except BaseException as exc:
                     self._wake = True
-                    if batch:  # not written (or not known to be): the completer writes them (fenced, idempotent)
-                        self._done = batch + self._done
-                        self._done_ready.set()
-                    self._writing.difference_update(job.token for job, _ in batch)
-                    if batch and isinstance(exc, _BAD_RESULT):
-                        await self._flush_done()  # the completer's path isolates the bad result
-                        continue
-                    if not _retryable(exc):
-                        raise
-                    if is_connection_error(exc):
-                        await self._claim_conn.close()
                     failures += 1
-                    delay = RECONNECT.delay(failures)
-                    log.warning("claim failed (%s); retrying in %.1fs", _first_line(exc), delay)
-                    await self._sleep(delay)
+                    await self._claim_failed(exc, failures)
                     continue
-                if batch:
-                    self._account(batch, written)
-                if jobs.refused:
-                    self._account_refused(jobs.refused)
+                if jobs is None:  # a result in the carried batch was refused: written apart, claim again
+                    self._wake = True
+                    continue
                 failures = 0
-                self.stats.claims += 1
                 if self._stopping.is_set():
                     # Stopped while the claim was in flight: hand the jobs straight back.
                     await self._release(jobs, "claimed while the worker was stopping")
@@ -396,9 +261,50 @@ class Worker:
             self._kick.clear()
             if self._wake and len(self._running) < self.concurrency:
                 continue  # a NOTIFY arrived while the claim was in flight
-            kicked = await self._wait_kick(poll)
+            kicked = await self._wait_kick(self.settings.poll_interval)
             if not kicked or self.burst:
                 self._wake = True
+
+    async def _claim(self, free: int) -> queue.Claimed | None:
+        """Claim up to ``free`` jobs; the completions waiting ride along (one statement, one commit).
+
+        None when the database refused a result of that batch: the completer wrote it apart
+        (failing that job alone) and nothing was claimed.
+        """
+        batch = self._completer.take()
+        written: set[int] = set()
+        try:
+            conn = await self._claim_conn.cursor()
+            if batch:
+                written, jobs = await queue.complete_and_claim(
+                    conn, [(j.id, j.token, r) for j, r in batch], free, self.worker_id,
+                    self.settings.lease_seconds, max_payload_bytes=self.settings.max_payload_bytes,
+                )
+            else:
+                jobs = await queue.claim(conn, free, self.worker_id, self.settings.lease_seconds,
+                                         max_payload_bytes=self.settings.max_payload_bytes)
+        except BaseException as exc:
+            self._completer.put_back(batch)  # not written (or not known to be): written again, fenced
+            if batch and isinstance(exc, BAD_RESULT):
+                await self._completer.flush()  # the completer's path isolates the bad result
+                return None
+            raise
+        if batch:
+            self._completer.written(batch, written)
+        if jobs.refused:
+            self._account_refused(jobs.refused)
+        self.stats.claims += 1
+        return jobs
+
+    async def _claim_failed(self, exc: BaseException, failures: int) -> None:
+        """After the ``failures``-th failed claim in a row: wait to try again, or raise what is no outage."""
+        if not retryable(exc):
+            raise exc
+        if is_connection_error(exc):
+            await self._claim_conn.close()
+        delay = RECONNECT.delay(failures)
+        log.warning("claim failed (%s); retrying in %.1fs", first_line(exc), delay)
+        await self._sleep(delay)
 
     async def _burst_finished(self) -> bool:
         """Burst mode, nothing running: return True when nothing runnable is left.
@@ -410,15 +316,15 @@ class Worker:
             conn = await self._claim_conn.cursor()
             due_in = await queue.next_runnable_in(conn, self._retry_horizon)
         except Exception as exc:
-            if not _retryable(exc):
+            if not retryable(exc):
                 raise
             await self._claim_conn.close()
             await self._sleep(0.5)
             self._wake = True
             return False
         if due_in is None:
-            await self._flush_done()
-            return not self._running and not self._unwritten
+            await self._completer.flush()
+            return not self._running and self._completer.idle
         if due_in > 0:
             self._kick.clear()
             await self._wait_kick(min(due_in, self.settings.poll_interval))
@@ -429,7 +335,7 @@ class Worker:
         """Rows the claim failed without returning them (a payload too big to read): counted and logged."""
         for job_id, job_type in refused:
             self.stats.failed += 1
-            _metrics_for(job_type).failed.inc()
+            metrics_for(job_type).failed.inc()
             log.error("job %s (%s) failed for good without running: its payload is too big to read (see last_error)",
                       job_id, queue.short_repr(job_type))
 
@@ -445,7 +351,7 @@ class Worker:
             self._running[job.token] = running
         self.stats.claimed += len(jobs)
         for job_type, count in counts.items():
-            _metrics_for(job_type).claimed.inc(count)
+            metrics_for(job_type).claimed.inc(count)
 
     async def _watchdog(self) -> None:
         """Cancels runs past their timeout (one scan of the running jobs, not a timer per job)."""
@@ -485,7 +391,7 @@ class Worker:
                     error = TimeoutError(f"job timed out after {timeout:g}s (cancelled)")
                 except Exception as exc:
                     error = exc
-                _metrics_for(job.job_type).duration.observe(time.monotonic() - started)
+                metrics_for(job.job_type).duration.observe(time.monotonic() - started)
                 if running.lost:
                     return
                 result: queue.JsonText | None = None
@@ -495,9 +401,7 @@ class Worker:
                     except ValueError as exc:  # PostgreSQL would refuse it: fail this job alone, now
                         error = _Permanent(f"could not store the job's result: it {exc}")
                 if error is None:
-                    self._unwritten[job.token] = job
-                    self._done.append((job, result))
-                    self._done_ready.set()
+                    self._completer.add(job, result)
                 else:
                     await self._record_failure(job, error)
         finally:
@@ -532,14 +436,14 @@ class Worker:
                 result = await queue.fail(conn, job, message, permanent=permanent, retry_delay=delay)
                 break
             except Exception as exc:
-                if not _retryable(exc) or attempt == 4:
-                    log.error("could not record failure of job %s: %s", job.id, _first_line(exc))
+                if not retryable(exc) or attempt == 4:
+                    log.error("could not record failure of job %s: %s", job.id, first_line(exc))
                     return  # the lease will expire and the rescuer takes over
                 await asyncio.sleep(RECONNECT.delay(attempt + 1))
         if result is None:
             log.warning("job %s failed but is no longer ours (rescued or cancelled): %s", job.id, message)
             return
-        type_metrics = _metrics_for(job.job_type)
+        type_metrics = metrics_for(job.job_type)
         if result.status == "failed":
             self.stats.failed += 1
             type_metrics.failed.inc()
@@ -561,85 +465,9 @@ class Worker:
         if self._retry_horizon is None or run_at > self._retry_horizon:
             self._retry_horizon = run_at
 
-    # ------------------------------------------------------------------ completions
-
-    async def _completer(self) -> None:
-        while True:
-            await self._done_ready.wait()
-            # Let the claim loop go first: when the job that just finished freed a slot, it takes
-            # the completions along with its claim. What is left (no claim coming) is written here.
-            await asyncio.sleep(0)
-            if self._done:
-                await self._flush_done()
-            else:
-                self._done_ready.clear()
-
-    async def _flush_done(self) -> None:
-        async with self._flush_lock:
-            await self._flush_locked()
-
-    async def _flush_locked(self) -> None:
-        failures = 0
-        while self._done:
-            batch, self._done = self._done, []
-            self._done_ready.clear()
-            self._writing.update(job.token for job, _ in batch)
-            try:
-                written = await self._complete(batch)
-            except BaseException as exc:
-                self._writing.difference_update(job.token for job, _ in batch)
-                self._done = batch + self._done
-                if not _retryable(exc):
-                    raise
-                if is_connection_error(exc):
-                    await self._done_conn.close()
-                failures += 1
-                if self._aborting or failures > 8:
-                    log.error("dropping %d completion(s): database unavailable; leases will expire", len(self._done))
-                    for job, _ in self._done:
-                        self._unwritten.pop(job.token, None)
-                    self._done = []
-                    return
-                delay = RECONNECT.delay(failures)
-                log.warning("completing %d job(s) failed (%s); retrying in %.1fs", len(batch), _first_line(exc), delay)
-                await asyncio.sleep(delay)
-                continue
-            self._account(batch, written)
-
-    def _account(self, batch: Sequence[tuple[Job, Any]], written: set[int]) -> None:
-        """Book a written batch of completions: counted, or reported lost when the token no longer held."""
-        counts: dict[str, int] = {}
-        writing = self._writing
-        for job, _ in batch:
-            writing.discard(job.token)
-            if self._unwritten.pop(job.token, None) is None:
-                continue  # settled otherwise (its result could not be stored: recorded as a failure)
-            if job.id in written:
-                counts[job.job_type] = counts.get(job.job_type, 0) + 1
-            else:
-                self.stats.lost += 1
-                log.warning("job %s finished but is no longer ours; its result was discarded", job.id)
-        for job_type, count in counts.items():
-            self.stats.completed += count
-            _metrics_for(job_type).completed.inc(count)
-
-    async def _complete(self, batch: Sequence[tuple[Job, Any]]) -> set[int]:
-        """Write a batch of completions; returns the ids written (the runs that were still ours)."""
-        conn = await self._done_conn.cursor()
-        try:
-            return await queue.complete_many(conn, [(j.id, j.token, result) for j, result in batch])
-        except _BAD_RESULT:
-            if len(batch) == 1:
-                raise
-        # One result the database refuses (e.g. JSON it cannot store) must not sink the others.
-        written: set[int] = set()
-        for job, result in batch:
-            try:
-                written |= await self._complete([(job, result)])
-            except _BAD_RESULT as exc:
-                self._unwritten.pop(job.token, None)
-                await self._record_failure(job, _Permanent(f"could not store the job's result: {_first_line(exc)}"))
-        return written
+    async def _bad_result(self, job: Job, reason: str) -> None:
+        """The completer could not store a job's result: the job fails for good, with the reason."""
+        await self._record_failure(job, _Permanent(reason))
 
     # ------------------------------------------------------------------ leases
 
@@ -651,17 +479,16 @@ class Worker:
             owned = [(r.job.id, r.job.token) for r in running]
             # Finished runs are still ours until their completion is written (a slow write must not let
             # the lease expire: the job would run again). Those being written right now are left out.
-            writing = self._writing
-            owned += [(job.id, job.token) for job in self._unwritten.values() if job.token not in writing]
+            owned += self._completer.owned()
             if not owned:
                 continue
             try:
                 conn = await self._lease_conn.get()
                 alive = await queue.heartbeat(conn, owned, self.settings.lease_seconds)
             except Exception as exc:
-                if not _retryable(exc):
+                if not retryable(exc):
                     raise
-                log.warning("heartbeat failed (%s); will retry", _first_line(exc))
+                log.warning("heartbeat failed (%s); will retry", first_line(exc))
                 continue
             for run in running:
                 # Still running here but not ours in the database: rescued or cancelled.
@@ -685,7 +512,7 @@ class Worker:
                 conn = await self.db.listen_connection()
             except Exception as exc:
                 failures += 1
-                log.warning("LISTEN connection failed (%s); polling until it returns", _first_line(exc))
+                log.warning("LISTEN connection failed (%s); polling until it returns", first_line(exc))
                 await asyncio.sleep(RECONNECT.delay(failures))
                 continue
             try:
@@ -699,7 +526,7 @@ class Worker:
                         self._wake_up()
             except Exception as exc:
                 failures += 1
-                log.warning("LISTEN connection lost (%s); reconnecting", _first_line(exc))
+                log.warning("LISTEN connection lost (%s); reconnecting", first_line(exc))
                 await asyncio.sleep(RECONNECT.delay(failures))
 
     async def _maintenance_loop(self) -> None:
@@ -726,8 +553,8 @@ class Worker:
                     await self.prune()
             except Exception as exc:
                 # Whatever the cause, maintenance never stops the worker: it is tried again next round.
-                level = logging.WARNING if _retryable(exc) else logging.ERROR
-                log.log(level, "queue maintenance failed (%s); will retry", _first_line(exc))
+                level = logging.WARNING if retryable(exc) else logging.ERROR
+                log.log(level, "queue maintenance failed (%s); will retry", first_line(exc))
             await asyncio.sleep(rescue_every * (0.75 + random.random() / 2))
 
     async def prune(self) -> int:
@@ -767,7 +594,7 @@ class Worker:
             # A handler that swallows cancellation does not hold the shutdown up for long.
             await asyncio.wait(tasks, timeout=0.5 if self._aborting else 2.0)
         # Runs that ended with a success of their own (a handler that ignored the cancel) are completed instead.
-        unfinished = [r.job for r in leftovers if r.job.token not in self._unwritten]
+        unfinished = [r.job for r in leftovers if not self._completer.holds(r.job.token)]
         self._running.clear()
         # No heartbeat from here on: it would race the release for the same rows.
         await self._cancel_side_task("heartbeat")
@@ -775,9 +602,9 @@ class Worker:
             await self._release(unfinished, f"released by worker {self.worker_id} at shutdown")
         try:
             async with asyncio.timeout(1.0 if self._aborting else 10.0):
-                await self._flush_done()
+                await self._completer.flush()
         except Exception as exc:
-            log.error("could not write final completions (%s); their leases will expire", _first_line(exc))
+            log.error("could not write final completions (%s); their leases will expire", first_line(exc))
 
     async def _release(self, jobs: Sequence[Job], reason: str) -> None:
         """Hand jobs back to pending with their attempt restored (they did not really run)."""
@@ -790,7 +617,7 @@ class Worker:
             self.stats.released += len(released)
             log.info("released %d job(s) back to pending (attempts restored)", len(released))
         except Exception as exc:
-            log.error("could not release %d job(s) (%s); their leases will expire", len(jobs), _first_line(exc))
+            log.error("could not release %d job(s) (%s); their leases will expire", len(jobs), first_line(exc))
 
     async def _cancel_side_task(self, name: str) -> None:
         for task in self._side_tasks:
@@ -803,7 +630,7 @@ class Worker:
             task.cancel()
         await asyncio.gather(*self._side_tasks, return_exceptions=True)
         await self._claim_conn.close()
-        await self._done_conn.close()
+        await self._completer.close()
         await self._lease_conn.close()
 
     # ------------------------------------------------------------------ helpers
@@ -866,8 +693,3 @@ def _error_message(error: BaseException) -> str:
         text = "(message could not be read)"
     text = queue.safe_text(text)
     return text if isinstance(error, _Permanent) else f"{type(error).__name__}: {text}"
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
