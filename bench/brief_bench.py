@@ -365,15 +365,15 @@ def _enqueue_all(url: str, day: Any) -> None:
 async def _drain(settings: Settings, worker_concurrency: int, start: Any = None,
                  monitor: CpuMonitor | None = None) -> dict[str, Any]:
     """One worker process's share: a burst worker until the queue is empty."""
-    from worker.handlers import build_handlers
-    from worker.main import close_services
+    from briefs.app.host import close_resources
+    from briefs.app.services import handlers
     from worker.runner import Worker
 
     db = Database(settings, settings.database_url, pool_size=settings.db_pool_size)
     await db.check()
     llm_module.reset_stats()
     services: dict[str, Any] = {"llm": LLMClient(settings)}
-    worker = Worker(db, settings, build_handlers(settings), burst=True, concurrency=worker_concurrency,
+    worker = Worker(db, settings, handlers(settings), burst=True, concurrency=worker_concurrency,
                     services=services)
     if start is not None:
         await asyncio.to_thread(start.wait)
@@ -385,7 +385,7 @@ async def _drain(settings: Settings, worker_concurrency: int, start: Any = None,
         stats = await worker.run()
         elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     finally:
-        await close_services(services)
+        await close_resources(services)
         await db.dispose()
     return {
         "elapsed": elapsed,

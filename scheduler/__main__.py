@@ -2,6 +2,6 @@
 
 import sys
 
-from briefs.cli import main
+from briefs.app.cli import main
 
 sys.exit(main(["scheduler", *sys.argv[1:]]))

@@ -28,8 +28,6 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 from briefs.db import Database, is_connection_error
-from briefs.migrate import require_schema
-from briefs.process import exit_now, install_stop_signals
 from briefs.settings import Settings
 from briefs.terminal import one_line
 from scheduler.tick import TickReport, run_tick
@@ -121,39 +119,3 @@ class SchedulerDaemon:
 def health_max_age(settings: Settings) -> float:
     """How stale the last completed tick may be before /healthz fails: three intervals and a minute."""
     return 3 * settings.scheduler_interval + 60
-
-
-async def serve(settings: Settings, *, db: Database | None = None, signals: bool = True) -> None:
-    """Run the daemon until SIGTERM/SIGINT (first: finish the running tick and return; second: exit now).
-
-    Without ``signals`` it runs until the task running it is cancelled. With
-    ``BRIEFS_HEALTH_PORT`` set, ``/healthz`` fails when no tick completed for
-    :func:`health_max_age` seconds.
-    """
-    own_db = db is None
-    if db is None:
-        db = await Database.connect(settings)
-    try:
-        async with db.raw() as conn:
-            await require_schema(conn)
-        daemon = SchedulerDaemon(db, settings)
-        health = None
-        if settings.health_port:
-            from briefs.health import HealthServer
-
-            health = HealthServer(db, settings.health_port)
-            health.watch("scheduler", lambda: daemon.last_tick_completed, health_max_age(settings))
-            await health.start()
-        stop = asyncio.Event()
-        if signals:
-            install_stop_signals(stop.set, lambda: exit_now(1))
-        await daemon.start()
-        try:
-            await stop.wait()
-        finally:
-            await daemon.stop()
-            if health is not None:
-                await health.stop()
-    finally:
-        if own_db:
-            await db.dispose()

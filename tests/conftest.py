@@ -32,7 +32,7 @@ DOMAIN_AND_QUEUE_TABLES = (
 
 @pytest.fixture(autouse=True)
 def _restore_root_logging() -> Iterator[None]:
-    """Undo what a test's ``setup_logging`` (``briefs.cli.main`` calls it) did to the root logger.
+    """Undo what a test's ``setup_logging`` (``briefs.app.cli.main`` calls it) did to the root logger.
 
     Its handler writes to that test's captured stderr, which pytest closes afterwards; a later
     log line from another thread (a test SMTP or LLM server) would then hit a closed file.
@@ -298,17 +298,17 @@ class BriefHarness:
 
     async def run(self, settings: Settings, *, services: dict[str, object] | None = None) -> object:
         """Drain the queue with a burst worker (services["llm"] retries fast)."""
-        from worker.handlers import build_handlers
-        from worker.main import close_services
+        from briefs.app.host import close_resources
+        from briefs.app.services import handlers
         from worker.runner import Worker
 
         services = services if services is not None else {"llm": self.llm(settings)}
-        worker = Worker(self.db, settings, build_handlers(settings), burst=True, services=services)
+        worker = Worker(self.db, settings, handlers(settings), burst=True, services=services)
         try:
             async with asyncio.timeout(30):
                 return await worker.run()
         finally:
-            await close_services(services)
+            await close_resources(services)
 
     async def rows(self, sql: str, *params: object) -> list[dict[str, object]]:
         async with self.db.raw() as conn:

@@ -1,5 +1,7 @@
+"""``python -m worker``: a queue worker (same as ``briefs worker``)."""
+
 import sys
 
-from worker.main import main
+from briefs.app.cli import main
 
-sys.exit(main(sys.argv[1:]))
+sys.exit(main(["worker", *sys.argv[1:]]))

@@ -1,8 +1,10 @@
 """The handler registry: ``job_type`` → coroutine.
 
-Built-in types: ``noop`` (smoke checks, benchmarks, drills), ``generate_daily_brief``
-and ``send_brief_email``. More can be plugged in with ``BRIEFS_HANDLER_MODULES``:
-a comma-separated list of modules, each exporting ``HANDLERS: dict[str, Handler]``.
+The worker's own type is ``noop`` (smoke checks, benchmarks, drills). The application's
+handlers are handed in by whoever composes the process (the brief domain's come from
+``briefs.jobs`` through ``briefs.app``); operators can plug in more with
+``BRIEFS_HANDLER_MODULES``: a comma-separated list of modules, each exporting
+``HANDLERS: dict[str, Handler]``.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import math
+from collections.abc import Mapping
 from typing import Any
 
 from briefs.errors import PermanentError
@@ -47,19 +50,20 @@ async def noop(ctx: JobContext) -> dict[str, Any] | None:
 
 
 def builtin_handlers() -> dict[str, Handler]:
-    from worker import brief_handlers
+    """The worker's own handlers (``noop``)."""
+    return {"noop": Handler(noop)}
 
-    return {"noop": Handler(noop), **brief_handlers.HANDLERS}
 
-
-def build_handlers(settings: Settings) -> dict[str, Handler]:
-    """The built-in handlers plus those of ``BRIEFS_HANDLER_MODULES``.
+def build_handlers(settings: Settings, *registries: Mapping[str, Handler]) -> dict[str, Handler]:
+    """The built-in handlers, then each of ``registries``, then those of ``BRIEFS_HANDLER_MODULES``.
 
     A module that cannot be imported (whatever it raises, ``SystemExit`` included), or whose
     ``HANDLERS`` is not a dict of job type (a non-empty string) to :class:`Handler` with a
     finite positive timeout or none, is refused with one line naming it: the worker does not start.
     """
     handlers = builtin_handlers()
+    for registry in registries:
+        handlers.update(registry)
     for name in settings.handler_modules:
         shown = short_repr(name)
         try:

@@ -117,7 +117,7 @@ def scalar(url: str, sql: str, params: Any = None) -> Any:
 def briefs_command(database_url: str, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     """Run the ``briefs`` CLI (the console script next to this Python) and capture its output."""
     script = Path(sys.executable).with_name("briefs")
-    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "briefs.cli"]
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "briefs"]
     return subprocess.run(
         [*cmd, *args],
         cwd=REPO,

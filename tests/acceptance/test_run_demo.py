@@ -24,14 +24,14 @@ def _env(data_dir: Path) -> dict[str, str]:
 
 def _briefs(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "briefs.cli", *args], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "briefs", *args], env=env, capture_output=True, text=True, timeout=120
     )
 
 
 def _run_demo(env: dict[str, str]) -> str:
     """`briefs run --demo` until it has printed a brief, then SIGTERM; returns what it printed."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "briefs.cli", "run", "--demo"],
+        [sys.executable, "-m", "briefs", "run", "--demo"],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -92,7 +92,7 @@ def test_two_processes_at_the_same_moment(clean_db: str, tmp_path: Path) -> None
         seed.many(3000, ["UTC", "Europe/London", "Africa/Abidjan"], "08:00")
     finally:
         seed.close()
-    cmd = [sys.executable, "-m", "briefs.cli", "schedule", "--once", "--now", "2026-03-10T07:30:00Z", "--json"]
+    cmd = [sys.executable, "-m", "briefs", "schedule", "--once", "--now", "2026-03-10T07:30:00Z", "--json"]
     env = _env(clean_db, tmp_path)
     procs = [
         subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -117,7 +117,7 @@ def test_dry_run_cli_and_bad_now(clean_db: str, tmp_path: Path) -> None:
     finally:
         seed.close()
     env = _env(clean_db, tmp_path)
-    base = [sys.executable, "-m", "briefs.cli", "schedule", "--once"]
+    base = [sys.executable, "-m", "briefs", "schedule", "--once"]
     done = subprocess.run(
         [*base, "--now", "2026-03-10T07:30:00Z", "--dry-run"],
         env=env,

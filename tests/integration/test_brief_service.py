@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from briefs.cli import queue_hook
+from briefs.app.cli import queue_hook
 from briefs.errors import PermanentError
 from briefs.service import BadRequest, enqueue_all, load_brief_markdown
 from briefs.service import enqueue_brief as _enqueue_brief
@@ -119,7 +119,7 @@ async def test_enqueue_one_user_with_a_bad_timezone_is_a_clear_error(briefs_harn
 def test_cli_enqueue_and_show(clean_db: str, capsys: Any, monkeypatch: Any) -> None:
     import logging
 
-    from briefs.cli import main
+    from briefs.app.cli import main
     from tests.conftest import BriefSeed
 
     root = logging.getLogger()  # the CLI sets up logging; give the session its handlers back afterwards

@@ -1,6 +1,6 @@
 """The `briefs` command as an operator meets it: one error line, never a traceback or silence.
 
-Commands run in-process through ``briefs.cli.main`` against the session's real database
+Commands run in-process through ``briefs.app.cli.main`` against the session's real database
 (or a fresh, unmigrated one); the broken-pipe case runs a real process with a real pipe.
 """
 
@@ -22,7 +22,7 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
-from briefs.cli import main
+from briefs.app.cli import main
 from tests.acceptance.helpers import clean_env
 from tests.conftest import BriefSeed, _with_dbname
 
@@ -181,12 +181,12 @@ def test_show_says_whether_the_user_exists(cli: Cli, seed: BriefSeed, clean_db: 
 
 
 def test_an_unexpected_error_is_one_line_with_a_hint(cli: Cli, monkeypatch: Any) -> None:
-    import briefs.service
+    import briefs.app.cli
 
     async def broken(*args: Any) -> str:
         raise RuntimeError("postgresql://app:pw-unexpected-9@db/x went sideways\nsecond line")
 
-    monkeypatch.setattr(briefs.service, "show_brief", broken)
+    monkeypatch.setattr(briefs.app.cli, "show_brief", broken)
     code, _, err = cli("show", "1")
     line = _one_error_line(err)
     assert code == 1
@@ -202,7 +202,7 @@ def test_a_closed_pipe_ends_quietly(clean_db: str, seed: BriefSeed) -> None:
     uid = seed.user("Pipe")
     _brief(clean_db, uid, date(2026, 11, 20), "line of a long brief\n" * 100_000)  # far more than a pipe buffer
     proc = subprocess.Popen(
-        [sys.executable, "-m", "briefs.cli", "show", str(uid)],
+        [sys.executable, "-m", "briefs", "show", str(uid)],
         env=clean_env(clean_db),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -396,7 +396,7 @@ def test_psql_opens_the_database_in_use(seed: BriefSeed, clean_db: str) -> None:
         pytest.skip("psql is not installed here")
     seed.user("Counted")
     proc = subprocess.run(
-        [sys.executable, "-m", "briefs.cli", "psql", "-At", "-c", "SELECT count(*) FROM users"],
+        [sys.executable, "-m", "briefs", "psql", "-At", "-c", "SELECT count(*) FROM users"],
         env=clean_env(clean_db),
         capture_output=True,
         text=True,
@@ -413,7 +413,7 @@ def test_psql_missing_is_one_line(cli: Cli, monkeypatch: Any) -> None:
 
 def test_the_demo_signs_email_without_configuration(caplog: Any) -> None:
     from briefs import logs
-    from briefs.cli import demo_settings
+    from briefs.app.cli import demo_settings
     from tests.conftest import make_settings
 
     bare = make_settings("postgresql://h/db", secret_key=None)

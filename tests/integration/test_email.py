@@ -756,7 +756,7 @@ async def test_follow_up_jobs_are_held_to_the_payload_limit(briefs_harness: Any,
     """The handlers' enqueue hook passes BRIEFS_MAX_PAYLOAD_BYTES to the queue: an oversized follow-up is refused
     alone, the others go in."""
     from briefs.generator import FollowUp
-    from worker.brief_handlers import enqueue_hook
+    from briefs.jobs import enqueue_hook
 
     h = briefs_harness
     uid = brief_seed.user("Ada")

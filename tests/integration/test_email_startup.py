@@ -6,11 +6,22 @@ import logging
 
 import pytest
 
+from briefs.app.host import Host
+from briefs.app.services import WorkerService
 from briefs.db import Database
+from briefs.settings import Settings
 from tests.conftest import make_settings
-from worker.main import serve
 
 KEY = "k" * 40
+
+
+async def serve(settings: Settings, db: Database) -> None:
+    """A burst worker in the process host, as `briefs worker --burst` runs it (no signals: a test)."""
+
+    async def build(db: Database, resources: dict[str, object]) -> list[WorkerService]:
+        return [WorkerService(db, settings, resources, burst=True)]
+
+    await Host(settings, db=db, signals=False).run(build)
 
 
 @pytest.mark.parametrize(
@@ -26,9 +37,9 @@ async def test_the_worker_says_at_startup_that_email_cannot_work(
     db: Database, database_url: str, overrides: dict[str, object], says: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     settings = make_settings(database_url, **{"secret_key": KEY, **overrides})
-    with caplog.at_level(logging.ERROR, logger="worker.brief_handlers"):
-        await serve(settings, burst=True, db=db, signals=False)  # still starts, and drains
-    [record] = [r for r in caplog.records if r.name == "worker.brief_handlers"]
+    with caplog.at_level(logging.ERROR, logger="briefs.jobs"):
+        await serve(settings, db)  # still starts, and drains
+    [record] = [r for r in caplog.records if r.name == "briefs.jobs"]
     assert "email is configured but cannot work" in record.getMessage() and says in record.getMessage()
     assert "pw-secret-5" not in record.getMessage()
 
@@ -38,6 +49,6 @@ async def test_no_word_when_email_is_off_or_fine(
 ) -> None:
     for settings in (make_settings(database_url), make_settings(database_url, smtp_url="smtp://127.0.0.1:25",
                                                                 secret_key=KEY)):
-        with caplog.at_level(logging.ERROR, logger="worker.brief_handlers"):
-            await serve(settings, burst=True, db=db, signals=False)
-    assert not [r for r in caplog.records if r.name == "worker.brief_handlers"]
+        with caplog.at_level(logging.ERROR, logger="briefs.jobs"):
+            await serve(settings, db)
+    assert not [r for r in caplog.records if r.name == "briefs.jobs"]

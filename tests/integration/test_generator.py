@@ -296,8 +296,8 @@ async def test_engagement_stage_changes_tone_and_subject(briefs_harness: Any, br
 async def test_crash_mid_generation_then_retry_gives_one_brief_and_one_email(
     briefs_harness: Any, brief_seed: Any, fake_llm: FakeLLM, smtp_server: Any
 ) -> None:
+    from briefs.app.services import handlers as build_handlers
     from worker import queue
-    from worker.handlers import build_handlers
     from worker.runner import JobContext
 
     h = briefs_harness

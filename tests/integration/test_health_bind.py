@@ -35,7 +35,7 @@ async def test_a_health_server_that_cannot_listen_says_where_and_why(db: Databas
 def test_the_worker_refuses_a_taken_health_port_in_one_line(
     clean_db: str, taken_port: int, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from briefs.cli import main
+    from briefs.app.cli import main
 
     monkeypatch.setenv("BRIEFS_ENV_FILE", "")
     monkeypatch.setenv("DATABASE_URL", clean_db)

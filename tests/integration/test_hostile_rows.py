@@ -166,7 +166,7 @@ async def test_a_brief_date_no_window_can_cover_fails_once_with_the_reason(
     briefs_harness: Any, brief_seed: Any
 ) -> None:
     """Dates at Python's limits: the windows (7 days back, 8 ahead) would overflow mid-run."""
-    from briefs.cli import queue_hook
+    from briefs.app.cli import queue_hook
     from briefs.service import BadRequest, enqueue_brief
     from worker import queue
 

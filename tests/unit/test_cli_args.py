@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from briefs.cli import main
+from briefs.app.cli import main
 
 
 @pytest.mark.parametrize(

@@ -151,7 +151,7 @@ def test_env_file_named_explicitly(tmp_path: Path) -> None:
 def test_unholdable_settings_are_refused_with_their_name(
     name: str, value: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from briefs.cli import main
+    from briefs.app.cli import main
 
     monkeypatch.setenv("BRIEFS_ENV_FILE", "")
     monkeypatch.setenv("DATABASE_URL", "postgresql://nobody@127.0.0.1:1/none")
@@ -271,7 +271,7 @@ def test_an_api_key_that_cannot_be_a_header_is_refused_unechoed(
 ) -> None:
     # Before: each LLM call failed, stored as "connection: cannot reach the LLM" (CR/LF) or as an
     # internal error with a traceback in the log (non-ASCII).
-    from briefs.cli import main
+    from briefs.app.cli import main
 
     monkeypatch.setenv("BRIEFS_ENV_FILE", "")
     monkeypatch.setenv("DATABASE_URL", "postgresql://nobody@127.0.0.1:1/none")

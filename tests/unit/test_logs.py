@@ -72,7 +72,7 @@ def test_cli_errors_never_show_passwords() -> None:
     env["DATABASE_URL"] = "postgresql://app:topsecretpw@127.0.0.1:1/briefs"
     env["OPENAI_API_KEY"] = "sk-test-never-print-me"
     proc = subprocess.run(
-        [sys.executable, "-m", "briefs.cli", "status"], env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "briefs", "status"], env=env, capture_output=True, text=True, timeout=60
     )
     assert proc.returncode != 0
     both = proc.stdout + proc.stderr

@@ -1,12 +1,13 @@
-"""The ``briefs`` command: the composition root.
+"""The ``briefs`` command (also ``python -m briefs``; ``python -m worker`` and ``python -m scheduler``
+run its ``worker`` and ``scheduler`` commands).
 
-Only this module imports ``worker`` and ``scheduler`` (lazily, inside commands).
-Every command fails with one line, ``briefs: error: …``, saying what to do, and a
-non-zero exit: a bad argument (2, before any database is started), bad
-configuration, an unreachable or unmigrated database (1), and anything
-unexpected (1; ``BRIEFS_LOG_LEVEL=DEBUG`` logs the traceback). A closed stdout
-(``briefs show 1 | head``) ends the command quietly. Stored text is printed
-without terminal control sequences (:mod:`briefs.terminal`).
+Part of the composition root: it imports every layer, and nothing imports it. The services
+(``run``, ``worker``, ``scheduler``) run in :class:`briefs.app.host.Host`. Every command fails
+with one line, ``briefs: error: …``, saying what to do, and a non-zero exit: a bad argument
+(2, before any database is started), bad configuration, an unreachable or unmigrated database
+(1), and anything unexpected (1; ``BRIEFS_LOG_LEVEL=DEBUG`` logs the traceback). A closed
+stdout (``briefs show 1 | head``) ends the command quietly. Stored text is printed without
+terminal control sequences (:mod:`briefs.terminal`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import asyncio
 import json
 import logging
 import os
-import secrets
 import shutil
 import subprocess
 import sys
@@ -24,14 +24,23 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, NoReturn
 
-from pydantic import SecretStr, ValidationError
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from pydantic import ValidationError
 
-from briefs.db import Database, DatabaseUnavailable
+from briefs.app.demo import DemoService, demo_settings, seed_demo
+from briefs.app.host import Host, Service
+from briefs.app.services import SchedulerService, WorkerService
+from briefs.db import Database, DatabaseUnavailable, is_connection_error, resolve_url
 from briefs.errors import PermanentError
-from briefs.logs import redact, register_secret, setup_logging, truncate
-from briefs.migrate import MigrationError
+from briefs.jobs import enqueue_hook
+from briefs.logs import redact, setup_logging, truncate
+from briefs.migrate import MigrationError, migrate_url, require_schema
+from briefs.progress import Progress
+from briefs.service import enqueue_all, enqueue_brief, llm_health, show_brief
 from briefs.settings import MAX_COUNT, Settings
 from briefs.terminal import one_line, printable
+from scheduler.tick import run_tick
+from worker import queue
 
 log = logging.getLogger("briefs")
 
@@ -117,8 +126,6 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 async def _with_db(settings: Settings, fn: Callable[[Database], Awaitable[int]], *, schema: bool = True) -> int:
     """Run ``fn`` on the database; with ``schema``, refuse an unmigrated one ("run `briefs migrate`")."""
-    from briefs.migrate import require_schema
-
     db = await Database.connect(settings)
     try:
         if schema:
@@ -144,9 +151,6 @@ def _json(value: Any) -> str:
 
 
 async def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
-    from briefs.migrate import migrate_url
-    from briefs.progress import Progress
-
     async def go(db: Database) -> int:
         with Progress("migrating", stream=sys.stderr) as bar:
             applied = await migrate_url(db.url, on_step=lambda m, i, n: bar.update(i, n, m.name))
@@ -157,24 +161,25 @@ async def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.main import serve
+    async def build(db: Database, resources: dict[str, Any]) -> list[Service]:
+        return [WorkerService(db, settings, resources, concurrency=args.concurrency, burst=args.burst)]
 
-    stats = await serve(settings, concurrency=args.concurrency, burst=args.burst)
-    if args.burst:
+    [service] = await Host(settings).run(build)
+    stats = service.stats  # type: ignore[attr-defined]
+    if args.burst and stats is not None:
         print(f"drained: {stats.completed} completed, {stats.failed} failed, {stats.retried} retried")
     return 0
 
 
 async def cmd_scheduler(settings: Settings, args: argparse.Namespace) -> int:
-    from scheduler.daemon import serve
+    async def build(db: Database, resources: dict[str, Any]) -> list[Service]:
+        return [SchedulerService(db, settings)]
 
-    await serve(settings)
+    await Host(settings).run(build)
     return 0
 
 
 async def cmd_schedule(settings: Settings, args: argparse.Namespace) -> int:
-    from scheduler.tick import run_tick
-
     if not args.once:
         raise UsageError("`briefs schedule` runs one tick: pass --once (the daemon is `briefs scheduler`)")
     now = _parse_instant(args.now) if args.now else datetime.now(UTC)
@@ -192,15 +197,10 @@ async def cmd_schedule(settings: Settings, args: argparse.Namespace) -> int:
 
 def queue_hook(settings: Settings) -> Any:
     """The generator's enqueue hook type, backed by the queue's bulk insert."""
-    from worker.brief_handlers import enqueue_hook
-
     return enqueue_hook(settings.max_attempts, settings.max_payload_bytes)
 
 
 async def cmd_enqueue(settings: Settings, args: argparse.Namespace) -> int:
-    from briefs.progress import Progress
-    from briefs.service import enqueue_all, enqueue_brief
-
     if (args.user_id is None) == (not args.all):
         raise UsageError("give a USER_ID or --all (not both)")
     if args.all and args.date:
@@ -227,8 +227,6 @@ async def cmd_enqueue(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
-    from briefs.service import show_brief
-
     brief_date = _parse_date(args.date) if args.date else None
 
     async def go(db: Database) -> int:
@@ -240,9 +238,6 @@ async def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
-    from briefs.service import llm_health
-    from worker import queue
-
     async def go(db: Database) -> int:
         async with db.raw() as conn:
             rows = await queue.stats(conn)
@@ -313,8 +308,6 @@ def _llm_text(llm: dict[str, Any]) -> str:
 
 
 async def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
-    from worker import queue
-
     async def go(db: Database) -> int:
         async with db.raw() as conn:
             rows = await queue.list_jobs(conn, status=args.status, job_type=args.type, limit=args.limit)
@@ -354,8 +347,6 @@ def _instant(value: object) -> str:
 
 
 async def cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
-    from worker import queue
-
     if (args.job_id is None) == (not args.failed):
         raise UsageError("give a JOB_ID or --failed (not both)")
 
@@ -369,8 +360,6 @@ async def cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def cmd_cancel(settings: Settings, args: argparse.Namespace) -> int:
-    from worker import queue
-
     async def go(db: Database) -> int:
         async with db.raw() as conn:
             await queue.cancel(conn, args.job_id)
@@ -383,8 +372,6 @@ async def cmd_cancel(settings: Settings, args: argparse.Namespace) -> int:
 def _split_password(url: str) -> tuple[str, str | None]:
     """(connection string without the password, the password): the password goes to psql
     in PGPASSWORD, never in its argv (visible to every user in ``ps``)."""
-    from psycopg.conninfo import conninfo_to_dict, make_conninfo
-
     params = conninfo_to_dict(url)
     password = params.pop("password", None)
     return make_conninfo(**params), None if password is None else str(password)
@@ -392,8 +379,6 @@ def _split_password(url: str) -> tuple[str, str | None]:
 
 async def cmd_dsn(settings: Settings, args: argparse.Namespace) -> int:
     """Print the libpq URL of the database in use (password masked unless --show-password)."""
-    from briefs.db import resolve_url
-
     url, where = await asyncio.to_thread(resolve_url, settings)
     print(url if args.show_password else redact(url))
     if not settings.database_url:
@@ -413,8 +398,6 @@ async def cmd_psql(settings: Settings, args: argparse.Namespace) -> int:
             "psql is not installed (e.g. apt install postgresql-client); "
             "`briefs dsn --show-password` prints the URL for another client"
         )
-    from briefs.db import resolve_url
-
     url, _ = await asyncio.to_thread(resolve_url, settings)
     bare, password = _split_password(url)
     env = dict(os.environ)
@@ -430,140 +413,18 @@ async def cmd_psql(settings: Settings, args: argparse.Namespace) -> int:
 
 async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     """Everything in one process: migrate, then the scheduler and a worker side by side."""
-    from briefs.migrate import migrate_url
-    from briefs.process import exit_now, install_stop_signals
-    from briefs.progress import Progress
-    from scheduler.daemon import SchedulerDaemon
-    from scheduler.daemon import health_max_age as scheduler_health_max_age
-    from worker.brief_handlers import warn_if_email_unusable
-    from worker.handlers import build_handlers
-    from worker.main import close_services
-    from worker.main import health_max_age as worker_health_max_age
-    from worker.runner import Worker
-
     if args.demo:
         settings = demo_settings(settings)
-    db = await Database.connect(settings)
-    services: dict[str, object] = {}
-    health = None
-    try:
-        with Progress("migrating", stream=sys.stderr) as bar:
-            await migrate_url(db.url, on_step=lambda m, i, n: bar.update(i, n, m.name))
-        demo_user: int | None = None
-        demo_since = datetime.now(UTC)
+
+    async def build(db: Database, resources: dict[str, Any]) -> list[Service]:
+        services: list[Service] = [SchedulerService(db, settings), WorkerService(db, settings, resources)]
         if args.demo:
-            demo_user = await _seed_demo(db, settings)
-        worker = Worker(db, settings, build_handlers(settings), services=services)
-        warn_if_email_unusable(settings)
-        daemon = SchedulerDaemon(db, settings)
-        stop = asyncio.Event()
+            since = datetime.now(UTC)
+            services.append(DemoService(db, await seed_demo(db, settings), since))
+        return services
 
-        def soft() -> None:
-            stop.set()
-            worker.stop()
-
-        def hard() -> None:
-            worker.abort()
-            asyncio.get_running_loop().call_later(2.0, exit_now, 1)
-
-        install_stop_signals(soft, hard)
-        if settings.health_port:
-            from briefs.health import HealthServer
-
-            health = HealthServer(db, settings.health_port)
-            health.watch("worker", lambda: worker.stats.last_cycle, worker_health_max_age(settings))
-            health.watch("scheduler", lambda: daemon.last_tick_completed, scheduler_health_max_age(settings))
-            await health.start()
-        await daemon.start()
-        worker_task = asyncio.create_task(worker.run(), name="worker")
-        side = [asyncio.create_task(stop.wait(), name="stop")]
-        if demo_user is not None:
-            side.append(asyncio.create_task(_show_when_ready(db, demo_user, demo_since), name="demo"))
-        await asyncio.wait([worker_task, side[0]], return_when=asyncio.FIRST_COMPLETED)
-        worker.stop()
-        await daemon.stop()
-        await worker_task
-        for task in side:
-            task.cancel()
-        return 0
-    finally:
-        if health is not None:
-            await health.stop()
-        await close_services(services)  # type: ignore[arg-type]
-        await db.dispose()
-
-
-def demo_settings(settings: Settings) -> Settings:
-    """The demo must work unconfigured: email links are signed, so without BRIEFS_SECRET_KEY
-    this process signs with a random key of its own (links from this run stop working after it)."""
-    if settings.secret_key is not None:
-        return settings
-    key = secrets.token_urlsafe(32)
-    register_secret(key)
-    log.debug("demo: BRIEFS_SECRET_KEY is unset; signing this process's email links with a random key")
-    return settings.model_copy(update={"secret_key": SecretStr(key)})
-
-
-async def _seed_demo(db: Database, settings: Settings) -> int:
-    """Seed the demo users and make sure a brief for the first one is on its way.
-
-    The first run's brief comes from the scheduler (due a minute from now). On a second
-    run the same day, today's brief already exists and the scheduler rightly will not
-    make it again, so a fresh one is queued now (forced) and the banner says so.
-    """
-    from briefs.demo import seed, todays_brief_made
-    from briefs.progress import Progress
-    from briefs.service import enqueue_brief
-
-    now = datetime.now(UTC)
-    with Progress("seeding demo users", stream=sys.stderr) as bar:
-        async with db.raw() as conn:
-            users = await seed(conn, now, on_user=lambda i, n, email: bar.update(i, n, email))
-    first_id, email, when = users[0]
-    brief_date = await todays_brief_made(db, first_id, when)
-    if brief_date is None:
-        how = (
-            f"wants a brief at {when:%H:%M:%S} UTC, a minute from now.\n"
-            "      Briefs are generated ahead of the user's time, so it appears here in a few seconds."
-        )
-    else:
-        await enqueue_brief(db, settings, first_id, brief_date, force=True, enqueue=queue_hook(settings), now=now)
-        how = (
-            f"already has today's brief ({brief_date}) from an earlier demo run,\n"
-            "      so a fresh one is being made now (regenerated, not re-mailed); it appears here in a few seconds."
-        )
-    print(
-        f"demo: {len(users)} users ready; {email} (user {first_id}) {how}\n"
-        f"      Watch it: `briefs status`, `briefs jobs`; read it: `briefs show {first_id}`.",
-        flush=True,
-    )
-    return first_id
-
-
-async def _show_when_ready(db: Database, user_id: int, since: datetime) -> None:
-    """Print the demo user's brief as soon as one finishes after ``since``."""
-    from briefs.service import load_brief_markdown
-
-    while True:
-        await asyncio.sleep(1.0)
-        try:
-            async with db.raw() as conn:
-                cur = await conn.execute(
-                    """SELECT brief_date FROM daily_briefs
-                       WHERE user_id = %s AND status IN ('completed', 'partial') AND completed_at >= %s
-                       ORDER BY completed_at DESC LIMIT 1""",
-                    (user_id, since),
-                )
-                row = await cur.fetchone()
-            if row:
-                text = await load_brief_markdown(db, user_id, row[0])
-        except Exception:
-            log.debug("demo: brief not readable yet", exc_info=True)
-            continue
-        if row:
-            print(f"\n===== brief for user {user_id}, {row[0]} =====\n{printable(text or '')}\n=====", flush=True)
-            print(f"demo: that was `briefs show {user_id}`. `briefs status` shows the queue. Ctrl-C stops.", flush=True)
-            return
+    await Host(settings, migrate=True).run(build)
+    return 0
 
 
 # --------------------------------------------------------------------------- parser
@@ -732,28 +593,17 @@ def _main(argv: list[str] | None) -> int:
 
 def _unexpected(exc: Exception) -> int:
     """The last resort: one line for any exception, the traceback only at debug level."""
-    from briefs.db import is_connection_error
-
     log.debug("unexpected error", exc_info=exc)
     text = one_line(redact(_first_line(exc)), 300)
     local_os_error = isinstance(exc, OSError) and not isinstance(exc, ConnectionError | TimeoutError)
     if is_connection_error(exc) and not local_os_error:
         _error(f"database unavailable: {text}")
         return 1
-    qerr = _queue_error()
-    if qerr is not None and isinstance(exc, qerr):
+    if isinstance(exc, queue.QueueError):
         _error(text)
         return 1
     _error(f"unexpected {type(exc).__name__}: {text} ({DEBUG_HINT})")
     return 1
-
-
-def _queue_error() -> type[Exception] | None:
-    try:
-        from worker.queue import QueueError
-    except ImportError:  # pragma: no cover
-        return None
-    return QueueError
 
 
 def _first_line(exc: BaseException) -> str:

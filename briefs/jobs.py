@@ -1,7 +1,10 @@
-"""Handlers for the brief job types: ``generate_daily_brief`` and ``send_brief_email``.
+"""The brief domain's job handlers, plugged into the worker: ``generate_daily_brief`` and ``send_brief_email``.
 
 The work is in ``briefs.generator`` and ``briefs.email``; this module adapts a
-job to them and owns the queue side (import direction: briefs ← worker). The
+job to them and owns the queue side: the domain sits above the worker and uses its
+handler interface (``worker.runner.Handler``, ``JobContext``) and ``worker.queue``;
+the worker never imports the domain (the composition root hands these handlers to
+it: ``briefs.app.services``). The
 generator calls two hooks inside its own transactions, on its connection: one
 publishes the job's progress (``worker.queue.set_progress`` with the job's
 fencing token — what ``JobContext.progress()`` does, without a transaction of its
@@ -24,7 +27,7 @@ from typing import Any
 
 from briefs import email as brief_email
 from briefs import generator
-from briefs.contract import BriefRequest, EmailRequest
+from briefs.contract import BRIEF_JOB, EMAIL_JOB, BriefRequest, EmailRequest
 from briefs.errors import is_permanent
 from briefs.llm import LLMClient
 from worker import queue
@@ -164,6 +167,6 @@ async def send_brief_email(ctx: JobContext) -> dict[str, Any]:
 
 
 HANDLERS: dict[str, Handler] = {
-    "generate_daily_brief": Handler(generate_daily_brief),
-    "send_brief_email": Handler(send_brief_email, timeout=EMAIL_TIMEOUT),
+    BRIEF_JOB: Handler(generate_daily_brief),
+    EMAIL_JOB: Handler(send_brief_email, timeout=EMAIL_TIMEOUT),
 }
