@@ -28,6 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from briefs import metrics
 from briefs.db import ConfigError, Database
+from briefs.migrate import pending_migrations
 from briefs.terminal import one_line
 
 log = logging.getLogger(__name__)
@@ -153,8 +154,6 @@ class HealthServer:
                 async with self._connection() as conn:
                     await conn.execute("SELECT 1")
                     if schema:
-                        from briefs.migrate import pending_migrations
-
                         pending = await pending_migrations(conn)
                         if pending:
                             return False, f"{len(pending)} migration(s) pending"
