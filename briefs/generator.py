@@ -67,6 +67,7 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
+from psycopg.rows import namedtuple_row
 from psycopg.types.json import Jsonb
 
 from briefs import deterministic, render
@@ -182,6 +183,46 @@ class _ProjectResult:
         return token_count(self.meta.get("prompt_tokens")), token_count(self.meta.get("completion_tokens"))
 
 
+@dataclass(frozen=True)
+class _Tally:
+    """What a brief's sections and summary add up to: sections by source, tokens, the model named."""
+
+    sources: dict[str, int]
+    prompt: int
+    completion: int
+    model: str | None
+
+    @classmethod
+    def of(cls, results: Sequence[_ProjectResult], summary_meta: dict[str, Any]) -> _Tally:
+        sources: dict[str, int] = {}
+        prompt = token_count(summary_meta.get("summary_prompt_tokens"))
+        completion = token_count(summary_meta.get("summary_completion_tokens"))
+        model = summary_meta.get("summary_model")
+        for r in results:
+            src = str(r.meta.get("source"))
+            sources[src] = sources.get(src, 0) + 1
+            p, c = r.tokens
+            prompt += p
+            completion += c
+            model = model or r.meta.get("model")
+        if not isinstance(model, str):
+            model = None  # a kept section's metadata may hold anything
+        return cls(sources, min(prompt, TOKENS_MAX), min(completion, TOKENS_MAX), model)
+
+
+def _partial_error(
+    results: Sequence[_ProjectResult], failed: Sequence[_ProjectResult], summary_meta: dict[str, Any]
+) -> str:
+    """Why a brief is partial: the first failed projects' errors, and the summary's."""
+    bits = [f"project {r.project.id} ({render.project_title(r.project.name, 80)}): {r.error}" for r in failed[:5]]
+    if len(failed) > 5:
+        bits.append(f"and {len(failed) - 5} more")
+    if summary_meta.get("summary_source") == "fallback":
+        bits.append(f"executive summary: {summary_meta.get('summary_error')}")
+    return clip(f"{len(failed)} of {len(results)} project(s) fell back to the plain rendering; " + "; ".join(bits),
+                4000)
+
+
 # --------------------------------------------------------------------------- SQL
 
 _SQL = {
@@ -193,7 +234,7 @@ _SQL = {
         RETURNING id
     """,
     "lock": """
-        SELECT id, status, email_sent_at IS NOT NULL, metadata FROM daily_briefs
+        SELECT id, status, email_sent_at IS NOT NULL AS emailed, metadata FROM daily_briefs
         WHERE user_id = %s AND brief_date = %s FOR UPDATE
     """,
     "restart": """
@@ -241,7 +282,7 @@ _SQL = {
             prompt_tokens = %(prompt)s, completion_tokens = %(completion)s, error = %(error)s,
             metadata = metadata || %(meta)s, progress = %(progress)s, completed_at = now(), updated_at = now()
         WHERE id = %(brief)s AND status = 'processing' AND metadata->>'run_id' = %(run)s
-        RETURNING email_sent_at IS NOT NULL  -- only whether: the instant may be one Python cannot hold
+        RETURNING email_sent_at IS NOT NULL AS emailed  -- only whether: the instant may be one Python cannot hold
     """,
     "mark_failed": """
         UPDATE daily_briefs SET status = 'failed', error = %s, completed_at = now(), updated_at = now()
@@ -363,32 +404,47 @@ class _Run:
                 "progress": Jsonb(progress),
             },
         )
-        row = await cur.fetchone()
-        if row is not None:
-            self.brief_id = row[0]
+        cur.row_factory = namedtuple_row
+        inserted = await cur.fetchone()
+        if inserted is not None:
+            self.brief_id = inserted.id
             return None
         cur = await conn.execute(_SQL["lock"], (req.user_id, req.brief_date))
-        row = await cur.fetchone()
-        assert row is not None  # the insert conflicted, so the row exists (and rows are not deleted here)
-        brief_id, status, email_sent, old_meta = row
-        old_meta = old_meta if isinstance(old_meta, dict) else {}  # an earlier run's row may hold any JSON
-        self.brief_id = brief_id
-        if status in ("completed", "partial") and not req.force:
-            follow = []
-            if (req.email or user.wants_email) and not email_sent:
-                follow = [self._email_follow_up()]
-                if self.enqueue_hook is not None:
-                    await self.enqueue_hook(conn, follow)
-            log.info("brief %s for user %s on %s is already %s; not regenerating (no force)",
-                     brief_id, req.user_id, req.brief_date, status)
-            return BriefOutcome(brief_id, status, skipped=True, reason=f"already {status}", follow_ups=follow)
+        cur.row_factory = namedtuple_row
+        found = await cur.fetchone()
+        assert found is not None  # the insert conflicted, so the row exists (and rows are not deleted here)
+        self.brief_id = found.id
+        if found.status in ("completed", "partial") and not req.force:
+            return await self._already_finished(conn, user, found.status, emailed=found.emailed)
+        old_meta = found.metadata if isinstance(found.metadata, dict) else {}  # an earlier run's row may hold any JSON
         self.revision = min(max(token_count(old_meta.get("revision")), 1), TOKENS_MAX - 1) + (1 if req.force else 0)
         meta["revision"] = self.revision
-        resume = not req.force and status in ("processing", "failed")
+        await self._restart(conn, meta, progress)
+        if not req.force and found.status in ("processing", "failed"):
+            await self._resume(conn, found.status, projects)
+        else:
+            await conn.execute(_SQL["drop_all_sections"], (self.brief_id,))
+        return None
+
+    async def _already_finished(self, conn: Conn, user: UserContext, status: str, *, emailed: bool) -> BriefOutcome:
+        """The brief is finished and not forced: nothing to generate; only its email job, if still due."""
+        req = self.req
+        follow = []
+        if (req.email or user.wants_email) and not emailed:
+            follow = [self._email_follow_up()]
+            if self.enqueue_hook is not None:
+                await self.enqueue_hook(conn, follow)
+        log.info("brief %s for user %s on %s is already %s; not regenerating (no force)",
+                 self.brief_id, req.user_id, req.brief_date, status)
+        return BriefOutcome(self.brief_id, status, skipped=True, reason=f"already {status}", follow_ups=follow)
+
+    async def _restart(self, conn: Conn, meta: dict[str, Any], progress: dict[str, Any]) -> None:
+        """The existing row back to ``processing`` for this run (its email record kept unless resending)."""
+        req = self.req
         await conn.execute(
             _SQL["restart"],
             {
-                "id": brief_id,
+                "id": self.brief_id,
                 "stage": req.engagement_stage,
                 "notify": req.notify_at,
                 "meta": Jsonb(meta),
@@ -396,14 +452,14 @@ class _Run:
                 "resend": req.force and req.resend_email,
             },
         )
-        if resume:
-            await conn.execute(_SQL["drop_redo_sections"], (brief_id, [p.id for p in projects]))
-            cur = await conn.execute(_SQL["kept_sections"], (brief_id,))
-            self.kept = {pid: m for pid, m in await cur.fetchall() if isinstance(m, dict)}
-            log.info("resuming brief %s (was %s): %d project section(s) kept", brief_id, status, len(self.kept))
-        else:
-            await conn.execute(_SQL["drop_all_sections"], (brief_id,))
-        return None
+
+    async def _resume(self, conn: Conn, status: str, projects: Sequence[ProjectContext]) -> None:
+        """Keep the sections an earlier run got from the LLM for this run's projects; drop the others."""
+        await conn.execute(_SQL["drop_redo_sections"], (self.brief_id, [p.id for p in projects]))
+        cur = await conn.execute(_SQL["kept_sections"], (self.brief_id,))
+        cur.row_factory = namedtuple_row
+        self.kept = {row.project_id: row.metadata for row in await cur.fetchall() if isinstance(row.metadata, dict)}
+        log.info("resuming brief %s (was %s): %d project section(s) kept", self.brief_id, status, len(self.kept))
 
     async def _projects(self, ctx: BriefContext) -> list[_ProjectResult]:
         limit = asyncio.Semaphore(self.settings.llm_brief_concurrency)
@@ -544,11 +600,12 @@ class _Run:
         """Why this run may no longer write its brief: another run took it over (transient: that run
         finishes it), or the row is gone — the user was deleted meanwhile (permanent: nothing to redo)."""
         cur = await conn.execute("SELECT status FROM daily_briefs WHERE id = %s", (self.brief_id,))
+        cur.row_factory = namedtuple_row
         row = await cur.fetchone()
         if row is None:
             return PermanentError(f"brief {self.brief_id} was deleted during the run "
                                   f"(user {self.req.user_id} deleted?); nothing to finish")
-        return BriefSuperseded(f"brief {self.brief_id} was taken over by another run (now {row[0]})")
+        return BriefSuperseded(f"brief {self.brief_id} was taken over by another run (now {row.status})")
 
     async def _save_pending(self) -> None:
         """Write every finished, unsaved section in one statement (with progress when it is due).
@@ -651,36 +708,68 @@ class _Run:
         actions: list[str],
         summary_meta: dict[str, Any],
     ) -> BriefOutcome:
+        """Render the brief and write the final row (with the email job and the last progress)."""
         req = self.req
-        sources: dict[str, int] = {}
-        prompt = token_count(summary_meta.get("summary_prompt_tokens"))
-        completion = token_count(summary_meta.get("summary_completion_tokens"))
-        model = summary_meta.get("summary_model")
-        for r in results:
-            src = str(r.meta.get("source"))
-            sources[src] = sources.get(src, 0) + 1
-            p, c = r.tokens
-            prompt += p
-            completion += c
-            model = model or r.meta.get("model")
-        prompt, completion = min(prompt, TOKENS_MAX), min(completion, TOKENS_MAX)
-        if not isinstance(model, str):
-            model = None  # a kept section's metadata may hold anything
+        tally = _Tally.of(results, summary_meta)
         failed = [r for r in results if r.status == "failed"]
         partial = bool(failed) or summary_meta.get("summary_source") == "fallback"
         status = "partial" if partial else "completed"
-        error = None
-        if partial:
-            bits = [f"project {r.project.id} ({render.project_title(r.project.name, 80)}): {r.error}"
-                    for r in failed[:5]]
-            if len(failed) > 5:
-                bits.append(f"and {len(failed) - 5} more")
-            if summary_meta.get("summary_source") == "fallback":
-                bits.append(f"executive summary: {summary_meta.get('summary_error')}")
-            error = clip(f"{len(failed)} of {len(results)} project(s) fell back to the plain rendering; "
-                         + "; ".join(bits), 4000)
-
+        error = _partial_error(results, failed, summary_meta) if partial else None
         subject = render.subject(req.engagement_stage, req.brief_date, ctx.user.display_name)
+        markdown = self._markdown(ctx, results, subject, summary, actions, status, summary_meta)
+        self.phase = "done"
+        progress = self._progress_value()
+        meta = self._final_meta(ctx, results, len(failed), tally.sources, summary_meta)
+        follow = [self._email_follow_up()] if req.email or ctx.user.wants_email else []
+        final = {
+            "status": status,
+            "subject": render.clean(subject),
+            "markdown": render.clean(markdown),
+            "summary": render.clean(summary),
+            "actions": Jsonb(scrub(actions)),
+            "model": render.clean(tally.model) if tally.model is not None else None,
+            "prompt": tally.prompt,
+            "completion": tally.completion,
+            "error": render.clean(error) if error is not None else None,
+            "meta": Jsonb(scrub(meta)),
+            "progress": Jsonb(progress),
+        }
+        follow = await self._write_final(final, follow, progress)
+        return self._finished(status, len(results), len(failed), tally, follow)
+
+    def _finished(self, status: str, total: int, failed: int, tally: _Tally, follow: list[FollowUp]) -> BriefOutcome:
+        """The outcome of a brief written to the end (and its log line)."""
+        req = self.req
+        log.info(
+            "brief %s for user %s on %s: %s (%d project(s): %s; %d+%d tokens)",
+            self.brief_id, req.user_id, req.brief_date, status, total,
+            ", ".join(f"{k} {v}" for k, v in sorted(tally.sources.items())) or "none", tally.prompt, tally.completion,
+        )
+        return BriefOutcome(
+            brief_id=self.brief_id,
+            status=status,
+            llm="enabled" if self.llm is not None else "disabled",
+            projects_total=total,
+            projects_ok=total - failed,
+            projects_failed=failed,
+            sources=tally.sources,
+            prompt_tokens=tally.prompt,
+            completion_tokens=tally.completion,
+            follow_ups=follow,
+        )
+
+    def _markdown(
+        self,
+        ctx: BriefContext,
+        results: list[_ProjectResult],
+        subject: str,
+        summary: str,
+        actions: list[str],
+        status: str,
+        summary_meta: dict[str, Any],
+    ) -> str:
+        """The brief's Markdown, within ``brief_max_chars``."""
+        req = self.req
         view = BriefView(
             user_name=ctx.user.display_name,
             brief_date=req.brief_date,
@@ -696,72 +785,52 @@ class _Run:
             more_projects=ctx.more_projects,
             more_names=ctx.more_names,
         )
-        markdown = render.brief_markdown(view, self.settings.brief_max_chars)
-        self.phase = "done"
-        progress = self._progress_value()
+        return render.brief_markdown(view, self.settings.brief_max_chars)
+
+    def _final_meta(
+        self,
+        ctx: BriefContext,
+        results: list[_ProjectResult],
+        failed: int,
+        sources: dict[str, int],
+        summary_meta: dict[str, Any],
+    ) -> dict[str, Any]:
+        """What the finished brief's metadata gains: the run, its projects, the LLM's use and the summary's."""
         meta = {
             "llm": "enabled" if self.llm is not None else "disabled",
             "mode": "llm" if self.llm is not None else "deterministic",
             "run_id": self.run_id,
             "revision": self.revision,
-            "projects": {"total": len(results), "failed": len(failed), "more": ctx.more_projects, **sources},
+            "projects": {"total": len(results), "failed": failed, "more": ctx.more_projects, **sources},
             "resumed_sections": len(self.kept),
             "llm_requests": self.llm_requests,
             "llm_failures": self.llm_failures,
-            "catch_up": req.catch_up,
+            "catch_up": self.req.catch_up,
             "anchor": ctx.anchor.isoformat(),
             **summary_meta,
         }
         if self.llm is None:
             meta["note"] = "generated without an LLM (no API key): deterministic brief"
-        follow: list[FollowUp] = []
-        if req.email or ctx.user.wants_email:
-            follow.append(self._email_follow_up())
+        return meta
+
+    async def _write_final(
+        self, final: dict[str, Any], follow: list[FollowUp], progress: dict[str, Any]
+    ) -> list[FollowUp]:
+        """Write the finished brief (fenced by run_id) with its follow-up jobs and the last progress, in one
+        transaction; the follow-ups actually due (none when the brief was already mailed)."""
         async with self.db.raw() as conn:
-            cur = await conn.execute(
-                _SQL["finish"],
-                {
-                    "status": status,
-                    "subject": render.clean(subject),
-                    "markdown": render.clean(markdown),
-                    "summary": render.clean(summary),
-                    "actions": Jsonb(scrub(actions)),
-                    "model": render.clean(model) if model is not None else None,
-                    "prompt": prompt,
-                    "completion": completion,
-                    "error": render.clean(error) if error is not None else None,
-                    "meta": Jsonb(scrub(meta)),
-                    "progress": Jsonb(progress),
-                    "brief": self.brief_id,
-                    "run": self.run_id,
-                },
-            )
+            cur = await conn.execute(_SQL["finish"], {**final, "brief": self.brief_id, "run": self.run_id})
+            cur.row_factory = namedtuple_row
             row = await cur.fetchone()
             if row is None:
                 raise await self._superseded(conn)
-            if row[0]:
+            if row.emailed:
                 follow = []  # already mailed (a resumed run after the email went out)
             if follow and self.enqueue_hook is not None:
                 await self.enqueue_hook(conn, follow)
             if self.progress_hook is not None:
                 await self.progress_hook(conn, progress)
-        log.info(
-            "brief %s for user %s on %s: %s (%d project(s): %s; %d+%d tokens)",
-            self.brief_id, req.user_id, req.brief_date, status, len(results),
-            ", ".join(f"{k} {v}" for k, v in sorted(sources.items())) or "none", prompt, completion,
-        )
-        return BriefOutcome(
-            brief_id=self.brief_id,
-            status=status,
-            llm=meta["llm"],
-            projects_total=len(results),
-            projects_ok=len(results) - len(failed),
-            projects_failed=len(failed),
-            sources=sources,
-            prompt_tokens=prompt,
-            completion_tokens=completion,
-            follow_ups=follow,
-        )
+        return follow
 
     def _email_follow_up(self) -> FollowUp:
         req = self.req
