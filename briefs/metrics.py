@@ -9,10 +9,16 @@ add one series, not thousands.
 
 from __future__ import annotations
 
+import collections
 import threading
-from collections.abc import Iterable
+import weakref
+from collections.abc import Iterable, Iterator
+from typing import Protocol
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 OTHER = "other"
 MAX_KNOWN_JOB_TYPES = 200  # registered types beyond this share the "other" label too
@@ -68,3 +74,76 @@ LLM_TOKENS = Counter("briefs_llm_tokens_total", "LLM tokens used", ["kind"])
 LLM_LATENCY = Histogram(
     "briefs_llm_latency_seconds", "LLM request latency", ["purpose"], buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 )
+
+
+# --------------------------------------------------------------------------- database connection pools
+
+# What psycopg_pool's get_stats() reports, summed over the process's pools (tests and tools make several;
+# a service has one). Gauges: the pools as they are now. Counters: since the process started, including
+# the pools already disposed of (their last counts are kept), so they never go down.
+POOL_GAUGES = {
+    "pool_size": ("briefs_db_pool_connections", "Pooled connections open, in use or idle, or being opened"),
+    "pool_available": ("briefs_db_pool_idle_connections", "Pooled connections idle in the pool"),
+    "pool_max": ("briefs_db_pool_max_connections", "Most connections the pools may open"),
+    "requests_waiting": ("briefs_db_pool_waiting_requests", "Checkouts waiting for a pooled connection now"),
+}
+POOL_COUNTERS = {
+    "requests_num": ("briefs_db_pool_requests", "Connections asked of the pool", 1),
+    "requests_queued": ("briefs_db_pool_queued_requests", "Checkouts that had to wait for a connection", 1),
+    "requests_wait_ms": ("briefs_db_pool_wait_seconds", "Time checkouts spent waiting for a connection", 1e-3),
+    "requests_errors": ("briefs_db_pool_request_errors", "Checkouts that failed (timed out waiting)", 1),
+    "connections_num": ("briefs_db_pool_connections_opened", "Connection attempts made by the pool", 1),
+    "connections_errors": ("briefs_db_pool_connection_errors", "Connection attempts that failed", 1),
+    "connections_lost": ("briefs_db_pool_connections_lost", "Idle connections found broken by a check", 1),
+    "returns_bad": ("briefs_db_pool_bad_returns", "Connections returned broken or closed (then replaced)", 1),
+}
+
+
+class _StatsSource(Protocol):
+    def get_stats(self) -> dict[str, int]: ...
+
+
+_POOLS: weakref.WeakSet[_StatsSource] = weakref.WeakSet()
+_RETIRED_COUNTS: collections.Counter[str] = collections.Counter()
+_POOLS_LOCK = threading.Lock()  # /metrics is rendered in a thread
+
+
+def watch_pool(pool: _StatsSource) -> None:
+    """Include this (open) pool in the ``briefs_db_pool_*`` metrics; watching it twice changes nothing."""
+    with _POOLS_LOCK:
+        _POOLS.add(pool)
+
+
+def forget_pool(pool: _StatsSource) -> None:
+    """Stop watching a pool that is being closed; its counts stay in the counters' totals."""
+    with _POOLS_LOCK:
+        if pool in _POOLS:
+            _POOLS.discard(pool)
+            stats = pool.get_stats()
+            _RETIRED_COUNTS.update({key: stats.get(key, 0) for key in POOL_COUNTERS})
+
+
+def pool_totals() -> dict[str, float]:
+    """Every pool statistic summed over the watched pools (counters: plus the forgotten ones)."""
+    with _POOLS_LOCK:
+        pools = list(_POOLS)
+        totals: collections.Counter[str] = collections.Counter(_RETIRED_COUNTS)
+    for pool in pools:
+        # get_stats() copies the pool's counters in one C-level dict copy: safe off the loop's thread.
+        stats = pool.get_stats()
+        totals.update({key: stats.get(key, 0) for key in (*POOL_GAUGES, *POOL_COUNTERS)})
+    return {key: float(totals[key]) for key in (*POOL_GAUGES, *POOL_COUNTERS)}
+
+
+class _PoolCollector(Collector):
+    """Reads the pools' statistics when /metrics is scraped (nothing to update between scrapes)."""
+
+    def collect(self) -> Iterator[Metric]:
+        totals = pool_totals()
+        for key, (name, doc) in POOL_GAUGES.items():
+            yield GaugeMetricFamily(name, doc, value=totals[key])
+        for key, (name, doc, scale) in POOL_COUNTERS.items():
+            yield CounterMetricFamily(name, doc, value=totals[key] * scale)
+
+
+REGISTRY.register(_PoolCollector())  # once per process: this module is imported once
