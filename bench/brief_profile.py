@@ -46,7 +46,7 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("llm client: openai SDK", ("openai/",)),
     ("llm client: httpx2/httpcore2/h11/anyio", ("httpx2/", "httpcore2/", "h11/", "anyio/", "sniffio/")),
     ("database: psycopg", ("psycopg/", "psycopg_binary/")),
-    ("database: sqlalchemy pool", ("sqlalchemy/",)),
+    ("database: psycopg_pool", ("psycopg_pool/",)),
     ("jinja2", ("jinja2/", "markupsafe/")),
     ("pydantic", ("pydantic/", "pydantic_core/")),
     ("logging", ("logging/",)),

