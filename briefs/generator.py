@@ -71,7 +71,7 @@ from psycopg.rows import namedtuple_row
 from psycopg.types.json import Jsonb
 
 from briefs import deterministic, render
-from briefs.contract import EMAIL_JOB, BriefRequest, email_dedup_key
+from briefs.contract import EMAIL_JOB, BriefRequest, EmailRequest
 from briefs.db import Database
 from briefs.errors import PermanentError
 from briefs.llm import TOKENS_MAX, ExecutiveSummary, LLMClient, LLMError, ProjectBrief, instructions, token_count
@@ -834,10 +834,11 @@ class _Run:
 
     def _email_follow_up(self) -> FollowUp:
         req = self.req
+        email = EmailRequest(req.user_id, req.brief_date, self.brief_id)
         return FollowUp(
             job_type=EMAIL_JOB,
-            payload={"brief_id": self.brief_id, "user_id": req.user_id, "brief_date": req.brief_date.isoformat()},
-            dedup_key=email_dedup_key(req.user_id, req.brief_date),
+            payload=email.to_payload(),
+            dedup_key=email.dedup_key,
             user_id=req.user_id,
             run_at=req.notify_at,
             notify_at=req.notify_at,
