@@ -318,7 +318,6 @@ async def _client_only(base_url: str, calls: int, concurrency: int) -> dict[str,
     settings = settings_for("postgresql://unused", base_url, llm_concurrency=concurrency)
     project = ProjectContext(1, "Apollo", "A benchmark project", 3)
     messages = project_messages(project, datetime.now(UTC).date(), "standard")
-    llm_module.reset_stats()
     async with LLMClient(settings) as client:
         await client.complete(messages, llm_module.ProjectBrief)  # connect, warm caches
         started, cpu = time.perf_counter(), time.process_time()
@@ -362,6 +361,13 @@ def _enqueue_all(url: str, day: Any) -> None:
         )
 
 
+def _llm_tokens(kind: str) -> int:
+    """The LLM tokens this process has counted (Prometheus ``briefs_llm_tokens_total``)."""
+    from prometheus_client import REGISTRY
+
+    return int(REGISTRY.get_sample_value("briefs_llm_tokens_total", {"kind": kind}) or 0)
+
+
 async def _drain(settings: Settings, worker_concurrency: int, start: Any = None,
                  monitor: CpuMonitor | None = None) -> dict[str, Any]:
     """One worker process's share: a burst worker until the queue is empty."""
@@ -371,7 +377,7 @@ async def _drain(settings: Settings, worker_concurrency: int, start: Any = None,
 
     db = Database(settings, settings.database_url, pool_size=settings.db_pool_size)
     await db.check()
-    llm_module.reset_stats()
+    tokens_before = {kind: _llm_tokens(kind) for kind in ("prompt", "completion")}
     services: dict[str, Any] = {"llm": LLMClient(settings)}
     worker = Worker(db, settings, handlers(settings), burst=True, concurrency=worker_concurrency,
                     services=services)
@@ -392,8 +398,8 @@ async def _drain(settings: Settings, worker_concurrency: int, start: Any = None,
         "cpu_s": cpu,
         "completed": stats.completed,
         "failed": stats.failed,
-        "prompt_tokens": llm_module.stats["prompt_tokens"],
-        "completion_tokens": llm_module.stats["completion_tokens"],
+        "prompt_tokens": _llm_tokens("prompt") - tokens_before["prompt"],
+        "completion_tokens": _llm_tokens("completion") - tokens_before["completion"],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 

@@ -58,8 +58,6 @@ __all__ = [
     "instructions",
     "parse_retry_after",
     "rate_limiter",
-    "reset_stats",
-    "stats",
     "token_count",
 ]
 
@@ -174,26 +172,6 @@ class LLMResult(Generic[T]):
     model: str  # as reported by the API (falls back to the requested model)
     attempts: int  # HTTP requests made, 1 = no retry
     latency: float  # seconds from the call to the result, waits included
-
-
-# Process-wide counters; a later change exports them to Prometheus.
-stats: dict[str, int] = {}
-
-
-def reset_stats() -> None:
-    stats.clear()
-    stats.update(
-        calls=0,  # complete() invocations
-        requests=0,  # HTTP attempts
-        retries=0,
-        successes=0,
-        errors=0,  # complete() invocations that raised LLMError
-        prompt_tokens=0,
-        completion_tokens=0,
-    )
-
-
-reset_stats()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -598,17 +576,14 @@ class LLMClient:
 
         Raises :class:`LLMError`; ``permanent`` says whether a later retry could help.
         """
-        stats["calls"] += 1
         started = time.monotonic()
         try:
             result = await self._complete(messages, schema, purpose)
         except LLMError as exc:
-            stats["errors"] += 1
             metrics.LLM_ERRORS.labels(purpose, "permanent" if exc.permanent else "transient").inc()
             raise
         finally:
             metrics.LLM_LATENCY.labels(purpose).observe(time.monotonic() - started)
-        stats["successes"] += 1
         return result
 
     # -- internals -------------------------------------------------------------------------------
@@ -646,7 +621,6 @@ class LLMClient:
             # The rate token is taken once a slot is held, so the pace is that of requests actually sent.
             if bucket is not None:
                 await bucket.acquire()
-            stats["requests"] += 1
             metrics.LLM_CALLS.labels(purpose).inc()
             # The SDK's timeout applies per phase (connect, each read...); this bounds the whole
             # request so a server trickling bytes cannot hold a slot forever.
@@ -745,8 +719,6 @@ class LLMClient:
                     used_prompt, used_completion = _usage(data)  # a bad reply's tokens count too
                     prompt_tokens += used_prompt
                     completion_tokens += used_completion
-                    stats["prompt_tokens"] += used_prompt
-                    stats["completion_tokens"] += used_completion
                     metrics.LLM_TOKENS.labels("prompt").inc(used_prompt)
                     metrics.LLM_TOKENS.labels("completion").inc(used_completion)
                     value = self._parse(data, schema)
@@ -768,7 +740,6 @@ class LLMClient:
             if attempt >= attempts_allowed:
                 break
             delay = self._backoff(attempt, retry_after)
-            stats["retries"] += 1
             log.warning(
                 "LLM %s call failed (%s); retry %d/%d in %.2fs",
                 purpose,

@@ -9,7 +9,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from briefs import llm as llm_module
 from tests.fakellm import FakeLLM, Fault
 
 NAMES = ["Atlas", "Beacon", "Comet", "Doomed", "Ember"]
@@ -363,12 +362,17 @@ async def test_llm_stats_are_process_wide(briefs_harness: Any, brief_seed: Any, 
     """Tokens recorded on the brief match what the LLM client counted."""
     h = briefs_harness
     uid = seed_five(brief_seed)
-    llm_module.reset_stats()
+    from prometheus_client import REGISTRY
+
+    def tokens(kind: str) -> float:
+        return REGISTRY.get_sample_value("briefs_llm_tokens_total", {"kind": kind}) or 0.0
+
+    before = {kind: tokens(kind) for kind in ("prompt", "completion")}
     await h.enqueue(uid)
     await h.run(h.settings(fake_llm))
     brief = await h.brief(uid)
-    assert brief["prompt_tokens"] == llm_module.stats["prompt_tokens"]
-    assert brief["completion_tokens"] == llm_module.stats["completion_tokens"]
+    assert brief["prompt_tokens"] == tokens("prompt") - before["prompt"] > 0
+    assert brief["completion_tokens"] == tokens("completion") - before["completion"] > 0
 
 
 async def test_llm_health_is_stored_for_sections_summary_and_brief(briefs_harness: Any, brief_seed: Any,

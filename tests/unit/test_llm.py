@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import httpx2
 import pytest
+from prometheus_client import REGISTRY
 
 from briefs import llm
 from briefs.llm import (
@@ -38,9 +39,27 @@ def fake() -> Iterator[FakeLLM]:
         yield server
 
 
-@pytest.fixture(autouse=True)
-def _fresh_stats() -> None:
-    llm.reset_stats()
+def llm_samples() -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every briefs_llm_* Prometheus sample of the process, by name and labels."""
+    return {(sample.name, frozenset(sample.labels.items())): sample.value
+            for metric in REGISTRY.collect() if metric.name.startswith("briefs_llm")
+            for sample in metric.samples}
+
+
+class Meter:
+    """The LLM metrics counted since the meter was made (the registry is process-wide)."""
+
+    def __init__(self) -> None:
+        self.start = llm_samples()
+
+    def __call__(self, name: str, **labels: str) -> float:
+        key = (name, frozenset(labels.items()))
+        return llm_samples().get(key, 0.0) - self.start.get(key, 0.0)
+
+
+@pytest.fixture
+def meter() -> Meter:
+    return Meter()
 
 
 def make_settings(fake: FakeLLM | None, **overrides: Any) -> Settings:
@@ -68,7 +87,7 @@ def brief_messages(project: str = "Apollo") -> list[dict[str, Any]]:
     ]
 
 
-async def test_good_reply_is_parsed_and_tokens_counted(fake: FakeLLM) -> None:
+async def test_good_reply_is_parsed_and_tokens_counted(fake: FakeLLM, meter: Meter) -> None:
     messages = brief_messages("Apollo")
     original = json.dumps(messages)
     async with make_client(fake) as client:
@@ -97,10 +116,10 @@ async def test_good_reply_is_parsed_and_tokens_counted(fake: FakeLLM) -> None:
     assert fake.headers[0]["authorization"] == f"Bearer {KEY}"
     assert json.dumps(messages) == original  # caller's messages untouched
 
-    assert llm.stats["calls"] == 1
-    assert llm.stats["requests"] == 1
-    assert llm.stats["prompt_tokens"] == result.prompt_tokens
-    assert llm.stats["completion_tokens"] == result.completion_tokens
+    assert meter("briefs_llm_latency_seconds_count", purpose="brief") == 1  # complete() calls
+    assert meter("briefs_llm_calls_total", purpose="brief") == 1  # HTTP requests
+    assert meter("briefs_llm_tokens_total", kind="prompt") == result.prompt_tokens
+    assert meter("briefs_llm_tokens_total", kind="completion") == result.completion_tokens
 
 
 async def test_executive_summary_and_system_message_added_when_missing(fake: FakeLLM) -> None:
@@ -122,7 +141,7 @@ async def test_reply_in_code_fences_is_tolerated(fake: FakeLLM) -> None:
     assert result.attempts == 1
 
 
-async def test_429_waits_for_retry_after(fake: FakeLLM) -> None:
+async def test_429_waits_for_retry_after(fake: FakeLLM, meter: Meter) -> None:
     fake.script(Fault.status(429, retry_after=0.3))
     async with make_client(fake) as client:
         started = time.monotonic()
@@ -131,7 +150,7 @@ async def test_429_waits_for_retry_after(fake: FakeLLM) -> None:
     assert result.attempts == 2
     assert fake.calls == 2
     assert elapsed >= 0.3
-    assert llm.stats["retries"] == 1
+    assert meter("briefs_llm_calls_total", purpose="brief") == 2
 
 
 async def test_retry_after_ms_header_is_honoured(fake: FakeLLM) -> None:
@@ -153,7 +172,7 @@ async def test_500_twice_then_ok(fake: FakeLLM) -> None:
     assert result.prompt_tokens == sum(count_tokens(m["content"]) for m in fake.requests[-1]["messages"])
 
 
-async def test_500_every_time_is_a_transient_error(fake: FakeLLM) -> None:
+async def test_500_every_time_is_a_transient_error(fake: FakeLLM, meter: Meter) -> None:
     fake.fail_when(lambda body: True, Fault.status(502))
     async with make_client(fake, llm_max_retries=2) as client:
         with pytest.raises(LLMError) as info:
@@ -162,7 +181,7 @@ async def test_500_every_time_is_a_transient_error(fake: FakeLLM) -> None:
     assert info.value.status == 502
     assert "502 Bad Gateway" in str(info.value)
     assert fake.calls == 3
-    assert llm.stats["errors"] == 1
+    assert meter("briefs_llm_errors_total", purpose="brief", kind="transient") == 1
 
 
 async def test_401_is_permanent_and_never_leaks_the_key(fake: FakeLLM) -> None:
