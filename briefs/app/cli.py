@@ -440,7 +440,14 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="briefs", description="Daily AI briefs, delivered at each user's local time.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _service_commands(sub)
+    _schedule_commands(sub)
+    _queue_commands(sub)
+    _reading_commands(sub)
+    return parser
 
+
+def _service_commands(sub: Any) -> None:
     p = sub.add_parser("run", help="migrate, then run the scheduler and a worker in one process")
     p.add_argument("--demo", action="store_true", help="seed demo users; one brief is due a minute from now")
     p.set_defaults(fn=cmd_run)
@@ -454,6 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("scheduler", help="run the scheduler daemon").set_defaults(fn=cmd_scheduler)
 
+
+def _schedule_commands(sub: Any) -> None:
     p = sub.add_parser("schedule", help="run one scheduler tick")
     p.add_argument("--once", action="store_true", help="run exactly one tick")
     p.add_argument("--now", help="the tick's instant, ISO 8601 with offset (default: now)")
@@ -481,6 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(fn=cmd_enqueue)
 
+
+def _queue_commands(sub: Any) -> None:
     p = sub.add_parser("status", help="queue counts, oldest pending, recent failures, LLM health")
     p.add_argument("--json", action="store_true", help="the same facts as JSON")
     p.set_defaults(fn=cmd_status)
@@ -501,6 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job_id", type=_positive, metavar="JOB_ID")
     p.set_defaults(fn=cmd_cancel)
 
+
+def _reading_commands(sub: Any) -> None:
     p = sub.add_parser("show", help="print a user's brief (Markdown)")
     p.add_argument("user_id", type=_positive, metavar="USER_ID")
     p.add_argument("--date", help="local brief date YYYY-MM-DD (default: the latest)")
@@ -513,7 +526,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("psql", help="open psql on the database in use (extra arguments go to psql)")
     p.add_argument("psql_args", nargs=argparse.REMAINDER, metavar="PSQL_ARGS")
     p.set_defaults(fn=cmd_psql)
-    return parser
 
 
 SERVICES = frozenset({"run", "worker", "scheduler"})
