@@ -235,6 +235,7 @@ MAX_IDLE = 600.0  # an unused connection is closed after this long (one per inte
 RECONNECT_TIMEOUT = 15.0
 CONNECT_TIMEOUT = 10  # libpq connect_timeout when the URL sets none (as the worker's own connections)
 
+_Pool = AsyncConnectionPool[psycopg.AsyncConnection[Any]]
 _EPOCH = "_briefs_epoch"  # attribute of a pooled connection: the Database._epoch it was last known good in
 _POOL_NUMBERS = itertools.count(1)
 
@@ -266,7 +267,7 @@ class Database:
         self._epoch = 0  # bumped whenever a pooled connection is found broken
         self._pool = self._new_pool()
 
-    def _new_pool(self) -> AsyncConnectionPool[psycopg.AsyncConnection[Any]]:
+    def _new_pool(self) -> _Pool:
         kwargs: dict[str, Any] = {"application_name": "briefs"}
         if "connect_timeout" not in conninfo_to_dict(self.url):
             kwargs["connect_timeout"] = CONNECT_TIMEOUT
@@ -331,17 +332,17 @@ class Database:
         finally:
             await pool.putconn(conn)
 
-    async def _open(self, pool: AsyncConnectionPool[Any]) -> None:
+    async def _open(self, pool: _Pool) -> None:
         await pool.open()  # safe to repeat: concurrent first checkouts open it once
         metrics.watch_pool(pool)
 
-    async def _getconn(self, pool: AsyncConnectionPool[Any]) -> psycopg.AsyncConnection[Any]:
+    async def _getconn(self, pool: _Pool) -> psycopg.AsyncConnection[Any]:
         try:
             return await pool.getconn()
         except PoolTimeout:
             raise await self._why_no_connection(pool) from None
 
-    async def _why_no_connection(self, pool: AsyncConnectionPool[Any]) -> Exception:
+    async def _why_no_connection(self, pool: _Pool) -> Exception:
         """The error for a checkout that timed out: the pool was full, or it could not connect."""
         stats = pool.get_stats()
         size, idle, waiting = stats["pool_size"], stats["pool_available"], stats.get("requests_waiting", 0)
@@ -356,7 +357,9 @@ class Database:
         )
 
     async def _connect_directly(self) -> psycopg.AsyncConnection[Any]:
-        extra = {} if "connect_timeout" in conninfo_to_dict(self.url) else {"connect_timeout": CONNECT_TIMEOUT}
+        extra: dict[str, Any] = {}
+        if "connect_timeout" not in conninfo_to_dict(self.url):
+            extra["connect_timeout"] = CONNECT_TIMEOUT
         return await psycopg.AsyncConnection.connect(self.url, application_name="briefs", **extra)
 
     async def _after_error(self, conn: psycopg.AsyncConnection[Any]) -> None:
