@@ -10,10 +10,10 @@ on an HTTP client from :func:`make_http_client`; see the comments there for why.
 Retries are done here, not in the SDK (which is built with ``max_retries=0``), so
 backoff, ``Retry-After`` handling, logging and metrics are under our control.
 
-Limits are process-wide: every ``LLMClient`` in a process shares one
-``asyncio.Semaphore(settings.llm_concurrency)`` and, when ``settings.llm_rpm > 0``,
-one requests-per-minute token bucket (one of each per event loop, because asyncio
-primitives are bound to the loop that first waits on them).
+Limits are process-wide: every ``LLMClient`` in a process shares one :class:`Limits`
+(``settings.llm_concurrency`` requests in flight and, when ``settings.llm_rpm > 0``,
+a requests-per-minute token bucket), owned by :data:`PROCESS_LIMITS` unless the
+client is given its own with ``limits=``.
 
 Errors are ``LLMError``; ``permanent`` tells the caller whether trying the same
 request later can help. Messages never contain the API key.
@@ -29,6 +29,7 @@ import logging
 import random
 import re
 import select
+import threading
 import time
 import weakref
 from collections.abc import Mapping
@@ -47,17 +48,18 @@ from briefs.settings import Settings, redact_url
 
 __all__ = [
     "DEFAULT_BASE_URL",
+    "PROCESS_LIMITS",
     "TOKENS_MAX",
     "ExecutiveSummary",
     "LLMClient",
     "LLMError",
     "LLMResult",
+    "Limits",
+    "ProcessLimits",
     "ProjectBrief",
     "TokenBucket",
-    "concurrency_limiter",
     "instructions",
     "parse_retry_after",
-    "rate_limiter",
     "token_count",
 ]
 
@@ -209,37 +211,74 @@ class TokenBucket:
             self._tokens -= 1
 
 
-# loop -> {("sem", n) | ("rpm", n): primitive}. Weak so closed loops (e.g. one per test) go away.
-_Registry = dict[tuple[str, int], Any]
-_limits: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Registry] = weakref.WeakKeyDictionary()
+class Limits:
+    """Request limits shared by every :class:`LLMClient` holding this object: at most ``concurrency``
+    requests in flight and, when ``rpm > 0``, at most ``rpm`` started per minute (a token bucket).
+
+    asyncio primitives belong to the event loop that first waits on them, so each running loop gets
+    its own semaphore and bucket (a service has one loop; tests and benchmarks run several in turn).
+    """
+
+    def __init__(self, concurrency: int, rpm: int = 0) -> None:
+        if concurrency < 1 or rpm < 0:
+            raise ValueError("Limits needs concurrency >= 1 and rpm >= 0")
+        self.concurrency = concurrency
+        self.rpm = rpm
+        self._per_loop: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, tuple[asyncio.Semaphore, TokenBucket | None]
+        ] = weakref.WeakKeyDictionary()  # weak: a closed loop's primitives go with it
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Limits:
+        return cls(settings.llm_concurrency, settings.llm_rpm)
+
+    def __repr__(self) -> str:
+        return f"Limits(concurrency={self.concurrency}, rpm={self.rpm})"
+
+    def _primitives(self) -> tuple[asyncio.Semaphore, TokenBucket | None]:
+        loop = asyncio.get_running_loop()
+        pair = self._per_loop.get(loop)
+        if pair is None:
+            bucket = TokenBucket.per_minute(self.rpm) if self.rpm else None
+            pair = self._per_loop[loop] = (asyncio.Semaphore(self.concurrency), bucket)
+        return pair
+
+    async def slot(self) -> asyncio.Semaphore:
+        """Wait for a free request slot, then for a rate token; the caller releases the returned semaphore.
+
+        The token is taken once a slot is held, so the pace is that of requests actually sent."""
+        semaphore, bucket = self._primitives()
+        await semaphore.acquire()
+        if bucket is not None:
+            try:
+                await bucket.acquire()
+            except BaseException:  # cancelled while waiting for a token: give the slot back
+                semaphore.release()
+                raise
+        return semaphore
 
 
-def _loop_limits() -> _Registry:
-    loop = asyncio.get_running_loop()
-    registry = _limits.get(loop)
-    if registry is None:
-        registry = _limits[loop] = {}
-    return registry
+class ProcessLimits:
+    """The owner of the process's :class:`Limits`: an ``LLMClient`` made without ``limits=`` takes them
+    from :data:`PROCESS_LIMITS`, so all of a process's clients share one concurrency limit and one rate.
+
+    They are made from the first client's settings. Settings asking for other values (a test, a
+    benchmark scenario) get new limits, shared from then on; clients made before keep the old ones.
+    """
+
+    def __init__(self) -> None:
+        self._limits: Limits | None = None
+        self._lock = threading.Lock()
+
+    def get(self, settings: Settings) -> Limits:
+        with self._lock:
+            limits = self._limits
+            if limits is None or (limits.concurrency, limits.rpm) != (settings.llm_concurrency, settings.llm_rpm):
+                limits = self._limits = Limits.from_settings(settings)
+            return limits
 
 
-def concurrency_limiter(limit: int) -> asyncio.Semaphore:
-    """The process-wide semaphore for ``limit`` concurrent requests on the running loop."""
-    registry = _loop_limits()
-    key = ("sem", limit)
-    if key not in registry:
-        registry[key] = asyncio.Semaphore(limit)
-    return registry[key]
-
-
-def rate_limiter(rpm: int) -> TokenBucket | None:
-    """The process-wide requests-per-minute bucket on the running loop; None when ``rpm`` is 0."""
-    if rpm <= 0:
-        return None
-    registry = _loop_limits()
-    key = ("rpm", rpm)
-    if key not in registry:
-        registry[key] = TokenBucket.per_minute(rpm)
-    return registry[key]
+PROCESS_LIMITS = ProcessLimits()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -530,8 +569,10 @@ class LLMClient:
         http_client: httpx2.AsyncClient | None = None,
         backoff_base: float = 0.5,
         backoff_cap: float = BACKOFF_CAP,
+        limits: Limits | None = None,
     ) -> None:
         self.settings = settings
+        self.limits = limits if limits is not None else PROCESS_LIMITS.get(settings)
         self.enabled: bool = settings.llm_enabled
         self.model: str = settings.model
         self.max_retries = settings.llm_max_retries
@@ -615,12 +656,9 @@ class LLMClient:
 
     async def _send(self, messages: list[dict[str, Any]], purpose: str) -> bytes:
         assert self._openai is not None
-        bucket = rate_limiter(self.settings.llm_rpm)
         body = {"model": self.model, "messages": messages, "response_format": _JSON_OBJECT}
-        async with concurrency_limiter(self.settings.llm_concurrency):
-            # The rate token is taken once a slot is held, so the pace is that of requests actually sent.
-            if bucket is not None:
-                await bucket.acquire()
+        slot = await self.limits.slot()
+        try:
             metrics.LLM_CALLS.labels(purpose).inc()
             # The SDK's timeout applies per phase (connect, each read...); this bounds the whole
             # request so a server trickling bytes cannot hold a slot forever.
@@ -635,6 +673,8 @@ class LLMClient:
                 response = await self._openai.post("/chat/completions", cast_to=httpx2.Response, body=body,
                                                    stream=True)
                 return await _read_capped(response)
+        finally:
+            slot.release()
 
     def _parse(self, data: dict[str, Any], schema: type[T]) -> T:
         choices = data.get("choices")

@@ -21,6 +21,7 @@ from prometheus_client import REGISTRY
 from briefs import llm
 from briefs.llm import (
     ExecutiveSummary,
+    Limits,
     LLMClient,
     LLMError,
     ProjectBrief,
@@ -293,18 +294,28 @@ async def test_concurrency_limit_is_process_wide(fake: FakeLLM) -> None:
     fake.latency = 0.2
     first = make_client(fake, llm_concurrency=2)
     second = make_client(fake, llm_concurrency=2)  # a different instance shares the limit
+    assert first.limits is second.limits is llm.PROCESS_LIMITS.get(make_settings(fake, llm_concurrency=2))
     try:
-        started = time.monotonic()
         results = await asyncio.gather(
             *(c.complete(brief_messages(f"P{i}"), ProjectBrief) for i, c in enumerate([first, second] * 3))
         )
-        elapsed = time.monotonic() - started
     finally:
         await first.aclose()
         await second.aclose()
-    assert len(results) == 6
-    assert elapsed >= 0.6
+    assert len(results) == 6 and fake.calls == 6
     assert fake.max_in_flight == 2
+
+
+async def test_limits_passed_in_are_the_ones_used(fake: FakeLLM) -> None:
+    fake.latency = 0.05
+    limits = Limits(concurrency=1)  # owned by the caller, shared by the clients it is given to
+    clients = [LLMClient(make_settings(fake, llm_concurrency=8), limits=limits) for _ in range(2)]
+    try:
+        await asyncio.gather(*(c.complete(brief_messages(), ProjectBrief) for c in clients * 2))
+    finally:
+        for client in clients:
+            await client.aclose()
+    assert fake.calls == 4 and fake.max_in_flight == 1
 
 
 async def test_no_api_key_raises_without_any_request(fake: FakeLLM) -> None:
@@ -331,27 +342,24 @@ async def test_caller_http_client_is_used_and_left_open(fake: FakeLLM) -> None:
     assert info.value.permanent
 
 
-async def test_rpm_limit_paces_real_requests(fake: FakeLLM) -> None:
-    # Swap the process-wide bucket for llm_rpm=600 with a tiny one: one request per 100 ms, no burst.
-    llm._loop_limits()[("rpm", 600)] = TokenBucket(capacity=1, rate=10.0)
-    try:
-        async with make_client(fake, llm_rpm=600) as client:
-            started = time.monotonic()
-            await asyncio.gather(*(client.complete(brief_messages(), ProjectBrief) for _ in range(3)))
-        assert time.monotonic() - started >= 0.19
-    finally:
-        llm._loop_limits().pop(("rpm", 600))
+async def test_rpm_limit_is_shared_by_the_clients_of_a_process(fake: FakeLLM) -> None:
+    # llm_rpm=1: a bucket of one token, refilled after a minute. The first request takes it; another
+    # client's request must wait for the refill and is not sent meanwhile.
+    async with make_client(fake, llm_rpm=1) as first, make_client(fake, llm_rpm=1) as second:
+        await first.complete(brief_messages(), ProjectBrief)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(second.complete(brief_messages(), ProjectBrief), timeout=0.3)
+    assert fake.calls == 1
 
 
 async def test_rpm_bucket_paces_requests() -> None:
-    bucket = TokenBucket(capacity=2, rate=20.0)  # burst of 2, then one every 50 ms
-    started = time.monotonic()
-    for _ in range(4):
-        await bucket.acquire()
-    assert time.monotonic() - started >= 0.09
-    assert llm.rate_limiter(120) is llm.rate_limiter(120)
-    assert llm.rate_limiter(0) is None
-    assert llm.concurrency_limiter(3) is llm.concurrency_limiter(3)
+    bucket = TokenBucket(capacity=2, rate=1 / 60)  # a burst of 2, then one a minute
+    await bucket.acquire()
+    await bucket.acquire()
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(bucket.acquire(), timeout=0.05)
+    with pytest.raises(ValueError):
+        Limits(concurrency=0)
 
 
 def test_parse_retry_after() -> None:
