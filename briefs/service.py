@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+from psycopg.rows import namedtuple_row
+
 from briefs.contract import (
     BRIEF_JOB,
     MAX_TIMEZONE_CHARS,
@@ -28,7 +30,7 @@ from briefs.contract import (
 from briefs.db import Database
 from briefs.engagement import STANDARD
 from briefs.errors import PermanentError
-from briefs.generator import EnqueueHook, FollowUp
+from briefs.generator import Conn, EnqueueHook, FollowUp
 
 MANUAL_PRIORITY = 10  # a brief someone asked for by hand runs ahead of scheduled ones (50)
 ALL_BATCH = 1000
@@ -58,7 +60,7 @@ def _manual_job(user_id: int, day: date, now: datetime, *, force: bool, resend_e
     return FollowUp(
         job_type=BRIEF_JOB,
         payload=request.to_payload(),
-        dedup_key=brief_dedup_key(user_id, day),
+        dedup_key=request.dedup_key,
         user_id=user_id,
         run_at=None,
         notify_at=request.notify_at,
@@ -86,51 +88,79 @@ async def enqueue_brief(
     """
     now = now or datetime.now(UTC)
     async with db.raw() as conn:
-        cur = await conn.execute(
-            "SELECT left(timezone, %s), length(timezone) FROM users WHERE id = %s", (MAX_TIMEZONE_CHARS + 1, user_id)
-        )
-        row = await cur.fetchone()
-        if row is None:
-            raise NotFound(f"no user with id {user_id}")
-        if brief_date is None or not force:
-            try:
-                today = now.astimezone(load_timezone(row[0], length=row[1])).date()
-            except InvalidTimezone as exc:
-                raise BadRequest(
-                    f"user {user_id}'s timezone is unusable ({exc}): fix users.timezone, or pass --date with --force"
-                ) from None
-        day = brief_date or today
-        try:
-            check_brief_date(day)
-        except PermanentError as exc:
-            raise BadRequest(f"user {user_id}: {exc}") from None
-        if not force and not today - timedelta(days=DATE_PAST_DAYS) <= day <= today + timedelta(days=DATE_FUTURE_DAYS):
-            raise BadRequest(
-                f"brief date {day.isoformat()} is outside {today - timedelta(days=DATE_PAST_DAYS)} .. "
-                f"{today + timedelta(days=DATE_FUTURE_DAYS)} (user {user_id}'s today - {DATE_PAST_DAYS} days .. "
-                "tomorrow); pass --force to queue it anyway"
-            )
-        key = brief_dedup_key(user_id, day)
+        day = await _brief_day(conn, user_id, brief_date, now, force=force)
         what = f"user {user_id}, brief date {day.isoformat()}"
         if not force:
-            cur = await conn.execute(
-                "SELECT status FROM daily_briefs WHERE user_id = %s AND brief_date = %s", (user_id, day)
-            )
-            existing = await cur.fetchone()
-            if existing and existing[0] in ("completed", "partial"):
-                return f"the brief for {what} is already {existing[0]}; pass --force to regenerate it"
+            status = await _finished_status(conn, user_id, day)
+            if status is not None:
+                return f"the brief for {what} is already {status}; pass --force to regenerate it"
         [new_id] = await enqueue(conn, [_manual_job(user_id, day, now, force=force, resend_email=resend_email)])
         if new_id is None:
-            cur = await conn.execute(
-                """SELECT id, status FROM queue_jobs
-                   WHERE dedup_key = %s AND status IN ('pending', 'processing') ORDER BY id DESC LIMIT 1""",
-                (key,),
-            )
-            live = await cur.fetchone()
-            ident = f"job {live[0]}, {live[1]}" if live else "job finished meanwhile; try again"
-            return f"a brief job for {what} is already pending ({ident})"
+            return f"a brief job for {what} is already pending ({await _live_job(conn, user_id, day)})"
     note = " (forced; the email is sent again)" if force and resend_email else " (forced)" if force else ""
     return f"queued job {new_id} for {what}{note}"
+
+
+async def _brief_day(conn: Conn, user_id: int, brief_date: date | None, now: datetime, *, force: bool) -> date:
+    """The date to queue (``brief_date``, else the user's today), checked as :func:`enqueue_brief` says."""
+    cur = await conn.execute(
+        "SELECT left(timezone, %s) AS timezone, length(timezone) AS timezone_length FROM users WHERE id = %s",
+        (MAX_TIMEZONE_CHARS + 1, user_id),
+    )
+    cur.row_factory = namedtuple_row
+    user = await cur.fetchone()
+    if user is None:
+        raise NotFound(f"no user with id {user_id}")
+    if brief_date is not None and force:
+        return _coverable(user_id, brief_date)
+    try:
+        today = _local_today(user.timezone, user.timezone_length, now)
+    except InvalidTimezone as exc:
+        raise BadRequest(
+            f"user {user_id}'s timezone is unusable ({exc}): fix users.timezone, or pass --date with --force"
+        ) from None
+    day = _coverable(user_id, brief_date or today)
+    if not force and not today - timedelta(days=DATE_PAST_DAYS) <= day <= today + timedelta(days=DATE_FUTURE_DAYS):
+        raise BadRequest(
+            f"brief date {day.isoformat()} is outside {today - timedelta(days=DATE_PAST_DAYS)} .. "
+            f"{today + timedelta(days=DATE_FUTURE_DAYS)} (user {user_id}'s today - {DATE_PAST_DAYS} days .. "
+            "tomorrow); pass --force to queue it anyway"
+        )
+    return day
+
+
+def _local_today(timezone: Any, length: int | None, now: datetime) -> date:
+    """The date it is at ``now`` in a stored timezone (clipped to ``length`` characters); else InvalidTimezone."""
+    return now.astimezone(load_timezone(timezone, length=length)).date()
+
+
+def _coverable(user_id: int, day: date) -> date:
+    """``day``, if a brief can cover it; else :class:`BadRequest`."""
+    try:
+        check_brief_date(day)
+    except PermanentError as exc:
+        raise BadRequest(f"user {user_id}: {exc}") from None
+    return day
+
+
+async def _finished_status(conn: Conn, user_id: int, day: date) -> str | None:
+    """The brief's status when it is finished (``completed`` or ``partial``), else None."""
+    cur = await conn.execute("SELECT status FROM daily_briefs WHERE user_id = %s AND brief_date = %s", (user_id, day))
+    cur.row_factory = namedtuple_row
+    brief = await cur.fetchone()
+    return brief.status if brief is not None and brief.status in ("completed", "partial") else None
+
+
+async def _live_job(conn: Conn, user_id: int, day: date) -> str:
+    """The brief job that holds the date's dedup key (the one the new job collided with), for humans."""
+    cur = await conn.execute(
+        """SELECT id, status FROM queue_jobs
+           WHERE dedup_key = %s AND status IN ('pending', 'processing') ORDER BY id DESC LIMIT 1""",
+        (brief_dedup_key(user_id, day),),
+    )
+    cur.row_factory = namedtuple_row
+    live = await cur.fetchone()
+    return f"job {live.id}, {live.status}" if live else "job finished meanwhile; try again"
 
 
 @dataclass
@@ -172,50 +202,72 @@ async def enqueue_all(
     """
     now = now or datetime.now(UTC)
     async with db.raw() as conn:
-        cur = await conn.execute("SELECT count(*) FROM brief_preferences WHERE is_active")
-        total = (await cur.fetchone() or (0,))[0]
+        cur = await conn.execute("SELECT count(*) AS active FROM brief_preferences WHERE is_active")
+        cur.row_factory = namedtuple_row
+        counted = await cur.fetchone()
+        total = counted.active if counted is not None else 0
     report = EnqueueAllReport()
     seen = 0
     after = 0
     while True:
         async with db.raw() as conn:
-            cur = await conn.execute(
-                """SELECT u.id, left(u.timezone, %(zmax)s), length(u.timezone)
-                   FROM brief_preferences p JOIN users u ON u.id = p.user_id
-                   WHERE p.is_active AND p.user_id > %(after)s AND u.id > %(after)s
-                   ORDER BY p.user_id LIMIT %(batch)s""",
-                {"after": after, "batch": ALL_BATCH, "zmax": MAX_TIMEZONE_CHARS + 1},
-            )
-            rows = await cur.fetchall()
-            if not rows:
+            users = await _active_users(conn, after)
+            if not users:
                 break
-            after = rows[-1][0]
-            days: dict[int, date] = {}
-            for user_id, tz_name, tz_length in rows:
-                try:
-                    days[user_id] = now.astimezone(load_timezone(tz_name, length=tz_length)).date()
-                except InvalidTimezone as exc:
-                    report.skipped.append((user_id, str(exc)))
-            finished: set[int] = set()
-            if not force and days:
-                cur = await conn.execute(
-                    """SELECT b.user_id FROM daily_briefs b
-                       JOIN unnest(%s::bigint[], %s::date[]) AS t(user_id, brief_date)
-                         ON b.user_id = t.user_id AND b.brief_date = t.brief_date
-                       WHERE b.status IN ('completed', 'partial')""",
-                    (list(days), list(days.values())),
-                )
-                finished = {r[0] for r in await cur.fetchall()}
-            report.already += len(finished)
-            jobs = [_manual_job(uid, day, now, force=force) for uid, day in days.items() if uid not in finished]
-            ids = await enqueue(conn, jobs) if jobs else []
-            new = sum(1 for i in ids if i is not None)
-            report.queued += new
-            report.already += len(jobs) - new
-        seen += len(rows)
+            after = users[-1].id
+            days = _local_todays(users, now, report)
+            await _enqueue_todays(conn, days, now, force=force, enqueue=enqueue, report=report)
+        seen += len(users)
         if on_progress:
             on_progress(seen, max(total, seen))
     return report
+
+
+async def _active_users(conn: Conn, after: int) -> list[Any]:
+    """The next batch of users with an active preference (ids above ``after``), with their timezones."""
+    cur = await conn.execute(
+        """SELECT u.id, left(u.timezone, %(zmax)s) AS timezone, length(u.timezone) AS timezone_length
+           FROM brief_preferences p JOIN users u ON u.id = p.user_id
+           WHERE p.is_active AND p.user_id > %(after)s AND u.id > %(after)s
+           ORDER BY p.user_id LIMIT %(batch)s""",
+        {"after": after, "batch": ALL_BATCH, "zmax": MAX_TIMEZONE_CHARS + 1},
+    )
+    cur.row_factory = namedtuple_row
+    return await cur.fetchall()
+
+
+def _local_todays(users: list[Any], now: datetime, report: EnqueueAllReport) -> dict[int, date]:
+    """Each user's local today; a user whose timezone is unusable is skipped in ``report``."""
+    days: dict[int, date] = {}
+    for user in users:
+        try:
+            days[user.id] = _local_today(user.timezone, user.timezone_length, now)
+        except InvalidTimezone as exc:
+            report.skipped.append((user.id, str(exc)))
+    return days
+
+
+async def _enqueue_todays(
+    conn: Conn, days: dict[int, date], now: datetime, *, force: bool, enqueue: EnqueueHook, report: EnqueueAllReport
+) -> None:
+    """Queue the brief of each user's date (without ``force``, not the finished ones); counted in ``report``."""
+    finished: set[int] = set()
+    if not force and days:
+        cur = await conn.execute(
+            """SELECT b.user_id FROM daily_briefs b
+               JOIN unnest(%s::bigint[], %s::date[]) AS t(user_id, brief_date)
+                 ON b.user_id = t.user_id AND b.brief_date = t.brief_date
+               WHERE b.status IN ('completed', 'partial')""",
+            (list(days), list(days.values())),
+        )
+        cur.row_factory = namedtuple_row
+        finished = {brief.user_id for brief in await cur.fetchall()}
+    report.already += len(finished)
+    jobs = [_manual_job(uid, day, now, force=force) for uid, day in days.items() if uid not in finished]
+    ids = await enqueue(conn, jobs) if jobs else []
+    new = sum(1 for i in ids if i is not None)
+    report.queued += new
+    report.already += len(jobs) - new
 
 
 async def load_brief_markdown(db: Database, user_id: int, brief_date: date | None) -> str | None:
@@ -233,8 +285,9 @@ async def load_brief_markdown(db: Database, user_id: int, brief_date: date | Non
                 "SELECT summary_markdown FROM daily_briefs WHERE user_id = %s AND brief_date = %s",
                 (user_id, brief_date),
             )
-        row = await cur.fetchone()
-    return row[0] if row and row[0] is not None else None
+        cur.row_factory = namedtuple_row
+        brief = await cur.fetchone()
+    return brief.summary_markdown if brief is not None else None
 
 
 async def show_brief(db: Database, user_id: int, brief_date: date | None) -> str:
@@ -245,14 +298,15 @@ async def show_brief(db: Database, user_id: int, brief_date: date | None) -> str
     async with db.raw() as conn:
         cur = await conn.execute(
             """SELECT u.id, (SELECT max(brief_date)::text FROM daily_briefs b  -- text: 'infinity' is a date too
-                             WHERE b.user_id = u.id AND b.summary_markdown IS NOT NULL)
+                             WHERE b.user_id = u.id AND b.summary_markdown IS NOT NULL) AS latest
                FROM users u WHERE u.id = %s""",
             (user_id,),
         )
-        row = await cur.fetchone()
-    if row is None:
+        cur.row_factory = namedtuple_row
+        user = await cur.fetchone()
+    if user is None:
         raise NotFound(f"no user with id {user_id}")
-    latest = row[1]
+    latest = user.latest
     if latest is None:
         raise NotFound(f"user {user_id} has no brief yet; queue one with `briefs enqueue {user_id}`")
     raise NotFound(f"user {user_id} has no brief for {brief_date}; the latest is {latest} (`briefs show {user_id}`)")
