@@ -310,10 +310,7 @@ def _rows_of(cls: type[_Named]) -> AsyncRowFactory[_Named]:
 @dataclass(slots=True)
 class _User:
     user_id: int
-    timezone: str
-    frequency: str
-    day_of_week: int | None
-    time_of_day: time
+    schedule: _Schedule
     email: bool
     last_visit_at: datetime | None
 
@@ -414,10 +411,11 @@ class _Planner:
         day = job.brief_date
         if day is None:
             return None  # not a key we wrote: leave it alone
-        if user.frequency == "weekly" and day.isoweekday() != user.day_of_week:
+        schedule = user.schedule
+        if schedule.frequency == "weekly" and day.isoweekday() != schedule.day_of_week:
             return _Change(job, True, f"preference changed: no brief on {day} any more")
         try:
-            intended = local_to_utc(day, user.time_of_day, load_timezone(user.timezone))
+            intended = local_to_utc(day, schedule.time_of_day, load_timezone(schedule.timezone))
         except OverflowError:
             return None  # a date at the end of the calendar (9999-12-31 west of UTC): not a job we wrote
         if intended == job.notify_at:
@@ -448,8 +446,8 @@ class _BadRow(ValueError):
     """A page row the scheduler cannot use; the message is the skip reason."""
 
 
-def _check_row(row: _PageRow) -> None:
-    """Raise _BadRow for a row whose timezone was too long to send or whose time_of_day is 24:00."""
+def _schedule_of(row: _PageRow) -> _Schedule:
+    """A row's schedule; _BadRow for a timezone that was too long to send or a time_of_day of 24:00."""
     if row.timezone is None:
         length, _, head = (row.long_timezone or "0 ").partition(" ")
         raise _BadRow(
@@ -457,6 +455,7 @@ def _check_row(row: _PageRow) -> None:
         )
     if row.time_of_day is None:
         raise _BadRow("invalid_preference: time_of_day '24:00:00' is out of range (00:00 to 23:59:59)")
+    return _Schedule(row.timezone, row.frequency, row.day_of_week, row.time_of_day)
 
 
 def _last_visit(epoch: float | None) -> datetime | None:
@@ -716,109 +715,171 @@ async def _page(
     pending: dict[int, list[_Pending]],
     report: TickReport,
 ) -> None:
-    now = planner.now
-    cache = planner.cache
-    detailed = report.detailed
-    due: list[_Due] = []
-    changes: list[_Change] = []
-    not_due = 0
-    for row in rows:
-        user_id = row.user_id
-        jobs = pending.pop(user_id, None)  # a skipped user's pending jobs are left as they are
-        schedule: _ScheduleKey = (row.timezone, row.frequency, row.day_of_week, row.time_of_day)
-        occurrences = cache.get(schedule)
-        if not occurrences and not jobs and occurrences is not None:
-            # The common case: nothing due and nothing queued (a bad last visit only matters when due).
-            if detailed:
-                try:
-                    _last_visit(row.last_visit_epoch)
-                except _BadRow as exc:
-                    planner.skip_bad(report, user_id, str(exc))
-                    continue
-                report.not_due.append({"user_id": user_id, **planner.next_due(schedule, user_id)})
-            not_due += 1
-            continue
-        if occurrences is None:
-            try:
-                _check_row(row)  # a NULL timezone or time: a key the planner never caches
-                occurrences = planner.plan(schedule, user_id)
-            except _BadRow as exc:
-                planner.skip_bad(report, user_id, str(exc))
-                continue
-            except Exception as exc:  # a planner bug must not stop the tick
-                log.exception("planning failed for user %s", user_id)
-                occurrences = exc
-        if isinstance(occurrences, InvalidTimezone):
-            planner.skip_bad(report, user_id, f"invalid_timezone: {occurrences}")
-            continue
-        if isinstance(occurrences, ValueError):
-            planner.skip_bad(report, user_id, _clip(str(occurrences)))
-            continue
-        if isinstance(occurrences, Exception):
-            report.skip(user_id, f"plan_error: {type(occurrences).__name__}: {_clip(str(occurrences))}")
-            continue
-        try:
-            last_visit = _last_visit(row.last_visit_epoch)
-        except _BadRow as exc:
-            planner.skip_bad(report, user_id, str(exc))
-            continue
-        user = _User(
-            user_id=user_id,
-            timezone=row.timezone,
-            frequency=row.frequency,
-            day_of_week=row.day_of_week,
-            time_of_day=row.time_of_day,
-            email=row.email_enabled,
-            last_visit_at=last_visit,
-        )
-        keys = set()
-        for occ in occurrences:
-            key = brief_dedup_key(user_id, occ.brief_date)
-            keys.add(key)
-            due.append(_Due(user, occ, key))
-        changed = len(changes)
-        for job in jobs or ():
-            if job.dedup_key in keys:
-                continue  # reconciled with the plan below
-            try:
-                change = planner.recheck(user, job)
-            except Exception:  # leave the job as it is rather than stop the page
-                log.exception("checking pending job %s of user %s failed", job.id, user.user_id)
-                continue
-            if change is not None:
-                changes.append(change)
-        if not occurrences and len(changes) == changed:
-            not_due += 1  # queued jobs, all as they should be, and nothing due now
-            if detailed:
-                report.not_due.append({"user_id": user_id, **planner.next_due(schedule, user_id)})
-    report.not_due_count += not_due
-
-    # Deduplicate against existing jobs: one query for the whole page.
-    new: list[_Due] = []
-    if due:
-        existing: dict[str, list[_LiveJob]] = {}
-        for live in await conn.fetch(_DEDUP, (SOURCE, [d.key for d in due], JOB_TYPE), _rows_of(_LiveJob)):
-            existing.setdefault(live.dedup_key, []).append(live)
-        for d in due:
-            lives = existing.get(d.key)
-            if not lives:
-                new.append(d)
-                continue
-            change = _reconcile(d, lives, now)
-            if change is None:
-                report.deduplicated += 1
-                if detailed:
-                    job = min(lives, key=lambda j: _LIVE_FIRST.get(j.status, 3))  # the job that blocks: live first
-                    report.deduplicated_users.append(
-                        {"user_id": d.user.user_id, "brief_date": d.occ.brief_date, "job_id": job.id,
-                         "status": job.status}
-                    )
-            else:
-                changes.append(change)
-    await _apply(conn, changes, report)
-
+    """One page of users: plan, deduplicate, move or cancel pending jobs, check engagement and enqueue."""
+    page = _plan_page(planner, rows, pending, report)
+    new = await _deduplicate(conn, page.due, planner.now, page.changes, report)
+    await _apply(conn, page.changes, report)
     if new:
         await _enqueue(conn, settings, new, report)
+
+
+@dataclass(slots=True)
+class _PagePlan:
+    """What planning a page found: the briefs due now and the moves or cancels of pending jobs."""
+
+    due: list[_Due] = field(default_factory=list)
+    changes: list[_Change] = field(default_factory=list)
+
+
+def _plan_page(
+    planner: _Planner, rows: list[_PageRow], pending: dict[int, list[_Pending]], report: TickReport
+) -> _PagePlan:
+    """Plan every user of a page (taking its pending jobs out of ``pending``); skipped users are reported."""
+    page = _PagePlan()
+    cache = planner.cache
+    detailed = report.detailed
+    not_due = 0
+    for row in rows:
+        jobs = pending.pop(row.user_id, None)  # a skipped user's pending jobs are left as they are
+        occurrences = cache.get((row.timezone, row.frequency, row.day_of_week, row.time_of_day))
+        if not occurrences and not jobs and occurrences is not None:
+            # The common case: nothing due and nothing queued (a bad last visit only matters when due).
+            if not detailed or _list_not_due(planner, row, report):
+                not_due += 1
+        elif _plan_user(planner, row, occurrences, jobs or [], page, report):
+            not_due += 1
+    report.not_due_count += not_due
+    return page
+
+
+def _list_not_due(planner: _Planner, row: _PageRow, report: TickReport) -> bool:
+    """List a user with nothing to do in a detailed report; False when it is skipped instead (bad last visit)."""
+    try:
+        _last_visit(row.last_visit_epoch)
+        schedule = _schedule_of(row)  # a cached schedule: it passed this check when it was planned
+    except _BadRow as exc:
+        planner.skip_bad(report, row.user_id, str(exc))
+        return False
+    report.not_due.append({"user_id": row.user_id, **planner.next_due(schedule, row.user_id)})
+    return True
+
+
+def _plan_user(
+    planner: _Planner,
+    row: _PageRow,
+    occurrences: list[Occurrence] | Exception | None,
+    jobs: list[_Pending],
+    page: _PagePlan,
+    report: TickReport,
+) -> bool:
+    """Plan a user with something due or queued: its due briefs, then a check of its other pending jobs.
+
+    ``occurrences`` is the cached plan of the user's schedule, None when not cached yet. True when the user
+    has nothing to do: nothing due, and its queued jobs are as they should be.
+    """
+    planned = _user_and_plan(planner, row, occurrences, report)
+    if planned is None:
+        return False  # skipped, with its reason
+    user, occurrences = planned
+    keys = set()
+    for occ in occurrences:
+        key = brief_dedup_key(user.user_id, occ.brief_date)
+        keys.add(key)
+        page.due.append(_Due(user, occ, key))
+    changes = _recheck_pending(planner, user, jobs, keys)
+    page.changes += changes
+    if occurrences or changes:
+        return False
+    if report.detailed:
+        report.not_due.append({"user_id": user.user_id, **planner.next_due(user.schedule, user.user_id)})
+    return True
+
+
+def _user_and_plan(
+    planner: _Planner, row: _PageRow, occurrences: list[Occurrence] | Exception | None, report: TickReport
+) -> tuple[_User, list[Occurrence]] | None:
+    """The user of a row and its occurrences; None when the user is skipped (its reason reported)."""
+    try:
+        schedule = _schedule_of(row)  # _BadRow for a NULL timezone or time (never a cached schedule)
+        if occurrences is None:
+            occurrences = planner.plan(schedule, row.user_id)
+    except _BadRow as exc:
+        planner.skip_bad(report, row.user_id, str(exc))
+        return None
+    except Exception as exc:  # a planner bug must not stop the tick
+        log.exception("planning failed for user %s", row.user_id)
+        occurrences = exc
+    if isinstance(occurrences, Exception):
+        _skip_unplanned(planner, report, row.user_id, occurrences)
+        return None
+    try:
+        last_visit = _last_visit(row.last_visit_epoch)
+    except _BadRow as exc:
+        planner.skip_bad(report, row.user_id, str(exc))
+        return None
+    return _User(user_id=row.user_id, schedule=schedule, email=row.email_enabled, last_visit_at=last_visit), occurrences
+
+
+def _skip_unplanned(planner: _Planner, report: TickReport, user_id: int, error: Exception) -> None:
+    """Skip a user whose schedule the planner rejected (bad data: a warning) or failed on (a bug)."""
+    if isinstance(error, InvalidTimezone):
+        planner.skip_bad(report, user_id, f"invalid_timezone: {error}")
+    elif isinstance(error, ValueError):
+        planner.skip_bad(report, user_id, _clip(str(error)))
+    else:
+        report.skip(user_id, f"plan_error: {type(error).__name__}: {_clip(str(error))}")
+
+
+def _recheck_pending(planner: _Planner, user: _User, jobs: list[_Pending], planned: set[str]) -> list[_Change]:
+    """The moves and cancels of a user's pending jobs outside this tick's plan (``planned``: its keys)."""
+    changes = []
+    for job in jobs:
+        if job.dedup_key in planned:
+            continue  # reconciled with the plan by _deduplicate
+        try:
+            change = planner.recheck(user, job)
+        except Exception:  # leave the job as it is rather than stop the page
+            log.exception("checking pending job %s of user %s failed", job.id, user.user_id)
+            continue
+        if change is not None:
+            changes.append(change)
+    return changes
+
+
+async def _deduplicate(
+    conn: _Counted, due: list[_Due], now: datetime, changes: list[_Change], report: TickReport
+) -> list[_Due]:
+    """The due briefs no live job blocks: one query for the page.
+
+    A blocked brief is counted as deduplicated, unless the job that blocks it is a pending scheduler job
+    whose instant or email changed: that job's move is added to ``changes``.
+    """
+    if not due:
+        return []
+    existing: dict[str, list[_LiveJob]] = {}
+    for live in await conn.fetch(_DEDUP, (SOURCE, [d.key for d in due], JOB_TYPE), _rows_of(_LiveJob)):
+        existing.setdefault(live.dedup_key, []).append(live)
+    new: list[_Due] = []
+    for d in due:
+        lives = existing.get(d.key)
+        if not lives:
+            new.append(d)
+            continue
+        change = _reconcile(d, lives, now)
+        if change is None:
+            _count_deduplicated(report, d, lives)
+        else:
+            changes.append(change)
+    return new
+
+
+def _count_deduplicated(report: TickReport, d: _Due, lives: list[_LiveJob]) -> None:
+    report.deduplicated += 1
+    if report.detailed:
+        job = min(lives, key=lambda live: _LIVE_FIRST.get(live.status, 3))  # the job that blocks: live first
+        report.deduplicated_users.append(
+            {"user_id": d.user.user_id, "brief_date": d.occ.brief_date, "job_id": job.id, "status": job.status}
+        )
 
 
 def _reconcile(d: _Due, lives: list[_LiveJob], now: datetime) -> _Change | None:
@@ -892,7 +953,7 @@ async def _enqueue(conn: _Counted, settings: Settings, new: list[_Due], report: 
     wanted: list[tuple[int, date, date]] = []
     for d in new:
         try:
-            tz = load_timezone(d.user.timezone)
+            tz = load_timezone(d.user.schedule.timezone)
             if engagement.needs_history(d.user.last_visit_at, d.occ.brief_date, tz):
                 visited = engagement.visit_date(d.user.last_visit_at, tz)
                 assert visited is not None
@@ -909,7 +970,8 @@ async def _enqueue(conn: _Counted, settings: Settings, new: list[_Due], report: 
         more = extra.get(d.user.user_id)
         if more:
             history = engagement.History(history.briefs + tuple(more))
-        decision = engagement.decide(d.user.last_visit_at, history, d.occ.brief_date, tz=load_timezone(d.user.timezone))
+        tz = load_timezone(d.user.schedule.timezone)
+        decision = engagement.decide(d.user.last_visit_at, history, d.occ.brief_date, tz=tz)
         if decision.send:
             extra.setdefault(d.user.user_id, []).append((d.occ.brief_date, decision.stage))
         return decision
