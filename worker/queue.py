@@ -23,10 +23,11 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 import psycopg
+from psycopg.rows import class_row
 from psycopg.types.json import set_json_loads
 
 from briefs.backoff import job_retry
@@ -91,6 +92,16 @@ class FailOutcome:
     status: str  # 'pending' (will retry) or 'failed'
     run_at: datetime | None  # when it will be retried (None when failed for good)
     attempts: int
+
+
+class Rescued(NamedTuple):
+    """A job whose expired lease :func:`rescue_expired` took back."""
+
+    id: int
+    job_type: str
+    status: str  # 'pending' (will retry) or 'failed' (attempts used up)
+    attempts: int
+    run_at: datetime | None  # when it will be retried (None when failed)
 
 
 class QueueError(RuntimeError):
@@ -785,13 +796,13 @@ SET status = CASE WHEN j.attempts >= j.max_attempts THEN 'failed' ELSE 'pending'
     updated_at = now()
 FROM expired
 WHERE j.id = expired.id
-RETURNING j.id, j.job_type, j.status, j.attempts, CASE WHEN j.status = 'pending' THEN j.run_at END
+RETURNING j.id, j.job_type, j.status, j.attempts, CASE WHEN j.status = 'pending' THEN j.run_at END AS run_at
 """
 
 
 async def rescue_expired(
     conn: Conn, *, retry_base: float, retry_max: float, limit: int = 500, max_lease: float = 86400.0
-) -> list[tuple[int, str, str, int, datetime | None]]:
+) -> list[Rescued]:
     """Rescue jobs whose lease expired (their worker died or hung).
 
     The lost run consumed its attempt: the job goes back to pending after the job
@@ -799,15 +810,15 @@ async def rescue_expired(
     or to failed when its attempts are used up. A lease that
     ends more than ``max_lease`` seconds from now (``infinity``, a bad manual edit)
     is no lease any worker took: it is rescued too, or the job would stay running
-    forever. Returns (id, job_type, new status, attempts, run_at or None when
-    failed) per rescued job.
+    forever. Returns the rescued jobs: their new status, attempts, and retry time.
     """
     policy = job_retry(retry_base, clamp_delay(retry_max))
-    cur = await conn.execute(
+    cur = conn.cursor(row_factory=class_row(Rescued))
+    await cur.execute(
         _RESCUE.format(backoff=policy.sql("j.attempts")),
         {"limit": limit, "max_lease": clamp_delay(max_lease), **policy.sql_params()},
     )
-    return [tuple(row) for row in await cur.fetchall()]  # type: ignore[misc]
+    return await cur.fetchall()
 
 
 async def prune(conn: Conn, retention_seconds: float, batch: int = 1000) -> int:

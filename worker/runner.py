@@ -16,7 +16,8 @@ One :class:`Worker` runs up to ``concurrency`` jobs at once. Its pieces:
 - the heartbeat renews leases for every job this worker still owns, running or
   finished-but-not-yet-written, in one statement; a run that is no longer ours
   (rescued, cancelled) is cancelled locally;
-- the maintenance task rescues expired leases and prunes old rows.
+- the maintenance task rescues expired leases (:class:`~worker.rescue.Rescuer`) and
+  prunes old rows.
 
 The claim loop and the completer each own a dedicated autocommit connection
 (outside the pool, like the LISTEN connection): every claim and every batch of
@@ -69,6 +70,7 @@ from worker.accounting import WorkerStats, metrics_for
 from worker.completer import BAD_RESULT, Completer
 from worker.connection import DedicatedConnection, first_line, retryable
 from worker.queue import Job
+from worker.rescue import Rescuer
 
 __all__ = ["Handler", "HandlerFn", "JobContext", "Worker", "WorkerStats"]
 
@@ -150,6 +152,7 @@ class Worker:
         self._completer = Completer(DedicatedConnection(db, COMPLETE_APPLICATION_NAME), self.stats, self._bad_result)
         # Heartbeats, failures, releases, rescues, pruning: never the pool, which handlers can exhaust.
         self._lease_conn = DedicatedConnection(db, LEASE_APPLICATION_NAME, hot=False)
+        self._rescuer = Rescuer(self._lease_conn, settings)
         # A result is stored with the job; one too big (a handler returning megabytes) fails its job instead.
         self._max_result_bytes = queue.PAYLOAD_READ_FACTOR * settings.max_payload_bytes
         self._retry_policy = job_retry(settings.retry_base, settings.retry_max)
@@ -530,24 +533,11 @@ class Worker:
                 await asyncio.sleep(RECONNECT.delay(failures))
 
     async def _maintenance_loop(self) -> None:
-        rescue_every = max(0.2, min(self.settings.lease_seconds / 2, 30.0))
         prune_every = 600.0
         next_prune = time.monotonic() + random.random() * 60
         while True:
             try:
-                conn = await self._lease_conn.get()
-                rescued = await queue.rescue_expired(
-                    conn, retry_base=self.settings.retry_base, retry_max=self.settings.retry_max,
-                    max_lease=max(86400.0, 10 * self.settings.lease_seconds),
-                )
-                for job_id, job_type, status, attempts, run_at in rescued:
-                    metrics.JOBS_RESCUED.labels(metrics.job_type_label(job_type)).inc()
-                    if run_at is not None:
-                        self._note_retry(run_at)
-                    log.warning("rescued job %s (%s) after its lease expired: now %s, attempt %d", job_id,
-                                queue.short_repr(job_type), status, attempts)
-                if rescued:
-                    self._wake_up()
+                await self._rescue()
                 if time.monotonic() >= next_prune:
                     next_prune = time.monotonic() + prune_every
                     await self.prune()
@@ -555,7 +545,16 @@ class Worker:
                 # Whatever the cause, maintenance never stops the worker: it is tried again next round.
                 level = logging.WARNING if retryable(exc) else logging.ERROR
                 log.log(level, "queue maintenance failed (%s); will retry", first_line(exc))
-            await asyncio.sleep(rescue_every * (0.75 + random.random() / 2))
+            await asyncio.sleep(self._rescuer.interval * (0.75 + random.random() / 2))
+
+    async def _rescue(self) -> None:
+        """One round of the rescuer; the rescued jobs are runnable again (or soon: a burst waits for them)."""
+        rescued = await self._rescuer.rescue()
+        for job in rescued:
+            if job.run_at is not None:
+                self._note_retry(job.run_at)
+        if rescued:
+            self._wake_up()
 
     async def prune(self) -> int:
         total = 0
