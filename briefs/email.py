@@ -89,6 +89,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from email_validator import EmailNotValidError, validate_email
+from psycopg.rows import namedtuple_row
 from pydantic import SecretStr
 
 from briefs import render, unsubscribe
@@ -313,28 +314,33 @@ def header_text(value: Any, limit: int) -> str:
 _SQL = {
     # One row, its big values clipped in SQL (a 1 MB summary or 10,000 actions never reach Python).
     "brief": f"""
-        SELECT b.id, b.status, left(b.subject, {SUBJECT_MAX * 2}), left(b.executive_summary, {SUMMARY_MAX * 2}),
+        SELECT b.id AS brief_id, b.status, left(b.subject, {SUBJECT_MAX * 2}) AS subject,
+               left(b.executive_summary, {SUMMARY_MAX * 2}) AS summary,
                (SELECT coalesce(jsonb_agg(left(a.value #>> '{{}}', {2_000}) ORDER BY a.n), '[]'::jsonb)
                 FROM jsonb_array_elements(CASE WHEN jsonb_typeof(b.priority_actions) = 'array'
                                                THEN b.priority_actions ELSE '[]'::jsonb END)
                      WITH ORDINALITY AS a(value, n)
                 WHERE a.n <= {ACTIONS_MAX} AND jsonb_typeof(a.value) = 'string') AS actions,
-               left(b.engagement_stage, 40), left(b.metadata ->> 'revision', 12), left(b.metadata ->> 'llm', 20),
-               left(b.metadata ->> 'summary_source', 20), left(b.metadata ->> 'catch_up', 8),
+               left(b.engagement_stage, 40) AS stage, left(b.metadata ->> 'revision', 12) AS revision,
+               left(b.metadata ->> 'llm', 20) AS llm, left(b.metadata ->> 'summary_source', 20) AS summary_source,
+               left(b.metadata ->> 'catch_up', 8) AS catch_up,
                CASE WHEN b.email_sent_at > '9999-12-30' THEN '9999-12-30'::timestamptz  -- one Python holds
-                    WHEN b.email_sent_at < '0001-01-03' THEN '0001-01-03'::timestamptz ELSE b.email_sent_at END,
-               b.brief_date, u.id,
-               CASE WHEN length(u.email) <= {ADDRESS_MAX} THEN u.email END, left(u.name, {NAME_MAX * 2}),
-               left(b.metadata #>> '{{email,sending,token}}', 64), left(b.metadata #>> '{{email,sending,at}}', 64),
-               now()
+                    WHEN b.email_sent_at < '0001-01-03' THEN '0001-01-03'::timestamptz ELSE b.email_sent_at END
+                   AS email_sent_at,
+               b.brief_date, u.id AS user_id,
+               CASE WHEN length(u.email) <= {ADDRESS_MAX} THEN u.email END AS address,
+               left(u.name, {NAME_MAX * 2}) AS name,
+               left(b.metadata #>> '{{email,sending,token}}', 64) AS sending_token,
+               left(b.metadata #>> '{{email,sending,at}}', 64) AS sending_at,
+               now() AS db_now
         FROM daily_briefs b JOIN users u ON u.id = b.user_id
         WHERE b.user_id = %s AND b.brief_date = %s
     """,
     # The first sections in brief order (their JSON only when of sane size), then names only, and the total.
     "sections": """
-        SELECT s.project_id, left(s.name, 2000), s.quiet,
+        SELECT s.project_id, left(s.name, 2000) AS name, s.quiet,
                CASE WHEN s.n <= %(sections)s AND octet_length(pdb.metadata::text) <= %(json_max)s
-                    THEN pdb.metadata -> 'section' END,
+                    THEN pdb.metadata -> 'section' END AS data,
                s.total
         FROM (SELECT pdb.id, p.id AS project_id, p.name, coalesce(pdb.metadata ->> 'reason', '') = 'quiet' AS quiet,
                      row_number() OVER (ORDER BY lower(p.name), p.id) AS n, count(*) OVER () AS total
@@ -422,17 +428,17 @@ async def load(conn: Any, user_id: int, brief_date: date, *, lock: bool, limits:
                sections: bool = True) -> LoadedBrief | None:
     """The brief and its user (and its first sections unless ``sections=False``), every value bounded."""
     cur = await conn.execute(_SQL["brief"] + (" FOR UPDATE OF b" if lock else ""), (user_id, brief_date))
+    cur.row_factory = namedtuple_row
     row = await cur.fetchone()
     if row is None:
         return None
-    (brief_id, status, subject, summary, actions, stage, revision, llm, summary_source, catch_up, sent_at, day,
-     uid, address, name, sending_token, sending_at, db_now) = row
     brief = LoadedBrief(
-        brief_id=brief_id, status=status, subject=subject, summary=summary,
-        actions=[a for a in (actions or []) if isinstance(a, str)], stage=stage,
-        revision=_int_or(revision, 1), llm=llm == "enabled", summary_source=summary_source or "llm",
-        catch_up=catch_up == "true", email_sent_at=sent_at, brief_date=day, user_id=uid, address=address, name=name,
-        sending_token=sending_token, sending_at=_when(sending_at), db_now=db_now,
+        brief_id=row.brief_id, status=row.status, subject=row.subject, summary=row.summary,
+        actions=[a for a in (row.actions or []) if isinstance(a, str)], stage=row.stage,
+        revision=_int_or(row.revision, 1), llm=row.llm == "enabled", summary_source=row.summary_source or "llm",
+        catch_up=row.catch_up == "true", email_sent_at=row.email_sent_at, brief_date=row.brief_date,
+        user_id=row.user_id, address=row.address, name=row.name, sending_token=row.sending_token,
+        sending_at=_when(row.sending_at), db_now=row.db_now,
     )
     return await load_sections(conn, brief, limits) if sections else brief
 
@@ -444,9 +450,10 @@ async def load_sections(conn: Any, brief: LoadedBrief, limits: Limits = Limits()
         {"brief": brief.brief_id, "sections": limits.max_sections, "names": MAX_OMITTED_NAMES,
          "json_max": SECTION_JSON_MAX},
     )
+    cur.row_factory = namedtuple_row
     rows = await cur.fetchall()
-    sections = tuple(LoadedSection(pid, pname or "", bool(quiet), data) for pid, pname, quiet, data, _ in rows)
-    return replace(brief, sections=sections, total_sections=int(rows[0][4]) if rows else 0)
+    sections = tuple(LoadedSection(row.project_id, row.name or "", bool(row.quiet), row.data) for row in rows)
+    return replace(brief, sections=sections, total_sections=int(rows[0].total) if rows else 0)
 
 
 # --------------------------------------------------------------------------- the job
@@ -634,15 +641,8 @@ def build_email(config: EmailConfig, brief: LoadedBrief, now: datetime) -> Email
     stage = render.normal_stage(brief.stage)
     subject = header_text(brief.subject, SUBJECT_MAX) or header_text(
         render.subject(stage, brief.brief_date, display), SUBJECT_MAX)
-    base = config.public_url
-    if not base and not _warned:
-        _warned.append(True)
-        log.warning("BRIEFS_PUBLIC_URL is not set: emails carry no unsubscribe link and no List-Unsubscribe header "
-                    "(large mail providers expect one-click unsubscribe: set an https BRIEFS_PUBLIC_URL)")
-    token = unsubscribe.make_token(config.secret, brief.user_id, address, now=now)
-    unsubscribe_url = unsubscribe.unsubscribe_url(base, token) if base else None
+    unsubscribe_url = _unsubscribe_url(config, brief.user_id, address, now)
     shown = brief.sections[: config.limits.max_sections]
-    names = tuple(s.name for s in brief.sections[config.limits.max_sections:])
     view = BriefView(
         user_name=display,
         brief_date=brief.brief_date,
@@ -655,34 +655,65 @@ def build_email(config: EmailConfig, brief: LoadedBrief, now: datetime) -> Email
         status=brief.status,
         summary_source=brief.summary_source,
         catch_up=brief.catch_up,
-        omitted=names,
-        full_url=f"{base}/briefs/{brief.brief_date.isoformat()}" if base else None,
+        omitted=tuple(s.name for s in brief.sections[config.limits.max_sections:]),
+        full_url=f"{config.public_url}/briefs/{brief.brief_date.isoformat()}" if config.public_url else None,
         unsubscribe_url=unsubscribe_url,
         extra={"unlisted": max(0, brief.total_sections - len(brief.sections))},
     )
+    headers = _Headers(
+        subject=subject,
+        sender=config.sender.header,
+        to=Address(display_name=display, addr_spec=address),
+        date=format_datetime(now.astimezone(UTC)),
+        message_id=message_id(brief.brief_id, brief.revision, brief.user_id, brief.brief_date, config.sender.domain),
+        unsubscribe_url=unsubscribe_url,
+        brief=f"{brief.user_id}/{brief.brief_date.isoformat()}",
+    )
+    html, text, level = fit(view, [not s.quiet for s in shown], limits=config.limits,
+                            size=lambda h, t: wire_size(headers.message(h, t)))
+    message = headers.message(html, text)
+    check_headers(message, address)
+    return Email(message, html, text, level, address, wire_size(message))
 
-    def make(html: str, text: str) -> EmailMessage:
+
+def _unsubscribe_url(config: EmailConfig, user_id: int, address: str, now: datetime) -> str | None:
+    """The signed unsubscribe link (None without ``BRIEFS_PUBLIC_URL``: warned about once per process)."""
+    base = config.public_url
+    if not base and not _warned:
+        _warned.append(True)
+        log.warning("BRIEFS_PUBLIC_URL is not set: emails carry no unsubscribe link and no List-Unsubscribe header "
+                    "(large mail providers expect one-click unsubscribe: set an https BRIEFS_PUBLIC_URL)")
+    token = unsubscribe.make_token(config.secret, user_id, address, now=now)
+    return unsubscribe.unsubscribe_url(base, token) if base else None
+
+
+@dataclass(frozen=True)
+class _Headers:
+    """One brief's message headers, written into each rendering :func:`fit` measures and into the one sent."""
+
+    subject: str
+    sender: Address
+    to: Address
+    date: str
+    message_id: str
+    unsubscribe_url: str | None
+    brief: str  # X-Briefs-Brief: user id / brief date
+
+    def message(self, html: str, text: str) -> EmailMessage:
         msg = EmailMessage(policy=POLICY)
-        msg["Subject"] = subject
-        msg["From"] = config.sender.header
-        msg["To"] = Address(display_name=display, addr_spec=address)
-        msg["Date"] = format_datetime(now.astimezone(UTC))
-        msg["Message-ID"] = message_id(brief.brief_id, brief.revision, brief.user_id, brief.brief_date,
-                                       config.sender.domain)
-        if unsubscribe_url:
-            msg["List-Unsubscribe"] = f"<{unsubscribe_url}>"
-            if unsubscribe_url.startswith("https://"):
+        msg["Subject"] = self.subject
+        msg["From"] = self.sender
+        msg["To"] = self.to
+        msg["Date"] = self.date
+        msg["Message-ID"] = self.message_id
+        if self.unsubscribe_url:
+            msg["List-Unsubscribe"] = f"<{self.unsubscribe_url}>"
+            if self.unsubscribe_url.startswith("https://"):
                 msg["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
-        msg["X-Briefs-Brief"] = f"{brief.user_id}/{brief.brief_date.isoformat()}"
+        msg["X-Briefs-Brief"] = self.brief
         msg.set_content(text)
         msg.add_alternative(html, subtype="html")
         return msg
-
-    html, text, level = fit(view, [not s.quiet for s in shown], limits=config.limits,
-                            size=lambda h, t: wire_size(make(h, t)))
-    message = make(html, text)
-    check_headers(message, address)
-    return Email(message, html, text, level, address, wire_size(message))
 
 
 def check_headers(message: EmailMessage, address: str) -> None:
@@ -916,38 +947,13 @@ def smtp_send(target: SmtpTarget, message: EmailMessage, from_addr: str, to_addr
     """
     holder: list[smtplib.SMTP] = []
     expired = threading.Event()
-
-    def cut() -> None:
-        expired.set()
-        sock = getattr(holder[0], "sock", None) if holder else None
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    timer = threading.Timer(budget, cut)
+    timer = threading.Timer(budget, _cut, (holder, expired))
     timer.daemon = True
     timer.start()
     try:
-        if target.tls == "implicit":
-            holder.append(_SMTP_SSL(target.host, target.port, timeout=timeout, context=_tls_context()))
-        else:
-            holder.append(_SMTP(target.host, target.port, timeout=timeout))
+        holder.append(_connect(target, timeout))
         server = holder[0]
-        server.ehlo()
-        if target.tls == "starttls":
-            if not server.has_extn("starttls"):
-                raise smtplib.SMTPNotSupportedError(
-                    "the server does not offer STARTTLS; refusing to continue without TLS (BRIEFS_SMTP_URL)")
-            code, reply = server.starttls(context=_tls_context())
-            if code != 220:  # smtplib returns a refusal instead of raising: never carry on in plain text
-                raise smtplib.SMTPResponseException(code, reply)
-            server.ehlo()
-        if target.username or target.password:
-            if not isinstance(server.sock, ssl.SSLSocket):
-                log.warning("sending SMTP credentials without TLS (BRIEFS_SMTP_ALLOW_INSECURE) to %s", target.where)
-            server.login(target.username or "", target.password or "")
+        _open_session(server, target)
         server.send_message(message, from_addr=from_addr, to_addrs=[to_addr])
         try:
             server.quit()
@@ -961,3 +967,38 @@ def smtp_send(target: SmtpTarget, message: EmailMessage, from_addr: str, to_addr
         timer.cancel()
         if holder:
             holder[0].close()
+
+
+def _cut(holder: list[smtplib.SMTP], expired: threading.Event) -> None:
+    """The send budget ran out: note it and shut the socket down, so the blocked exchange fails at once."""
+    expired.set()
+    sock = getattr(holder[0], "sock", None) if holder else None
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+def _connect(target: SmtpTarget, timeout: float) -> smtplib.SMTP:
+    """A connection to the server (TLS from the start for ``smtps``), its greeting read."""
+    if target.tls == "implicit":
+        return _SMTP_SSL(target.host, target.port, timeout=timeout, context=_tls_context())
+    return _SMTP(target.host, target.port, timeout=timeout)
+
+
+def _open_session(server: smtplib.SMTP, target: SmtpTarget) -> None:
+    """EHLO, STARTTLS when the target says so (never carrying on in plain text), and the login if any."""
+    server.ehlo()
+    if target.tls == "starttls":
+        if not server.has_extn("starttls"):
+            raise smtplib.SMTPNotSupportedError(
+                "the server does not offer STARTTLS; refusing to continue without TLS (BRIEFS_SMTP_URL)")
+        code, reply = server.starttls(context=_tls_context())
+        if code != 220:  # smtplib returns a refusal instead of raising: never carry on in plain text
+            raise smtplib.SMTPResponseException(code, reply)
+        server.ehlo()
+    if target.username or target.password:
+        if not isinstance(server.sock, ssl.SSLSocket):
+            log.warning("sending SMTP credentials without TLS (BRIEFS_SMTP_ALLOW_INSECURE) to %s", target.where)
+        server.login(target.username or "", target.password or "")
