@@ -100,6 +100,7 @@ from psycopg.types.json import Jsonb
 from briefs import engagement, metrics
 from briefs.contract import (
     BRIEF_JOB,
+    STANDARD,
     BriefRequest,
     InvalidTimezone,
     brief_date_of_key,
@@ -949,7 +950,31 @@ def _change_params(changes: Sequence[_Change]) -> tuple[list[Any], ...]:
 
 
 async def _enqueue(conn: _Counted, settings: Settings, new: list[_Due], report: TickReport) -> None:
-    # Engagement inputs: history only matters for users inactive 4+ days; one query for all of them.
+    """Check engagement for the briefs no job blocks and insert the jobs of those to send: one statement."""
+    histories = await engagement.load_histories(conn, _history_wanted(new))
+    decisions = await _decide(new, histories)
+    sends = _sends(new, decisions, report)
+    if not sends:
+        return
+    jobs = [_new_job(settings, send) for send in sends]
+    if report.dry_run:
+        ids: Sequence[int | None] = [None] * len(jobs)
+        refused: dict[int, str] = {}
+    else:
+        result = await queue.enqueue_many(
+            conn, jobs, default_max_attempts=settings.max_attempts, notify=False,  # type: ignore[arg-type]
+            max_payload_bytes=settings.max_payload_bytes,
+        )
+        ids = result
+        refused = {r.index: r.reason for r in result.rejected}
+    _report_inserted(report, sends, ids, refused)
+
+
+def _history_wanted(new: list[_Due]) -> list[tuple[int, date, date]]:
+    """(user_id, last visit date, brief date) of the users whose engagement decision reads their history.
+
+    History only matters for users inactive 4+ days; one query loads it for all of them.
+    """
     wanted: list[tuple[int, date, date]] = []
     for d in new:
         try:
@@ -958,10 +983,15 @@ async def _enqueue(conn: _Counted, settings: Settings, new: list[_Due], report: 
                 visited = engagement.visit_date(d.user.last_visit_at, tz)
                 assert visited is not None
                 wanted.append((d.user.user_id, visited, d.occ.brief_date))
-        except Exception:  # decide() meets the same error below and skips just this user
+        except Exception:  # decide() meets the same error and skips just this user
             pass
-    histories = await engagement.load_histories(conn, wanted)
+    return wanted
 
+
+async def _decide(
+    new: list[_Due], histories: dict[tuple[int, date], engagement.History]
+) -> list[engagement.Decision | BaseException]:
+    """The engagement decision of each brief, in order, or the exception its check raised."""
     # A user with two occurrences in one tick: the earlier decision is history for the later one.
     extra: dict[int, list[tuple[date, str | None]]] = {}
 
@@ -977,10 +1007,22 @@ async def _enqueue(conn: _Counted, settings: Settings, new: list[_Due], report: 
         return decision
 
     # Checks are pure and cheap; gather isolates them: one failing check skips its user, never the page.
-    decisions = await asyncio.gather(*(check(d) for d in new), return_exceptions=True)
+    return await asyncio.gather(*(check(d) for d in new), return_exceptions=True)
 
-    jobs: list[NewJob] = []
-    sent: list[tuple[_Due, str]] = []
+
+@dataclass(slots=True)
+class _Send:
+    """A brief to enqueue, at the engagement stage its check decided."""
+
+    due: _Due
+    stage: str
+
+
+def _sends(
+    new: list[_Due], decisions: list[engagement.Decision | BaseException], report: TickReport
+) -> list[_Send]:
+    """The briefs whose engagement check says send; the others' users are skipped with the reason."""
+    sends: list[_Send] = []
     for d, decision in zip(new, decisions, strict=True):
         if isinstance(decision, BaseException):
             if not isinstance(decision, Exception):
@@ -988,40 +1030,35 @@ async def _enqueue(conn: _Counted, settings: Settings, new: list[_Due], report: 
             reason = f"engagement_error: {type(decision).__name__}: {_clip(str(decision))}"
             log.error("engagement check failed for user %s: %s", d.user.user_id, reason)
             report.skip(d.user.user_id, reason)
-            continue
-        if not decision.send:
+        elif not decision.send:
             report.skip(d.user.user_id, decision.reason or "engagement: skipped")
-            continue
-        stage = decision.stage or engagement.STANDARD
-        occ = d.occ
-        jobs.append(
-            NewJob(
-                job_type=JOB_TYPE,
-                payload=BriefRequest(
-                    d.user.user_id, occ.brief_date, occ.notify_at, stage, email=d.user.email, catch_up=occ.catch_up
-                ).to_payload(source=SOURCE),
-                priority=PRIORITY,
-                run_at=occ.run_at,
-                max_attempts=settings.max_attempts,
-                dedup_key=d.key,
-                user_id=d.user.user_id,
-                notify_at=occ.notify_at,
-            )
-        )
-        sent.append((d, stage))
-    if not jobs:
-        return
-    refused: dict[int, str] = {}
-    if report.dry_run:
-        ids: list[int | None] = [None] * len(jobs)
-    else:
-        result = await queue.enqueue_many(
-            conn, jobs, default_max_attempts=settings.max_attempts, notify=False,  # type: ignore[arg-type]
-            max_payload_bytes=settings.max_payload_bytes,
-        )
-        ids = result
-        refused = {r.index: r.reason for r in result.rejected}
-    for index, ((d, stage), job_id) in enumerate(zip(sent, ids, strict=True)):
+        else:
+            sends.append(_Send(d, decision.stage or STANDARD))
+    return sends
+
+
+def _new_job(settings: Settings, send: _Send) -> NewJob:
+    user, occ = send.due.user, send.due.occ
+    return NewJob(
+        job_type=JOB_TYPE,
+        payload=BriefRequest(
+            user.user_id, occ.brief_date, occ.notify_at, send.stage, email=user.email, catch_up=occ.catch_up
+        ).to_payload(source=SOURCE),
+        priority=PRIORITY,
+        run_at=occ.run_at,
+        max_attempts=settings.max_attempts,
+        dedup_key=send.due.key,
+        user_id=user.user_id,
+        notify_at=occ.notify_at,
+    )
+
+
+def _report_inserted(
+    report: TickReport, sends: list[_Send], ids: Sequence[int | None], refused: dict[int, str]
+) -> None:
+    """Report each brief sent: enqueued (``ids``: None in a dry run), refused by the queue, or deduplicated."""
+    for index, (send, job_id) in enumerate(zip(sends, ids, strict=True)):
+        d = send.due
         if index in refused:  # the queue would not take it (a field out of range): that user alone
             report.skip(d.user.user_id, f"enqueue_refused: {refused[index]}")
             continue
@@ -1039,7 +1076,7 @@ async def _enqueue(conn: _Counted, settings: Settings, new: list[_Due], report: 
                 "notify_at": d.occ.notify_at,
                 "run_at": d.occ.run_at,
                 "job_id": job_id,
-                "stage": stage,
+                "stage": send.stage,
                 "catch_up": d.occ.catch_up,
             }
         )
