@@ -17,7 +17,7 @@ One :class:`Worker` runs up to ``concurrency`` jobs at once. Its pieces:
   finished-but-not-yet-written, in one statement; a run that is no longer ours
   (rescued, cancelled) is cancelled locally;
 - the maintenance task rescues expired leases (:class:`~worker.rescue.Rescuer`) and
-  prunes old rows.
+  prunes old rows (:class:`~worker.prune.Pruner`).
 
 The claim loop and the completer each own a dedicated autocommit connection
 (outside the pool, like the LISTEN connection): every claim and every batch of
@@ -69,6 +69,7 @@ from worker import queue
 from worker.accounting import WorkerStats, metrics_for
 from worker.completer import BAD_RESULT, Completer
 from worker.connection import DedicatedConnection, first_line, retryable
+from worker.prune import Pruner
 from worker.queue import Job
 from worker.rescue import Rescuer
 
@@ -153,6 +154,7 @@ class Worker:
         # Heartbeats, failures, releases, rescues, pruning: never the pool, which handlers can exhaust.
         self._lease_conn = DedicatedConnection(db, LEASE_APPLICATION_NAME, hot=False)
         self._rescuer = Rescuer(self._lease_conn, settings)
+        self._pruner = Pruner(self._lease_conn, settings.retention_days)
         # A result is stored with the job; one too big (a handler returning megabytes) fails its job instead.
         self._max_result_bytes = queue.PAYLOAD_READ_FACTOR * settings.max_payload_bytes
         self._retry_policy = job_retry(settings.retry_base, settings.retry_max)
@@ -533,14 +535,10 @@ class Worker:
                 await asyncio.sleep(RECONNECT.delay(failures))
 
     async def _maintenance_loop(self) -> None:
-        prune_every = 600.0
-        next_prune = time.monotonic() + random.random() * 60
         while True:
             try:
                 await self._rescue()
-                if time.monotonic() >= next_prune:
-                    next_prune = time.monotonic() + prune_every
-                    await self.prune()
+                await self._pruner.prune_if_due()
             except Exception as exc:
                 # Whatever the cause, maintenance never stops the worker: it is tried again next round.
                 level = logging.WARNING if retryable(exc) else logging.ERROR
@@ -557,18 +555,8 @@ class Worker:
             self._wake_up()
 
     async def prune(self) -> int:
-        total = 0
-        retention = self.settings.retention_days * 86400
-        while True:
-            conn = await self._lease_conn.get()
-            deleted = await queue.prune(conn, retention)
-            total += deleted
-            if deleted == 0:
-                break
-            await asyncio.sleep(0.05)  # small batches, room for everyone else
-        if total:
-            log.info("pruned %d finished job(s) older than %g days", total, self.settings.retention_days)
-        return total
+        """Delete every finished job older than the retention period now; returns how many."""
+        return await self._pruner.prune()
 
     # ------------------------------------------------------------------ shutdown
 
