@@ -9,9 +9,11 @@ from typing import Any
 
 import pytest
 
+from briefs.app.host import Host
+from briefs.app.services import SchedulerService
 from briefs.db import Database
 from scheduler import daemon as daemon_mod
-from scheduler.daemon import SchedulerDaemon, serve
+from scheduler.daemon import SchedulerDaemon
 from scheduler.tick import TickReport
 from tests.conftest import SchedulerSeed, make_settings
 from tests.polling import wait_for_async
@@ -124,15 +126,20 @@ async def test_stop_lets_the_running_tick_finish(
     assert daemon.last_report is not None and not daemon.running
 
 
-async def test_serve_without_signals_runs_until_cancelled(
+async def test_the_scheduler_service_ticks_in_a_host_until_stopped(
     db: Database, database_url: str, sched_seed: SchedulerSeed
 ) -> None:
     uid = sched_seed.user("UTC", soon())
     settings = make_settings(database_url, scheduler_interval=30)
-    task = asyncio.create_task(serve(settings, db=db, signals=False))
+    service = SchedulerService(db, settings)
+
+    async def build(db: Database, resources: dict[str, Any]) -> list[SchedulerService]:
+        return [service]
+
+    task = asyncio.create_task(Host(settings, db=db, signals=False).run(build))
     await wait_for_async(lambda: sched_seed.jobs(uid), what="the job of the tick at start",
                          accept=lambda jobs: len(jobs) == 1)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    await db.check()  # the caller's database is still usable (serve does not dispose it)
+    service.stop()
+    assert await task == [service]
+    assert service.daemon.ticks == 1 and not service.daemon.running
+    await db.check()  # the caller's database is still usable (the host does not dispose it)
