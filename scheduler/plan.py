@@ -32,6 +32,8 @@ __all__ = ["Occurrence", "Preference", "local_to_utc", "next_occurrence", "occur
 
 _ONE_DAY = timedelta(days=1)
 _ZERO = timedelta(0)
+
+
 @dataclass(frozen=True, slots=True)
 class Preference:
     user_id: int

@@ -321,7 +321,7 @@ class _Pending:
     """A pending scheduler-made brief job."""
 
     id: int
-    user_id: int
+    user_id: int | None  # None only for a job whose row lost its user_id (the pending-job load skips those)
     dedup_key: str
     brief_date: date | None
     notify_at: datetime | None
@@ -891,7 +891,7 @@ def _reconcile(d: _Due, lives: list[_LiveJob], now: datetime) -> _Change | None:
     notify_at = pend.notify_at
     job = _Pending(
         id=pend.id,
-        user_id=pend.user_id,  # type: ignore[arg-type]  # not NULL: the scheduler sets it on every job it makes
+        user_id=pend.user_id,
         dedup_key=d.key,
         brief_date=d.occ.brief_date,
         notify_at=notify_at,
