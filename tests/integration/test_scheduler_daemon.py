@@ -1,4 +1,5 @@
-"""The daemon: a tick at start and every interval; failures never kill it; stop() lets a tick finish."""
+"""The daemon: a tick at start and every interval, never two at once, missed ones as one late tick;
+failures never kill it; stop() lets a tick finish."""
 
 from __future__ import annotations
 
@@ -8,6 +9,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from apscheduler.events import (
+    EVENT_JOB_EXECUTED,
+    EVENT_JOB_MAX_INSTANCES,
+    EVENT_JOB_MISSED,
+    JobEvent,
+    JobExecutionEvent,
+)
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from briefs.app.host import Host
 from briefs.app.services import SchedulerService
@@ -24,6 +33,61 @@ def soon() -> str:
     return (datetime.now(UTC) + timedelta(minutes=10)).strftime("%H:%M")
 
 
+class FakeTick:
+    """Stands in for ``run_tick`` where the daemon looks it up: counts calls, and how many ran at once.
+
+    While ``hold`` is an event not set yet, every call waits for it: a tick that outlasts the interval.
+    """
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.running = 0
+        self.most_at_once = 0
+        self.hold: asyncio.Event | None = None
+
+    async def __call__(self, db: Any, settings: Any, now: datetime, **kw: Any) -> TickReport:
+        self.calls += 1
+        self.running += 1
+        self.most_at_once = max(self.most_at_once, self.running)
+        try:
+            if self.hold is not None:
+                await self.hold.wait()
+            return TickReport(now=now)
+        finally:
+            self.running -= 1
+
+
+@pytest.fixture
+def fake_tick(monkeypatch: pytest.MonkeyPatch) -> FakeTick:
+    fake = FakeTick()
+    monkeypatch.setattr(daemon_mod, "run_tick", fake)
+    return fake
+
+
+@pytest.fixture
+def job_events(monkeypatch: pytest.MonkeyPatch) -> list[JobEvent]:
+    """What became of each fire time of the daemon's APScheduler job: run, missed, or skipped (one was running)."""
+    events: list[JobEvent] = []
+
+    def recording_scheduler(*args: Any, **kwargs: Any) -> AsyncIOScheduler:
+        scheduler = AsyncIOScheduler(*args, **kwargs)
+        scheduler.add_listener(events.append, EVENT_JOB_EXECUTED | EVENT_JOB_MISSED | EVENT_JOB_MAX_INSTANCES)
+        return scheduler
+
+    monkeypatch.setattr(daemon_mod, "AsyncIOScheduler", recording_scheduler)
+    return events
+
+
+def block_the_event_loop(seconds: float) -> None:
+    """Keep the event loop busy, as a long synchronous call would: APScheduler sees no fire time meanwhile."""
+    time.sleep(seconds)
+
+
+def runs_between(events: list[JobEvent], start: datetime, end: datetime) -> list[int]:
+    """The outcome (EVENT_JOB_EXECUTED or EVENT_JOB_MISSED) of each run scheduled from ``start`` to ``end``."""
+    return [e.code for e in events if isinstance(e, JobExecutionEvent) and start <= e.scheduled_run_time <= end]
+
+
 async def test_ticks_at_start_and_again(db: Database, database_url: str, sched_seed: SchedulerSeed) -> None:
     uid = sched_seed.user("UTC", soon())
     settings = make_settings(database_url, scheduler_interval=0.2)
@@ -31,9 +95,6 @@ async def test_ticks_at_start_and_again(db: Database, database_url: str, sched_s
     await daemon.start()
     try:
         assert daemon.running
-        job = daemon._scheduler.get_job(daemon_mod.JOB_ID)  # type: ignore[union-attr]
-        # Late ticks always run (never dropped as misfires), coalesced into one, never two at once.
-        assert (job.misfire_grace_time, job.coalesce, job.max_instances) == (None, True, 1)
         await wait_for_async(lambda: daemon.ticks, what="the tick at start")
         assert daemon.last_report is not None and [e["user_id"] for e in daemon.last_report.enqueued] == [uid]
         await wait_for_async(lambda: daemon.ticks, what="three ticks", accept=lambda n: n >= 3)
@@ -46,6 +107,65 @@ async def test_ticks_at_start_and_again(db: Database, database_url: str, sched_s
     ticks = daemon.ticks
     await asyncio.sleep(0.4)
     assert daemon.ticks == ticks  # stopped means stopped
+
+
+async def test_a_tick_longer_than_the_interval_never_overlaps_the_next(
+    db: Database, database_url: str, fake_tick: FakeTick, job_events: list[JobEvent]
+) -> None:
+    fake_tick.hold = asyncio.Event()
+    daemon = SchedulerDaemon(db, make_settings(database_url, scheduler_interval=0.05))
+    await daemon.start()
+    try:
+        await wait_for_async(lambda: [e for e in job_events if e.code == EVENT_JOB_MAX_INSTANCES],
+                             what="three fire times while the first tick runs",
+                             accept=lambda skipped: len(skipped) >= 3)
+        assert (fake_tick.calls, fake_tick.running) == (1, 1)  # they came and went; the slow tick still runs alone
+        fake_tick.hold.set()
+        # The daemon keeps ticking once the slow tick is over.
+        await wait_for_async(lambda: daemon.ticks, what="two ticks after the slow one", accept=lambda n: n >= 3)
+    finally:
+        fake_tick.hold.set()  # stop() waits for the running tick
+        await daemon.stop()
+    assert fake_tick.most_at_once == 1
+    assert daemon.last_error is None
+
+
+async def test_fire_times_missed_while_the_loop_was_busy_run_as_one_tick(
+    db: Database, database_url: str, fake_tick: FakeTick, job_events: list[JobEvent]
+) -> None:
+    daemon = SchedulerDaemon(db, make_settings(database_url, scheduler_interval=0.05))
+    await daemon.start()
+    try:
+        await wait_for_async(lambda: daemon.ticks, what="the tick at start")
+        busy_from = datetime.now(UTC)
+        block_the_event_loop(0.5)  # nine fire times or more pass unseen
+        busy_until = datetime.now(UTC)
+        missed = await wait_for_async(lambda: runs_between(job_events, busy_from, busy_until),
+                                      what="the fire times of the busy spell to be handled")
+    finally:
+        await daemon.stop()
+    assert missed == [EVENT_JOB_EXECUTED]  # coalesced: one tick for them all, not a burst
+    assert fake_tick.most_at_once == 1
+
+
+async def test_a_tick_that_fires_late_still_runs(
+    db: Database, database_url: str, fake_tick: FakeTick, job_events: list[JobEvent]
+) -> None:
+    """The fire time 1.5 s after the start is seen over a second late: past APScheduler's default grace (1 s),
+    after which it would drop the run as missed. It runs."""
+    daemon = SchedulerDaemon(db, make_settings(database_url, scheduler_interval=1.5))
+    await daemon.start()
+    try:
+        await wait_for_async(lambda: daemon.ticks, what="the tick at start")
+        busy_from = datetime.now(UTC)
+        block_the_event_loop(2.6)
+        busy_until = datetime.now(UTC)
+        late = await wait_for_async(lambda: runs_between(job_events, busy_from, busy_until),
+                                    what="the fire time of the busy spell to be handled")
+    finally:
+        await daemon.stop()
+    assert late == [EVENT_JOB_EXECUTED]
+    assert [e for e in job_events if e.code == EVENT_JOB_MISSED] == []
 
 
 async def test_the_first_tick_runs_at_start(db: Database, database_url: str, sched_seed: SchedulerSeed) -> None:
