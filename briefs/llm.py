@@ -7,8 +7,12 @@ usage. The request goes through the SDK's low-level ``post`` (its client, auth,
 timeouts and error types; not ``chat.completions.create``'s parameter transform),
 on an HTTP client from :func:`make_http_client`; see the comments there for why.
 
-Retries are done here, not in the SDK (which is built with ``max_retries=0``), so
-backoff, ``Retry-After`` handling, logging and metrics are under our control.
+The SDK retries what HTTP tells it (408, 409, 429, 5xx, timeouts, connection errors,
+``Retry-After``, ``x-should-retry``), but never a 429 ``insufficient_quota``; this module
+retries a reply it cannot use. Both draw on one budget of ``settings.llm_max_retries``
+retries, wait with a full-jitter :class:`~briefs.backoff.Backoff` unless the server said
+how long, and log each retry; every HTTP attempt is counted in ``briefs_llm_calls_total``
+and each failed one in ``briefs_llm_errors_total`` by kind (see "Retries" below).
 
 Limits are process-wide: every ``LLMClient`` in a process shares one :class:`Limits`
 (``settings.llm_concurrency`` requests in flight and, when ``settings.llm_rpm > 0``,
@@ -22,17 +26,17 @@ request later can help. Messages never contain the API key.
 from __future__ import annotations
 
 import asyncio
-import email.utils
+import contextvars
 import functools
 import json
 import logging
-import random
+import math
 import re
 import select
 import threading
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Annotated, Any, Generic, TypeVar
@@ -43,6 +47,7 @@ import openai
 from pydantic import BaseModel, BeforeValidator, Field, ValidationError
 
 from briefs import metrics
+from briefs.backoff import Backoff
 from briefs.render import clean, clip
 from briefs.settings import Settings, redact_url
 
@@ -59,7 +64,6 @@ __all__ = [
     "ProjectBrief",
     "TokenBucket",
     "instructions",
-    "parse_retry_after",
     "token_count",
 ]
 
@@ -67,7 +71,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 BACKOFF_CAP = 20.0
-RETRY_AFTER_CAP = 60.0
 MAX_REPLY_BYTES = 1_000_000  # a larger chat.completion is not parsed: malformed
 REPLY_ITEM_CHARS = 1000  # a reply's list item is cut to this (the schema asks for short items)
 
@@ -174,6 +177,15 @@ class LLMResult(Generic[T]):
     model: str  # as reported by the API (falls back to the requested model)
     attempts: int  # HTTP requests made, 1 = no retry
     latency: float  # seconds from the call to the result, waits included
+
+
+@dataclass
+class _Tally:
+    """What a call has used so far, over its attempts."""
+
+    started: float  # time.monotonic() at the call
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,34 +309,6 @@ def _status_text(status: int) -> str:
         return str(status)
 
 
-def parse_retry_after(headers: Mapping[str, str] | None, *, now: float | None = None) -> float | None:
-    """Seconds to wait according to ``retry-after-ms`` or ``Retry-After`` (seconds or HTTP date)."""
-    if not headers:
-        return None
-    value = headers.get("retry-after-ms")
-    if value is not None:
-        try:
-            return max(0.0, float(value) / 1000.0)
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when is None:
-            return None
-        seconds = when.timestamp() - (time.time() if now is None else now)
-    if seconds != seconds:  # NaN
-        return None
-    return max(0.0, seconds)
-
-
 def _strip_fences(text: str) -> str:
     match = _FENCE_RE.match(text)
     return match.group(1) if match else text
@@ -360,8 +344,13 @@ def token_count(value: Any) -> int:
     return min(max(value, 0), TOKENS_MAX) if type(value) is int else 0
 
 
-class _Malformed(Exception):
-    """The API answered, but not with a usable reply."""
+class _Unusable(Exception):
+    """A 2xx reply we could not use: malformed (``kind="malformed"``), or its body did not arrive
+    whole (``"timeout"``, ``"connection"``). The SDK never sees these; :meth:`LLMClient._complete` retries them."""
+
+    def __init__(self, message: str, kind: str = "malformed") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 _JSON_OBJECT = {"type": "json_object"}
@@ -384,15 +373,15 @@ async def _read_capped(response: httpx2.Response) -> bytes:
 
 
 def _envelope(content: bytes) -> dict[str, Any]:
-    """The chat.completion object of a 2xx reply's body (a dict), or :class:`_Malformed`."""
+    """The chat.completion object of a 2xx reply's body (a dict), or :class:`_Unusable`."""
     if len(content) > MAX_REPLY_BYTES:
-        raise _Malformed(f"response body too large (over {MAX_REPLY_BYTES:,} bytes)")
+        raise _Unusable(f"response body too large (over {MAX_REPLY_BYTES:,} bytes)")
     try:
         data = json.loads(content)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:  # RecursionError: nested too deep
-        raise _Malformed(f"truncated or invalid JSON response body ({type(err).__name__})") from None
+        raise _Unusable(f"truncated or invalid JSON response body ({type(err).__name__})") from None
     if not isinstance(data, dict):
-        raise _Malformed(f"response envelope failed validation (a JSON {type(data).__name__}, not an object)")
+        raise _Unusable(f"response envelope failed validation (a JSON {type(data).__name__}, not an object)")
     return data
 
 
@@ -536,6 +525,136 @@ def proxied(client: httpx2.AsyncClient) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Retries
+# ---------------------------------------------------------------------------------------------
+#
+# The SDK retries what HTTP tells it: 408, 409, 429 and 5xx replies, timeouts and connection
+# errors, waiting what Retry-After / retry-after-ms ask (up to two minutes; a longer wait is not
+# retried at all) and obeying x-should-retry. _SDKClient changes three of its AsyncAPIClient methods
+# (openai 3.x, _base_client.py): _should_retry (a 429 insufficient_quota is never retried),
+# _calculate_retry_timeout (without a Retry-After, the wait is our Backoff, not the SDK's) and
+# _send_request (each HTTP attempt takes a limits slot, is counted and bounded: _attempt).
+# What the SDK cannot judge, a 2xx reply we cannot use, LLMClient._complete retries itself.
+# Both share one budget: settings.llm_max_retries retries in all.
+
+
+@dataclass
+class _Call:
+    """One ``complete()`` call as its HTTP attempts see it (through :data:`_CALL`: the SDK's retry
+    loop runs in the caller's task)."""
+
+    purpose: str
+    limits: Limits
+    backoff: Backoff
+    timeout: float  # the SDK's timeout, per phase (connect, each read...)
+    deadline: float  # seconds one attempt may take in all, its body included
+    max_retries: int
+    requests: int = 0  # HTTP requests sent
+    status: int | None = None  # of the last failed attempt
+    kind: str = "server"
+    problem: str = ""
+    ends: float = 0.0  # loop time by which the current attempt must be over
+    slot: asyncio.Semaphore | None = None  # held from a 2xx reply's headers until its body is read
+
+    def failed(self, kind: str, problem: str, status: int | None = None) -> None:
+        self.kind, self.problem, self.status = kind, problem, status
+        metrics.LLM_ERRORS.labels(self.purpose, kind).inc()
+
+    def release(self) -> None:
+        slot, self.slot = self.slot, None
+        if slot is not None:
+            slot.release()
+
+    def retrying(self, delay: float) -> None:
+        log.warning(
+            "LLM %s call failed (%s); retry %d/%d in %.2fs", self.purpose, self.problem, self.requests,
+            self.max_retries, delay,
+            extra={"llm_purpose": self.purpose, "llm_status": self.status, "llm_attempt": self.requests,
+                   "llm_delay": delay},
+        )
+
+    def tries(self) -> str:
+        return f"{self.requests} attempt{'s' if self.requests != 1 else ''}"
+
+
+_CALL: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("briefs_llm_call", default=None)
+
+
+async def _attempt(call: _Call, request: httpx2.Request,
+                   send: Callable[[], Awaitable[httpx2.Response]]) -> httpx2.Response:
+    """One HTTP attempt of ``call``: a slot and a rate token, counted, bounded by ``call.deadline``
+    (the SDK's timeouts apply per phase: a server trickling bytes would hold a slot forever), its failure
+    recorded. A 2xx reply keeps the slot until :meth:`LLMClient._post` has read its body."""
+    slot = await call.limits.slot()
+    call.requests += 1
+    metrics.LLM_CALLS.labels(call.purpose).inc()
+    call.ends = asyncio.get_running_loop().time() + call.deadline
+    try:
+        async with asyncio.timeout_at(call.ends):
+            response = await send()
+            if response.status_code == 429:
+                await response.aread()  # the error code decides whether it is retried (_SDKClient._should_retry)
+    except TimeoutError:
+        slot.release()
+        call.failed("timeout", f"no complete response within {call.deadline:g}s")
+        raise httpx2.ReadTimeout(call.problem, request=request) from None  # the SDK retries a timeout
+    except httpx2.TimeoutException:
+        slot.release()
+        call.failed("timeout", f"timed out after {call.timeout:g}s")
+        raise
+    except BaseException as err:
+        slot.release()
+        if isinstance(err, Exception):
+            call.failed("connection", f"connection error ({type(err).__name__})")
+        raise
+    if response.is_success:
+        call.slot = slot
+    else:
+        slot.release()
+        call.failed(status_kind(response.status_code, _error_code(response)), _status_text(response.status_code),
+                    response.status_code)
+    return response
+
+
+def _error_code(response: httpx2.Response) -> str | None:
+    """``error.code`` of an OpenAI-style error body already read (None when unread or not one)."""
+    try:
+        error = json.loads(response.content).get("error")
+    except (httpx2.ResponseNotRead, ValueError, AttributeError, RecursionError):
+        return None
+    code = error.get("code") if isinstance(error, dict) else None
+    return code if isinstance(code, str) else None
+
+
+class _SDKClient(openai.AsyncOpenAI):
+    """The SDK's client with the retry changes above; outside ``complete()`` (no :data:`_CALL`) it is the SDK's."""
+
+    async def _send_request(self, request: httpx2.Request, *, stream: bool, **kwargs: Any) -> httpx2.Response:
+        send = super()._send_request
+        call = _CALL.get()
+        if call is None:
+            return await send(request, stream=stream, **kwargs)
+        return await _attempt(call, request, lambda: send(request, stream=stream, **kwargs))
+
+    def _should_retry(self, response: httpx2.Response) -> bool:
+        if response.status_code == 429 and _error_code(response) == "insufficient_quota":
+            return False  # out of credit: retrying will not help until someone pays
+        return super()._should_retry(response)
+
+    def _calculate_retry_timeout(self, remaining_retries: int, options: Any,
+                                 response_headers: httpx2.Headers | None = None) -> float:
+        call = _CALL.get()
+        retry_after = self._parse_retry_after_header(response_headers)
+        if call is None or (retry_after is not None and 0 < retry_after < math.inf):
+            delay = super()._calculate_retry_timeout(remaining_retries, options, response_headers)
+        else:
+            delay = call.backoff.delay(call.requests)
+        if call is not None:
+            call.retrying(delay)
+        return delay
+
+
+# ---------------------------------------------------------------------------------------------
 # The client
 # ---------------------------------------------------------------------------------------------
 
@@ -577,20 +696,19 @@ class LLMClient:
         self.model: str = settings.model
         self.max_retries = settings.llm_max_retries
         self.timeout = settings.llm_timeout
-        self.backoff_base = backoff_base
-        self.backoff_cap = backoff_cap
+        self.backoff = Backoff(base=backoff_base, cap=backoff_cap, jitter=1.0)  # full jitter
         key = settings.openai_api_key
         self._key = key.get_secret_value() if self.enabled and key is not None else ""
         self._owns_http = http_client is None
-        self._openai: openai.AsyncOpenAI | None = None
+        self._openai: _SDKClient | None = None
         if self.enabled:
             # Everything explicit: with api_key/base_url None the SDK would read OPENAI_API_KEY /
             # OPENAI_BASE_URL from the environment behind Settings' back.
-            self._openai = openai.AsyncOpenAI(
+            self._openai = _SDKClient(
                 api_key=self._key,
                 base_url=settings.openai_base_url or DEFAULT_BASE_URL,
                 timeout=settings.llm_timeout,
-                max_retries=0,
+                max_retries=settings.llm_max_retries,
                 http_client=http_client if http_client is not None else make_http_client(settings.llm_concurrency),
             )
 
@@ -621,6 +739,8 @@ class LLMClient:
         try:
             result = await self._complete(messages, schema, purpose)
         except LLMError as exc:
+            # briefs_llm_errors_total: kinds "permanent" and "transient" count calls that failed, every
+            # other kind (LLMError.kind) counts failed HTTP requests and unusable replies (_Call.failed).
             metrics.LLM_ERRORS.labels(purpose, "permanent" if exc.permanent else "transient").inc()
             raise
         finally:
@@ -646,40 +766,38 @@ class LLMClient:
             out.insert(0, {"role": "system", "content": text})
         return out
 
-    def _backoff(self, attempt: int, retry_after: float | None) -> float:
-        """Full-jitter exponential backoff before retry number ``attempt`` (1-based)."""
-        ceiling = min(self.backoff_cap, self.backoff_base * (2 ** (attempt - 1)))
-        delay = random.uniform(0, ceiling)
-        if retry_after is not None:
-            delay = max(delay, min(retry_after, RETRY_AFTER_CAP))
-        return delay
-
-    async def _send(self, messages: list[dict[str, Any]], purpose: str) -> bytes:
+    async def _post(self, messages: list[dict[str, Any]], call: _Call) -> bytes:
+        """One request through the SDK (which retries what it can, within what is left of the budget):
+        the 2xx reply's body, read within the attempt's deadline."""
         assert self._openai is not None
         body = {"model": self.model, "messages": messages, "response_format": _JSON_OBJECT}
-        slot = await self.limits.slot()
         try:
-            metrics.LLM_CALLS.labels(purpose).inc()
-            # The SDK's timeout applies per phase (connect, each read...); this bounds the whole
-            # request so a server trickling bytes cannot hold a slot forever.
-            async with asyncio.timeout(self.timeout * 2 + 1):
-                # The SDK's documented low-level call ("custom/undocumented requests"): its client
-                # still builds, authenticates and sends the request, applies its timeouts and turns
-                # non-2xx replies into APIStatusError. What it skips is chat.completions.create()'s
-                # type-driven transform of the parameters (a no-op for plain-string messages, yet a
-                # third of the client's CPU: 2.0 → 1.35 ms per call measured) and the ChatCompletion
-                # model: the reply's envelope is read by _envelope/_parse, its content validated there.
-                # Streamed, so a huge body is never held whole: it is read up to MAX_REPLY_BYTES, then cut.
-                response = await self._openai.post("/chat/completions", cast_to=httpx2.Response, body=body,
-                                                   stream=True)
+            # The SDK's documented low-level call ("custom/undocumented requests"): its client still
+            # builds, authenticates and sends the request, applies its timeouts and retries, and turns
+            # non-2xx replies into APIStatusError. What it skips is chat.completions.create()'s
+            # type-driven transform of the parameters (a no-op for plain-string messages, yet a third
+            # of the client's CPU: 2.0 → 1.35 ms per call measured) and the ChatCompletion model: the
+            # reply's envelope is read by _envelope/_parse, its content validated there. Streamed, so
+            # a huge body is never held whole: it is read up to MAX_REPLY_BYTES, then cut.
+            response = await self._openai.post(
+                "/chat/completions", cast_to=httpx2.Response, body=body, stream=True,
+                options={"max_retries": call.max_retries - call.requests},
+            )
+            async with asyncio.timeout_at(call.ends):
                 return await _read_capped(response)
+        except TimeoutError:
+            raise _Unusable(f"no complete response within {call.deadline:g}s", kind="timeout") from None
+        except httpx2.TimeoutException:
+            raise _Unusable(f"timed out after {call.timeout:g}s", kind="timeout") from None
+        except httpx2.TransportError as err:
+            raise _Unusable(f"connection error ({type(err).__name__})", kind="connection") from None
         finally:
-            slot.release()
+            call.release()
 
     def _parse(self, data: dict[str, Any], schema: type[T]) -> T:
         choices = data.get("choices")
         if not isinstance(choices, list) or not choices:
-            raise _Malformed("no choices in response")
+            raise _Unusable("no choices in response")
         choice = choices[0] if isinstance(choices[0], dict) else {}
         message = choice.get("message")
         if not isinstance(message, dict):
@@ -688,8 +806,8 @@ class LLMClient:
         if not isinstance(content, str) or not content.strip():
             refusal = message.get("refusal")
             if refusal:
-                raise _Malformed(f"model refused: {_short(str(refusal))}")
-            raise _Malformed("empty message content")
+                raise _Unusable(f"model refused: {_short(str(refusal))}")
+            raise _Unusable("empty message content")
         finish = choice.get("finish_reason")
         text = _strip_fences(content)
         try:
@@ -703,105 +821,88 @@ class LLMClient:
                     data = json.loads(text)
                 except (ValueError, RecursionError):
                     cut = " (finish_reason=length)" if finish == "length" else ""
-                    raise _Malformed(f"content is not valid JSON{cut}: {_short(text, 80)!r}") from None
+                    raise _Unusable(f"content is not valid JSON{cut}: {_short(text, 80)!r}") from None
                 try:
                     return schema.model_validate(data)
                 except ValidationError as again:
                     errors = again.errors(include_url=False, include_input=False)
             detail = "; ".join(_describe(e) for e in errors[:3])
-            raise _Malformed(f"does not match {schema.__name__}: {detail}") from None
+            raise _Unusable(f"does not match {schema.__name__}: {detail}") from None
 
     async def _complete(self, messages: list[dict[str, Any]], schema: type[T], purpose: str) -> LLMResult[T]:
+        """The SDK retries what HTTP tells it (:class:`_SDKClient`); this loop retries a 2xx reply we
+        could not use, with the client's backoff, while the retry budget lasts."""
         if not self.enabled:
             raise LLMError("LLM disabled: no API key (set OPENAI_API_KEY)", permanent=True, kind="disabled")
         if self._openai is None:
             raise LLMError("LLM client is closed", permanent=True, kind="disabled")
-
         request = self.build_messages(messages, schema)
-        started = time.monotonic()
-        prompt_tokens = completion_tokens = 0
-        attempts_allowed = self.max_retries + 1
-        problem = ""
-        malformed = False
-        status: int | None = None
-        kind = "server"
-
-        for attempt in range(1, attempts_allowed + 1):
-            retry_after: float | None = None
-            malformed = False
-            status = None
-            try:
-                content = await self._send(request, purpose)
-            except openai.APIStatusError as err:
-                status = err.status_code
-                kind = status_kind(status, err.code if isinstance(err.code, str) else None)
-                if self._is_permanent(err):
-                    raise LLMError(self._rejected_message(err), permanent=True, status=status, kind=kind,
-                                   attempts=attempt) from None
-                retry_after = parse_retry_after(err.response.headers)
-                problem = _status_text(status)
-            except openai.APITimeoutError:
-                kind = "timeout"
-                problem = f"timed out after {self.timeout:g}s"
-            except TimeoutError:
-                kind = "timeout"
-                problem = f"no complete response within {self.timeout * 2 + 1:g}s"
-            except openai.APIConnectionError as err:
-                kind = "connection"
-                cause = err.__cause__
-                problem = f"connection error ({type(cause).__name__ if cause else 'unknown'})"
-            except openai.APIError as err:
-                kind = "server"
-                problem = f"API error: {self._redact(_short(str(err)))}"
-            else:
+        call = _Call(purpose=purpose, limits=self.limits, backoff=self.backoff, timeout=self.timeout,
+                     deadline=self.timeout * 2 + 1, max_retries=self.max_retries)
+        result = _Tally(started=time.monotonic())
+        token = _CALL.set(call)
+        try:
+            while True:
                 try:
-                    data = _envelope(content)
-                    used_prompt, used_completion = _usage(data)  # a bad reply's tokens count too
-                    prompt_tokens += used_prompt
-                    completion_tokens += used_completion
-                    metrics.LLM_TOKENS.labels("prompt").inc(used_prompt)
-                    metrics.LLM_TOKENS.labels("completion").inc(used_completion)
-                    value = self._parse(data, schema)
-                except _Malformed as err:
-                    malformed = True
-                    kind = "malformed"
-                    problem = clean(str(err))
-                else:
-                    model = data.get("model")
-                    return LLMResult(
-                        value=value,
-                        prompt_tokens=prompt_tokens,
-                        completion_tokens=completion_tokens,
-                        model=clip(clean(model), 200) if isinstance(model, str) and model.strip() else self.model,
-                        attempts=attempt,
-                        latency=time.monotonic() - started,
-                    )
+                    return await self._reply(request, schema, call, result)
+                except _Unusable as err:
+                    call.failed(err.kind, clean(str(err)))
+                if call.requests > call.max_retries:
+                    raise self._gave_up(call)
+                delay = call.backoff.delay(call.requests)
+                call.retrying(delay)
+                await asyncio.sleep(delay)
+        finally:
+            _CALL.reset(token)
 
-            if attempt >= attempts_allowed:
-                break
-            delay = self._backoff(attempt, retry_after)
-            log.warning(
-                "LLM %s call failed (%s); retry %d/%d in %.2fs",
-                purpose,
-                problem,
-                attempt,
-                self.max_retries,
-                delay,
-                extra={
-                    "llm_purpose": purpose,
-                    "llm_status": status,
-                    "llm_attempt": attempt,
-                    "llm_delay": delay,
-                },
-            )
-            await asyncio.sleep(delay)
+    async def _reply(self, request: list[dict[str, Any]], schema: type[T], call: _Call,
+                     tally: _Tally) -> LLMResult[T]:
+        """One SDK request and its reply validated, or :class:`LLMError` (the SDK gave up), or
+        :class:`_Unusable` (a reply to retry)."""
+        try:
+            content = await self._post(request, call)
+        except openai.APIStatusError as err:
+            raise self._rejected(err, call) from None
+        except openai.APIError as err:
+            if not isinstance(err, openai.APIConnectionError):  # APITimeoutError is one too
+                call.kind, call.problem = "server", f"API error: {self._redact(_short(str(err)))}"
+            raise LLMError(f"LLM request failed after {call.tries()}: {call.problem}", kind=call.kind,
+                           attempts=call.requests) from None
+        data = _envelope(content)
+        used_prompt, used_completion = _usage(data)  # a bad reply's tokens count too
+        tally.prompt_tokens += used_prompt
+        tally.completion_tokens += used_completion
+        metrics.LLM_TOKENS.labels("prompt").inc(used_prompt)
+        metrics.LLM_TOKENS.labels("completion").inc(used_completion)
+        value = self._parse(data, schema)
+        model = data.get("model")
+        return LLMResult(
+            value=value,
+            prompt_tokens=tally.prompt_tokens,
+            completion_tokens=tally.completion_tokens,
+            model=clip(clean(model), 200) if isinstance(model, str) and model.strip() else self.model,
+            attempts=call.requests,
+            latency=time.monotonic() - tally.started,
+        )
 
-        tries = f"{attempts_allowed} attempt{'s' if attempts_allowed != 1 else ''}"
-        if malformed:
-            raise LLMError(f"malformed LLM reply: {problem} (after {tries})", permanent=True, kind="malformed",
-                           attempts=attempts_allowed)
-        raise LLMError(f"LLM request failed after {tries}: {problem}", permanent=False, status=status, kind=kind,
-                       attempts=attempts_allowed)
+    @staticmethod
+    def _gave_up(call: _Call) -> LLMError:
+        """The error once the budget is spent on replies we could not use."""
+        if call.kind == "malformed":
+            return LLMError(f"malformed LLM reply: {call.problem} (after {call.tries()})", permanent=True,
+                            kind="malformed", attempts=call.requests)
+        return LLMError(f"LLM request failed after {call.tries()}: {call.problem}", kind=call.kind,
+                        attempts=call.requests)
+
+    def _rejected(self, err: openai.APIStatusError, call: _Call) -> LLMError:
+        """The error for the HTTP error status the SDK gave up on."""
+        status = err.status_code
+        kind = status_kind(status, err.code if isinstance(err.code, str) else None)
+        if self._is_permanent(err):
+            return LLMError(self._rejected_message(err), permanent=True, status=status, kind=kind,
+                            attempts=call.requests)
+        return LLMError(f"LLM request failed after {call.tries()}: {_status_text(status)}", status=status,
+                        kind=kind, attempts=call.requests)
 
     @staticmethod
     def _is_permanent(err: openai.APIStatusError) -> bool:

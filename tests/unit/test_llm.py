@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 import json
+import logging
 import socket
 import threading
-import time
 import traceback
 from collections.abc import Iterator
 from typing import Any
@@ -19,6 +18,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from briefs import llm
+from briefs.backoff import Backoff
 from briefs.llm import (
     ExecutiveSummary,
     Limits,
@@ -26,7 +26,6 @@ from briefs.llm import (
     LLMError,
     ProjectBrief,
     TokenBucket,
-    parse_retry_after,
 )
 from briefs.settings import Settings
 from tests.fakellm import FakeLLM, Fault, count_tokens, default_responder
@@ -142,25 +141,67 @@ async def test_reply_in_code_fences_is_tolerated(fake: FakeLLM) -> None:
     assert result.attempts == 1
 
 
-async def test_429_waits_for_retry_after(fake: FakeLLM, meter: Meter) -> None:
-    fake.script(Fault.status(429, retry_after=0.3))
+def retries_logged(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "briefs.llm" and hasattr(r, "llm_delay")]
+
+
+async def test_429_with_retry_after_is_retried_by_the_sdk(fake: FakeLLM, meter: Meter,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    fake.script(Fault.status(429, retry_after=0.05))
     async with make_client(fake) as client:
-        started = time.monotonic()
         result = await client.complete(brief_messages(), ProjectBrief)
-        elapsed = time.monotonic() - started
-    assert result.attempts == 2
-    assert fake.calls == 2
-    assert elapsed >= 0.3
+    assert result.attempts == 2 and fake.calls == 2
+    # The SDK's retry loop sent the second request (its retry count header), not a new call of ours.
+    assert [h["x-stainless-retry-count"] for h in fake.headers] == ["0", "1"]
+    [retry] = retries_logged(caplog)
+    assert retry.llm_delay == pytest.approx(0.05) and retry.llm_status == 429  # type: ignore[attr-defined]
     assert meter("briefs_llm_calls_total", purpose="brief") == 2
+    assert meter("briefs_llm_errors_total", purpose="brief", kind="rate_limit") == 1
+    assert meter("briefs_llm_latency_seconds_count", purpose="brief") == 1
 
 
-async def test_retry_after_ms_header_is_honoured(fake: FakeLLM) -> None:
-    fake.script(Fault.status(503, retry_after_ms=250))
+async def test_retry_after_ms_header_is_honoured(fake: FakeLLM, caplog: pytest.LogCaptureFixture) -> None:
+    fake.script(Fault.status(503, retry_after_ms=30))
     async with make_client(fake) as client:
-        started = time.monotonic()
         result = await client.complete(brief_messages(), ProjectBrief)
-    assert time.monotonic() - started >= 0.25
     assert result.attempts == 2
+    assert [r.llm_delay for r in retries_logged(caplog)] == [pytest.approx(0.03)]  # type: ignore[attr-defined]
+
+
+async def test_without_retry_after_the_sdk_waits_our_backoff(fake: FakeLLM,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    fake.script(Fault.status(500), Fault.status(502), Fault.disconnect())
+    async with make_client(fake) as client:  # backoff_base 0.01: ceilings 0.01, 0.02, 0.04
+        result = await client.complete(brief_messages(), ProjectBrief)
+    assert result.attempts == 4 and fake.calls == 4
+    delays = [r.llm_delay for r in retries_logged(caplog)]  # type: ignore[attr-defined]
+    assert len(delays) == 3 and all(0 <= d <= 0.01 * 2**i for i, d in enumerate(delays))
+
+
+async def test_x_should_retry_false_stops_retrying(fake: FakeLLM) -> None:
+    fake.fail_when(lambda body: True, Fault.status(503, headers={"x-should-retry": "false"}))
+    async with make_client(fake, llm_max_retries=3) as client:
+        with pytest.raises(LLMError) as info:
+            await client.complete(brief_messages(), ProjectBrief)
+    assert fake.calls == 1
+    assert (info.value.kind, info.value.permanent, info.value.attempts) == ("server", False, 1)
+    assert str(info.value) == "LLM request failed after 1 attempt: 503 Service Unavailable"
+
+
+async def test_x_should_retry_true_retries_even_a_400(fake: FakeLLM) -> None:
+    fake.script(Fault.status(400, headers={"x-should-retry": "true"}))
+    async with make_client(fake) as client:
+        result = await client.complete(brief_messages(), ProjectBrief)
+    assert result.attempts == 2 and fake.calls == 2
+
+
+async def test_a_retry_after_over_two_minutes_is_not_waited_for(fake: FakeLLM) -> None:
+    fake.fail_when(lambda body: True, Fault.status(429, retry_after=600))
+    async with make_client(fake, llm_max_retries=3) as client:
+        with pytest.raises(LLMError) as info:
+            await client.complete(brief_messages(), ProjectBrief)
+    assert fake.calls == 1
+    assert (info.value.kind, info.value.permanent, info.value.status) == ("rate_limit", False, 429)
 
 
 async def test_500_twice_then_ok(fake: FakeLLM) -> None:
@@ -182,7 +223,8 @@ async def test_500_every_time_is_a_transient_error(fake: FakeLLM, meter: Meter) 
     assert info.value.status == 502
     assert "502 Bad Gateway" in str(info.value)
     assert fake.calls == 3
-    assert meter("briefs_llm_errors_total", purpose="brief", kind="transient") == 1
+    assert meter("briefs_llm_errors_total", purpose="brief", kind="transient") == 1  # the call
+    assert meter("briefs_llm_errors_total", purpose="brief", kind="server") == 3  # its requests
 
 
 async def test_401_is_permanent_and_never_leaks_the_key(fake: FakeLLM) -> None:
@@ -212,14 +254,16 @@ async def test_other_4xx_are_permanent(fake: FakeLLM, status: int) -> None:
     assert fake.calls == 1
 
 
-async def test_429_insufficient_quota_is_permanent(fake: FakeLLM) -> None:
-    fake.script(Fault.status(429, message="You exceeded your current quota", error_code="insufficient_quota"))
-    async with make_client(fake) as client:
+async def test_429_insufficient_quota_is_permanent_after_one_request(fake: FakeLLM, meter: Meter) -> None:
+    fake.fail_when(lambda body: True, Fault.status(429, message="You exceeded your current quota",
+                                                   error_code="insufficient_quota", retry_after=0.01))
+    async with make_client(fake, llm_max_retries=3) as client:
         with pytest.raises(LLMError) as info:
             await client.complete(brief_messages(), ProjectBrief)
-    assert info.value.permanent
+    assert (info.value.permanent, info.value.kind, info.value.attempts) == (True, "quota", 1)
     assert "429" in str(info.value) and "quota" in str(info.value)
     assert fake.calls == 1
+    assert meter("briefs_llm_errors_total", purpose="brief", kind="quota") == 1
 
 
 async def test_truncated_json_then_ok(fake: FakeLLM) -> None:
@@ -240,27 +284,44 @@ async def test_non_json_content_then_ok(fake: FakeLLM) -> None:
     assert result.prompt_tokens == sum(per_request)
 
 
-async def test_schema_breaking_every_time_becomes_permanent(fake: FakeLLM) -> None:
+async def test_schema_breaking_every_time_becomes_permanent(fake: FakeLLM, meter: Meter,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
     fake.fail_when(lambda body: True, Fault.schema_breaking())
     async with make_client(fake, llm_max_retries=3) as client:
         with pytest.raises(LLMError) as info:
             await client.complete(brief_messages(), ProjectBrief)
-    assert info.value.permanent
+    assert info.value.permanent and info.value.attempts == 4
     assert str(info.value).startswith("malformed LLM reply: does not match ProjectBrief")
+    assert str(info.value).endswith("(after 4 attempts)")
     assert fake.calls == 4
+    # Each retry is a new request of ours (the SDK saw four good HTTP replies), logged as a retry.
+    assert [h["x-stainless-retry-count"] for h in fake.headers] == ["0"] * 4
+    assert [r.llm_attempt for r in retries_logged(caplog)] == [1, 2, 3]  # type: ignore[attr-defined]
+    assert meter("briefs_llm_errors_total", purpose="brief", kind="malformed") == 4
+
+
+async def test_retries_of_both_kinds_share_one_budget(fake: FakeLLM) -> None:
+    fake.script(Fault.status(500), Fault.truncated(), Fault.status(503), Fault.content("no"))
+    async with make_client(fake, llm_max_retries=3) as client:
+        with pytest.raises(LLMError) as info:
+            await client.complete(brief_messages(), ProjectBrief)
+    assert fake.calls == info.value.attempts == 4
+    assert info.value.kind == "malformed"
+    fake.reset()
+    fake.script(Fault.status(500), Fault.truncated(), Fault.status(503))
+    async with make_client(fake, llm_max_retries=3) as client:
+        result = await client.complete(brief_messages(), ProjectBrief)
+    assert result.attempts == fake.calls == 4
 
 
 async def test_slow_reply_times_out_and_is_retried(fake: FakeLLM) -> None:
-    fake.script(Fault.delay(2), Fault.delay(2))
+    fake.script(Fault.delay(2), Fault.delay(2))  # a reply at all would be a result, not this error
     async with make_client(fake, llm_timeout=0.3, llm_max_retries=1) as client:
-        started = time.monotonic()
         with pytest.raises(LLMError) as info:
             await client.complete(brief_messages(), ProjectBrief)
-        elapsed = time.monotonic() - started
     assert not info.value.permanent
-    assert "timed out" in str(info.value)
+    assert str(info.value) == "LLM request failed after 2 attempts: timed out after 0.3s"
     assert fake.calls == 2
-    assert 0.6 <= elapsed < 2.5  # two 0.3 s timeouts, not two 2 s waits
 
 
 async def test_slow_reply_then_ok(fake: FakeLLM) -> None:
@@ -362,20 +423,9 @@ async def test_rpm_bucket_paces_requests() -> None:
         Limits(concurrency=0)
 
 
-def test_parse_retry_after() -> None:
-    assert parse_retry_after({"retry-after": "0.3"}) == pytest.approx(0.3)
-    assert parse_retry_after({"retry-after-ms": "1500", "retry-after": "9"}) == pytest.approx(1.5)
-    date = email.utils.formatdate(1_000_030, usegmt=True)
-    assert parse_retry_after({"retry-after": date}, now=1_000_000) == pytest.approx(30)
-    assert parse_retry_after({"retry-after": "soon"}) is None
-    assert parse_retry_after({}) is None
-
-
-def test_backoff_is_capped_and_respects_retry_after() -> None:
+def test_backoff_is_full_jitter_up_to_the_cap() -> None:
     client = LLMClient(make_settings(None), backoff_base=0.5)
-    assert all(0 <= client._backoff(attempt, None) <= 20 for attempt in range(1, 30))
-    assert client._backoff(1, 3.0) >= 3.0
-    assert client._backoff(1, 600.0) == 60.0
+    assert client.backoff == Backoff(base=0.5, cap=llm.BACKOFF_CAP, jitter=1.0)
 
 
 def test_idle_connection_check_sees_a_server_side_close() -> None:
