@@ -506,7 +506,7 @@ async def claim(
     cur = await conn.execute(_CLAIM, {"limit": limit, "worker": worker_id, "lease": lease_seconds,
                                       **_read_limit(max_payload_bytes)})
     try:
-        jobs = [Job(*row) for row in await cur.fetchall()]
+        jobs = [_job(row) for row in await cur.fetchall()]
     except Exception:  # one value that cannot be decoded fails the whole fetch: read row by row
         rows, problems = _fetch_tolerant(cur)
         jobs = [_job(row, problems.get(i)) for i, row in enumerate(rows)]
@@ -547,14 +547,15 @@ async def complete_and_claim(
         {"ids": ids, "tokens": tokens, "results": results, "processing": "processing", "limit": max(limit, 0),
          "worker": worker_id, "lease": lease_seconds, **_read_limit(max_payload_bytes)},
     )
+    problems: dict[int, str] = {}
     try:
-        rows = await cur.fetchall()
-        jobs = [Job(*row[:11]) for row in rows[:-1]]
+        rows: list[tuple[Any, ...]] = await cur.fetchall()
     except Exception:  # as in claim(): the rows that can be read run, the others fail alone
         rows, problems = _fetch_tolerant(cur)
-        jobs = [_job(row[:11], problems.get(i)) for i, row in enumerate(rows[:-1])]
-    written = set(rows[-1][11] or ())  # the last row carries the completed ids
-    return written, _claimed(jobs)
+    # The last row carries the ids completed (in the column after the job's); the others are jobs.
+    *claimed_rows, (*_, completed_ids) = rows
+    jobs = [_job(row, problems.get(i)) for i, row in enumerate(claimed_rows)]
+    return set(completed_ids or ()), _claimed(jobs)
 
 
 def _read_limit(max_payload_bytes: int) -> dict[str, int]:
@@ -564,26 +565,20 @@ def _read_limit(max_payload_bytes: int) -> dict[str, int]:
 _SOME_TIME = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-def _job(row: Sequence[Any], problem: str | None) -> Job:
-    """A claimed job from a row read by :func:`_fetch_tolerant`; unreadable fields get placeholders."""
-    if problem is None:
-        return Job(*row)
-    (id_, job_type, payload, priority, attempts, max_attempts, dedup_key, user_id, notify_at, run_at,
-     token) = row
-    return Job(
-        id=id_,
-        job_type=job_type,
-        payload=payload if isinstance(payload, dict) else {},
-        priority=priority,
-        attempts=attempts,
-        max_attempts=max_attempts,
-        dedup_key=dedup_key,
-        user_id=user_id,
-        notify_at=notify_at if isinstance(notify_at, datetime) else None,
-        run_at=run_at if isinstance(run_at, datetime) else _SOME_TIME,
-        token=token,
-        problem=f"the job's row cannot be read: {problem}",
-    )
+def _job(row: Sequence[Any], problem: str | None = None) -> Job:
+    """A claimed job from a row that starts with :data:`_CLAIMED_COLUMNS` (those of ``complete_and_claim``
+    have one more column). A row read by :func:`_fetch_tolerant` with a ``problem`` holds placeholders
+    where its values could not be read: the job is failed without running."""
+    (id_, job_type, payload, priority, attempts, max_attempts, dedup_key, user_id, notify_at, run_at, token,
+     *_) = row
+    if problem is not None:
+        payload = payload if isinstance(payload, dict) else {}
+        notify_at = notify_at if isinstance(notify_at, datetime) else None
+        run_at = run_at if isinstance(run_at, datetime) else _SOME_TIME
+        problem = f"the job's row cannot be read: {problem}"
+    return Job(id=id_, job_type=job_type, payload=payload, priority=priority, attempts=attempts,
+               max_attempts=max_attempts, dedup_key=dedup_key, user_id=user_id, notify_at=notify_at,
+               run_at=run_at, token=token, problem=problem)
 
 
 def _fetch_tolerant(cur: psycopg.AsyncCursor[Any]) -> tuple[list[tuple[Any, ...]], dict[int, str]]:
@@ -656,7 +651,7 @@ async def heartbeat(conn: Conn, jobs: Iterable[tuple[int, UUID]], lease_seconds:
         """,
         (lease_seconds, ids, tokens),
     )
-    return {row[0] for row in await cur.fetchall()}
+    return {token for (token,) in await cur.fetchall()}
 
 
 async def set_progress(conn: Conn, job_id: int, token: UUID, progress: dict[str, Any]) -> bool:
@@ -691,7 +686,10 @@ async def next_runnable_in(conn: Executor, horizon: datetime | None = None) -> f
         (horizon,),
     )
     row = await cur.fetchone()
-    return None if row is None or row[0] is None else float(row[0])
+    if row is None:
+        return None
+    (seconds,) = row
+    return None if seconds is None else float(seconds)
 
 
 # --------------------------------------------------------------------------- finish
@@ -706,15 +704,18 @@ async def complete_many(conn: Executor, done: Sequence[tuple[int, UUID, Any]]) -
         return set()
     ids, tokens, results = _split_done(done)
     cur = await conn.execute(_COMPLETE, {"ids": ids, "tokens": tokens, "results": results, "processing": "processing"})
-    return {row[0] for row in await cur.fetchall()}
+    return {job_id for (job_id,) in await cur.fetchall()}
 
 
 def _split_done(done: Sequence[tuple[int, UUID, Any]]) -> tuple[list[int], list[UUID], list[str | None]]:
-    return (
-        [d[0] for d in done],
-        [d[1] for d in done],
-        [d[2] if d[2] is None or isinstance(d[2], JsonText) else dump_json(d[2]) for d in done],
-    )
+    ids: list[int] = []
+    tokens: list[UUID] = []
+    results: list[str | None] = []
+    for job_id, token, result in done:
+        ids.append(job_id)
+        tokens.append(token)
+        results.append(result if result is None or isinstance(result, JsonText) else dump_json(result))
+    return ids, tokens, results
 
 
 async def fail(
@@ -725,7 +726,8 @@ async def fail(
     Failed for good when the error is permanent or the attempts are used up.
     Returns None when the token no longer holds (the job was rescued or cancelled).
     """
-    cur = await conn.execute(
+    cur = conn.cursor(row_factory=class_row(FailOutcome))
+    await cur.execute(
         """
         UPDATE queue_jobs
         SET status = CASE WHEN %(permanent)s OR attempts >= max_attempts THEN 'failed' ELSE 'pending' END,
@@ -737,13 +739,12 @@ async def fail(
             locked_by = NULL,
             updated_at = now()
         WHERE id = %(id)s AND processing_token = %(token)s AND status = 'processing'
-        RETURNING status, CASE WHEN status = 'pending' THEN run_at END, attempts
+        RETURNING status, CASE WHEN status = 'pending' THEN run_at END AS run_at, attempts
         """,
         {"permanent": permanent, "delay": clamp_delay(retry_delay), "error": safe_text(error), "id": job.id,
          "token": job.token},
     )
-    row = await cur.fetchone()
-    return FailOutcome(*row) if row else None
+    return await cur.fetchone()
 
 
 async def release(conn: Conn, jobs: Iterable[tuple[int, UUID]], reason: str) -> set[int]:
@@ -762,10 +763,10 @@ async def release(conn: Conn, jobs: Iterable[tuple[int, UUID]], reason: str) -> 
         """,
         (safe_text(reason), ids, tokens),
     )
-    rows = await cur.fetchall()
-    if rows:
+    released = {job_id for (job_id,) in await cur.fetchall()}
+    if released:
         await conn.execute("SELECT pg_notify(%s, '')", (NOTIFY_CHANNEL,))
-    return {row[0] for row in rows}
+    return released
 
 
 # --------------------------------------------------------------------------- maintenance
@@ -875,7 +876,7 @@ async def retry(conn: Conn, job_id: int | None = None) -> list[int]:
                     RETURNING id""",
                 params,
             )
-            ids = [row[0] for row in await cur.fetchall()]
+            ids = [job_id for (job_id,) in await cur.fetchall()]
     except psycopg.errors.UniqueViolation as exc:
         raise QueueError("two of these jobs share a dedup key; retry them one at a time") from exc
     if ids:
@@ -891,14 +892,20 @@ async def retry(conn: Conn, job_id: int | None = None) -> list[int]:
 async def _status_of(conn: Conn, job_id: int) -> str:
     cur = await conn.execute("SELECT status FROM queue_jobs WHERE id = %s", (job_id,))
     row = await cur.fetchone()
-    return row[0] if row else "not found"
+    if row is None:
+        return "not found"
+    (status,) = row
+    return str(status)
 
 
 async def outcome(conn: Conn, job_id: int) -> tuple[str, str | None] | None:
     """(status, the first 500 characters of last_error) of a job, or None when it does not exist."""
     cur = await conn.execute("SELECT status, left(last_error, 500) FROM queue_jobs WHERE id = %s", (job_id,))
     row = await cur.fetchone()
-    return (row[0], row[1]) if row else None
+    if row is None:
+        return None
+    status, error = row
+    return (status, error)
 
 
 # --------------------------------------------------------------------------- inspection
@@ -951,7 +958,10 @@ async def recent_failures(conn: Conn, since_seconds: float = 3600) -> int:
         (since_seconds,),
     )
     row = await cur.fetchone()
-    return int(row[0]) if row else 0
+    if row is None:
+        return 0
+    (failures,) = row
+    return int(failures)
 
 
 async def list_jobs(
