@@ -379,7 +379,7 @@ async def _load_notes(
 
 def _project(row: Any, tasks: _Tasks, notes: dict[int, list[NoteItem]]) -> ProjectContext:
     """One included project from its row, its tasks by bucket and its notes."""
-    b = tasks.buckets.get(row.id, {})
+    b: dict[str, list[TaskItem]] = tasks.buckets.get(row.id, {})
     return ProjectContext(
         id=row.id,
         name=row.name,
