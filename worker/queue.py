@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 from uuid import UUID
 
 import psycopg
+from psycopg.pq import Format
 from psycopg.rows import class_row
 from psycopg.types.json import set_json_loads
 
@@ -393,11 +394,14 @@ HOT_PATH_OPTIONS = (
 )
 
 
-def _load_json(data: bytes | bytearray | memoryview) -> Any:
-    """JSON from the database: ``{}`` (most payloads) without parsing, the rest without encoding sniffing."""
+def _load_json(data: str | bytes) -> Any:
+    """JSON from the database: ``{}`` (most payloads) without parsing, the rest without encoding sniffing.
+
+    psycopg passes the raw value (bytes or a memoryview of them, despite its annotation).
+    """
     if data == b"{}":
         return {}
-    return json.loads(bytes(data).decode())
+    return json.loads(data if isinstance(data, str) else bytes(data).decode())
 
 
 def prepare_hot_connection(conn: Conn) -> None:
@@ -596,7 +600,7 @@ def _fetch_tolerant(cur: psycopg.AsyncCursor[Any]) -> tuple[list[tuple[Any, ...]
     adapters = cur.adapters
     loaders = []
     for col in range(res.nfields):
-        oid, fmt = res.ftype(col), res.fformat(col)
+        oid, fmt = res.ftype(col), Format(res.fformat(col))
         loader_cls = adapters.get_loader(oid, fmt) or adapters.get_loader(0, fmt)
         loaders.append(loader_cls(oid, cur) if loader_cls is not None else None)
     names = [(res.fname(col) or b"?").decode(errors="replace") for col in range(res.nfields)]
