@@ -551,7 +551,7 @@ async def test_no_connection_or_lock_is_held_while_smtp_stalls(briefs_harness: A
         assert await asyncio.to_thread(smtp_server.wait_held, count) == count
         checked_out, locks = [], []
         for _ in range(15):  # three leases' worth of stall
-            checked_out.append(h.db.engine.pool.checkedout())
+            checked_out.append(h.db.pool_stats()["pool_size"] - h.db.pool_stats()["pool_available"])
             [row] = await h.rows(
                 """SELECT count(*) AS n FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
                    WHERE c.relname = 'daily_briefs' AND l.pid <> pg_backend_pid()""")

@@ -230,7 +230,7 @@ async def test_health_does_not_wait_for_a_pool_that_handlers_hold(db: Database) 
     await health.start()
     try:
         async with AsyncExitStack() as stack:
-            for _ in range(db.engine.pool.size() + db.engine.pool._max_overflow):  # type: ignore[attr-defined]
+            for _ in range(db.max_size):
                 await stack.enter_async_context(db.raw())
             assert (await get(health.port, "/healthz"))[0] == 200
             assert (await get(health.port, "/readyz"))[0] == 200

@@ -403,7 +403,7 @@ def test_never_succeeding_errors_are_permanent_and_the_rest_transient() -> None:
 async def test_handlers_holding_every_pool_connection_do_not_starve_the_leases(db: Database) -> None:
     """Bug: heartbeats took a connection from the pool that handlers use; handlers holding all of it for
     longer than the lease let the leases expire, and the jobs were rescued and run a second time."""
-    pool_size = db.engine.pool.size() + db.engine.pool._max_overflow  # type: ignore[attr-defined]
+    pool_size = db.max_size
     holding = asyncio.Event()
     held = 0
 
