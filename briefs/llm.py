@@ -488,7 +488,7 @@ class _CappedStream(httpx2.AsyncByteStream):
 async def _cap_error_body(response: httpx2.Response) -> None:
     """Response hook: the SDK reads an error reply's body whole (for its message); only the first
     ``ERROR_BODY_MAX`` bytes of it exist for the SDK. A 2xx body is read capped by :func:`_read_capped`."""
-    if not response.is_success:
+    if not response.is_success and isinstance(response.stream, httpx2.AsyncByteStream):  # always, on an async client
         response.stream = _CappedStream(response.stream, ERROR_BODY_MAX)
 
 
