@@ -23,12 +23,14 @@ from prometheus_client.registry import Collector
 OTHER = "other"
 MAX_KNOWN_JOB_TYPES = 200  # registered types beyond this share the "other" label too
 
-_KNOWN_JOB_TYPES: set[str] = {"noop", "generate_daily_brief", "send_brief_email"}
+# Empty until a process registers the types it knows (metrics sit below every job type's owner).
+_KNOWN_JOB_TYPES: set[str] = set()
 _KNOWN_LOCK = threading.Lock()
 
 
 def register_job_types(names: Iterable[str]) -> None:
-    """Give these job types labels of their own (the worker registers its handlers' types)."""
+    """Give these job types labels of their own (the worker registers its handlers' types, the
+    composition root the application's)."""
     with _KNOWN_LOCK:
         for name in names:
             if len(_KNOWN_JOB_TYPES) >= MAX_KNOWN_JOB_TYPES:

@@ -14,13 +14,20 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
-from briefs import jobs
+from briefs import jobs, metrics
 from briefs.app.host import Watch
+from briefs.contract import JOB_TYPES
 from briefs.db import Database
 from briefs.settings import Settings
 from scheduler.daemon import SchedulerDaemon, health_max_age
 from worker.handlers import build_handlers
 from worker.runner import Handler, Worker, WorkerStats
+
+
+def label_job_types() -> None:
+    """Metrics label the application's job types by name in every process (a scheduler-only
+    process reports queue depth by job type too); any other type counts as "other"."""
+    metrics.register_job_types(["noop", *JOB_TYPES])
 
 
 def handlers(settings: Settings) -> dict[str, Handler]:
@@ -52,6 +59,7 @@ class WorkerService:
         burst: bool = False,
     ) -> None:
         jobs.warn_if_email_unusable(settings)
+        label_job_types()
         self.settings = settings
         self.worker = Worker(db, settings, handlers(settings), concurrency=concurrency, burst=burst,
                              services=resources)
@@ -75,6 +83,7 @@ class SchedulerService:
     essential = True
 
     def __init__(self, db: Database, settings: Settings) -> None:
+        label_job_types()
         self.settings = settings
         self.daemon = SchedulerDaemon(db, settings)
         self._stopped = asyncio.Event()
