@@ -589,24 +589,20 @@ async def _attempt(call: _Call, request: httpx2.Request,
     call.requests += 1
     metrics.LLM_CALLS.labels(call.purpose).inc()
     call.ends = asyncio.get_running_loop().time() + call.deadline
+    response: httpx2.Response | None = None
     try:
         async with asyncio.timeout_at(call.ends):
             response = await send()
             if response.status_code == 429:
                 await response.aread()  # the error code decides whether it is retried (_SDKClient._should_retry)
-    except TimeoutError:
-        slot.release()
-        call.failed("timeout", f"no complete response within {call.deadline:g}s")
-        raise httpx2.ReadTimeout(call.problem, request=request) from None  # the SDK retries a timeout
-    except httpx2.TimeoutException:
-        slot.release()
-        call.failed("timeout", f"timed out after {call.timeout:g}s")
-        raise
     except BaseException as err:
         slot.release()
-        if isinstance(err, Exception):
-            call.failed("connection", f"connection error ({type(err).__name__})")
-        raise
+        if response is not None:  # a 429 whose body did not arrive: the SDK never sees it, so close it here
+            await response.aclose()
+        failure = _failure(call, err, request)
+        if failure is err:
+            raise
+        raise failure from None
     if response.is_success:
         call.slot = slot
     else:
@@ -614,6 +610,18 @@ async def _attempt(call: _Call, request: httpx2.Request,
         call.failed(status_kind(response.status_code, _error_code(response)), _status_text(response.status_code),
                     response.status_code)
     return response
+
+
+def _failure(call: _Call, err: BaseException, request: httpx2.Request) -> BaseException:
+    """What an attempt that raised ``err`` raises to the SDK, its failure recorded in ``call``."""
+    if isinstance(err, TimeoutError):  # call.deadline passed
+        call.failed("timeout", f"no complete response within {call.deadline:g}s")
+        return httpx2.ReadTimeout(call.problem, request=request)  # the SDK retries a timeout
+    if isinstance(err, httpx2.TimeoutException):
+        call.failed("timeout", f"timed out after {call.timeout:g}s")
+    elif isinstance(err, Exception):  # not a cancellation
+        call.failed("connection", f"connection error ({type(err).__name__})")
+    return err
 
 
 def _error_code(response: httpx2.Response) -> str | None:

@@ -93,6 +93,12 @@ class Fault:
         return cls("truncated")
 
     @classmethod
+    def trickle(cls, seconds: float, status: int = 200) -> Fault:
+        """Send the headers of a normal reply (or of an error ``status``), then its body one byte every
+        ``seconds``: each read is quick, the whole never arrives in time."""
+        return cls("trickle", status_code=status, seconds=seconds)
+
+    @classmethod
     def disconnect(cls) -> Fault:
         """Close the connection without sending any response."""
         return cls("disconnect")
@@ -362,10 +368,32 @@ class FakeLLM:
             handler._send(200, payload[: max(1, len(payload) // 2)])
         elif fault.kind == "disconnect":
             handler.close_connection = True
+        elif fault.kind == "trickle":
+            self._trickle(handler, body, fault)
         elif fault.kind == "content":
             self._send_completion(handler, body, fault.text)
         else:  # pragma: no cover - programming error in a test
             raise ValueError(f"unknown fault kind {fault.kind!r}")
+
+    def _trickle(self, handler: _Handler, body: dict[str, Any], fault: Fault) -> None:
+        if fault.status_code == 200:
+            payload = self._completion_payload(body, self._content(body))
+        else:
+            payload = _error_body("slow error", "rate_limit_exceeded" if fault.status_code == 429 else "error")
+        handler.close_connection = True
+        try:
+            handler.send_response(fault.status_code)
+            handler.send_header("Content-Type", "application/json")
+            handler.send_header("Content-Length", str(len(payload)))
+            handler.end_headers()
+            handler.wfile.flush()
+            for index in range(len(payload)):
+                if not self._sleep(fault.seconds):
+                    return
+                handler.wfile.write(payload[index:index + 1])
+                handler.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
+            pass  # the client gave up: what a trickle is for
 
     def _content(self, body: dict[str, Any]) -> str:
         responder = self.responder or default_responder

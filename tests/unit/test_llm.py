@@ -324,6 +324,18 @@ async def test_slow_reply_times_out_and_is_retried(fake: FakeLLM) -> None:
     assert fake.calls == 2
 
 
+@pytest.mark.parametrize("status", [200, 429])
+async def test_a_reply_trickling_in_is_cut_at_the_attempt_deadline_and_retried(fake: FakeLLM, status: int) -> None:
+    # Every read is quicker than llm_timeout, yet the whole reply does not come within 2 * 0.3 + 1 s.
+    fake.fail_when(lambda body: True, Fault.trickle(0.1, status))
+    async with make_client(fake, llm_timeout=0.3, llm_max_retries=1) as client:
+        with pytest.raises(LLMError) as info:
+            await client.complete(brief_messages(), ProjectBrief)
+    assert (info.value.kind, info.value.permanent) == ("timeout", False)
+    assert str(info.value) == "LLM request failed after 2 attempts: no complete response within 1.6s"
+    assert fake.calls == 2
+
+
 async def test_slow_reply_then_ok(fake: FakeLLM) -> None:
     fake.script(Fault.delay(2))
     async with make_client(fake, llm_timeout=0.3) as client:
