@@ -358,7 +358,7 @@ class _Planner:
         self.catch_up = timedelta(seconds=settings.catch_up)
         self.buffer = timedelta(seconds=settings.generation_buffer)
         self.cache: dict[_ScheduleKey, list[Occurrence] | Exception] = {}
-        self.next_cache: dict[_Schedule, dict[str, Any]] = {}
+        self.next_cache: dict[_ScheduleKey, dict[str, Any]] = {}
         self.warned = 0
 
     def plan(self, key: _Schedule, user_id: int) -> list[Occurrence] | Exception:
@@ -383,11 +383,15 @@ class _Planner:
             self.cache[key] = found
         return found
 
-    def next_due(self, key: _Schedule, user_id: int) -> dict[str, Any]:
-        """The next occurrence of a schedule at or after now (brief_date, notify_at, run_at), for a not-due user."""
+    def next_due(self, key: _ScheduleKey, user_id: int) -> dict[str, Any]:
+        """The next occurrence of a schedule at or after now (brief_date, notify_at, run_at), for a not-due user.
+
+        ``key`` is a schedule already planned this tick: a page row's key found in ``cache``, or a _Schedule.
+        """
         found = self.next_cache.get(key)
         if found is None:
             tz, frequency, day_of_week, at = key
+            assert tz is not None and at is not None, "a planned schedule has a timezone and a time of day"
             try:
                 nxt = next_occurrence(Preference(user_id, tz, frequency, day_of_week, at), self.now)
             except (ValueError, OverflowError):
@@ -742,10 +746,11 @@ def _plan_page(
     not_due = 0
     for row in rows:
         jobs = pending.pop(row.user_id, None)  # a skipped user's pending jobs are left as they are
-        occurrences = cache.get((row.timezone, row.frequency, row.day_of_week, row.time_of_day))
+        key: _ScheduleKey = (row.timezone, row.frequency, row.day_of_week, row.time_of_day)
+        occurrences = cache.get(key)
         if not occurrences and not jobs and occurrences is not None:
             # The common case: nothing due and nothing queued (a bad last visit only matters when due).
-            if not detailed or _list_not_due(planner, row, report):
+            if not detailed or _list_not_due(planner, row, key, report):
                 not_due += 1
         elif _plan_user(planner, row, occurrences, jobs or [], page, report):
             not_due += 1
@@ -753,15 +758,17 @@ def _plan_page(
     return page
 
 
-def _list_not_due(planner: _Planner, row: _PageRow, report: TickReport) -> bool:
-    """List a user with nothing to do in a detailed report; False when it is skipped instead (bad last visit)."""
+def _list_not_due(planner: _Planner, row: _PageRow, key: _ScheduleKey, report: TickReport) -> bool:
+    """List a user with nothing to do in a detailed report; False when it is skipped instead (bad last visit).
+
+    ``key``: the row's schedule, found in the planner's cache.
+    """
     try:
         _last_visit(row.last_visit_epoch)
-        schedule = _schedule_of(row)  # a cached schedule: it passed this check when it was planned
     except _BadRow as exc:
         planner.skip_bad(report, row.user_id, str(exc))
         return False
-    report.not_due.append({"user_id": row.user_id, **planner.next_due(schedule, row.user_id)})
+    report.not_due.append({"user_id": row.user_id, **planner.next_due(key, row.user_id)})
     return True
 
 
