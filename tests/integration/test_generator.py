@@ -256,15 +256,29 @@ async def test_completed_brief_is_not_regenerated_unless_forced(briefs_harness: 
 
 async def test_per_project_calls_run_concurrently_within_the_brief_limit(briefs_harness: Any, brief_seed: Any,
                                                                          fake_llm: FakeLLM) -> None:
+    import threading
+
+    from tests.fakellm import default_responder
+
     h = briefs_harness
     uid = seed_five(brief_seed)
-    fake_llm.latency = 0.3
+    limit = 3
+    all_in = threading.Event()
+
+    def hold_until_all_in(body: dict[str, Any]) -> str:
+        """Hold each project call until ``limit`` requests are in the server at once (or 10 s have passed)."""
+        if project_call()(body) and not all_in.is_set():
+            if fake_llm.in_flight >= limit:
+                all_in.set()
+            all_in.wait(10)
+        return default_responder(body)
+
+    fake_llm.responder = hold_until_all_in
     await h.enqueue(uid)
-    started = time.monotonic()
-    await h.run(h.settings(fake_llm, llm_brief_concurrency=5))
-    elapsed = time.monotonic() - started
-    assert fake_llm.max_in_flight == 5
-    assert elapsed < 5 * 0.3  # sequential would be 6 × 0.3 s
+    await h.run(h.settings(fake_llm, llm_brief_concurrency=limit))
+    assert all_in.is_set()  # three project calls were in flight together: they overlap
+    assert fake_llm.max_in_flight == limit  # and never more than the brief's limit (five projects)
+    assert sum(project_call()(b) for b in fake_llm.requests) == len(NAMES)
     assert (await h.brief(uid))["status"] == "completed"
 
 

@@ -42,6 +42,7 @@ class FakeTick:
     def __init__(self) -> None:
         self.calls = 0
         self.running = 0
+        self.finished = 0  # calls that returned (not cancelled)
         self.most_at_once = 0
         self.hold: asyncio.Event | None = None
 
@@ -52,6 +53,7 @@ class FakeTick:
         try:
             if self.hold is not None:
                 await self.hold.wait()
+            self.finished += 1
             return TickReport(now=now)
         finally:
             self.running -= 1
@@ -223,27 +225,18 @@ async def test_a_failing_tick_does_not_kill_the_daemon(
     assert all(c.tzinfo is UTC for c in calls)
 
 
-async def test_stop_lets_the_running_tick_finish(
-    db: Database, database_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    entered = asyncio.Event()
-    finished: list[bool] = []
-
-    async def slow(db: Any, settings: Any, now: datetime, **kw: Any) -> TickReport:
-        entered.set()
-        await asyncio.sleep(0.5)
-        finished.append(True)
-        return TickReport(now=now)
-
-    monkeypatch.setattr(daemon_mod, "run_tick", slow)
+async def test_stop_lets_the_running_tick_finish(db: Database, database_url: str, fake_tick: FakeTick) -> None:
+    fake_tick.hold = asyncio.Event()
     daemon = SchedulerDaemon(db, make_settings(database_url, scheduler_interval=60))
     await daemon.start()
-    await asyncio.wait_for(entered.wait(), 5)
-    begun = time.monotonic()
-    await daemon.stop()
-    assert finished == [True]  # not cancelled
-    assert time.monotonic() - begun >= 0.3
-    assert daemon.last_report is not None and not daemon.running
+    await wait_for_async(lambda: fake_tick.running, what="the tick at start to begin")
+    stopping = asyncio.create_task(daemon.stop())
+    await wait_for_async(lambda: not daemon.running, what="stop() to stop the firing")
+    assert not stopping.done()  # it waits for the tick
+    fake_tick.hold.set()
+    await stopping
+    assert fake_tick.finished == 1  # the tick ran to its end, not cancelled
+    assert daemon.last_report is not None and daemon.ticks == 1
 
 
 async def test_the_scheduler_service_ticks_in_a_host_until_stopped(

@@ -9,7 +9,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 import uuid
 from datetime import UTC, datetime
 
@@ -84,42 +83,34 @@ def test_cli_errors_never_show_passwords() -> None:
 # --------------------------------------------------------------------------- hostile sizes and credential forms
 
 # Inputs that made the old URL pattern backtrack (30 KB took 5 s, 100 KB 54 s, 1 MB never finished),
-# and the shapes that would make a careless linear-looking pattern quadratic again.
+# and the shapes that would make a careless linear-looking pattern quadratic again; each with what
+# redaction must make of it. How long redaction takes is a benchmark's question, not a test's: here a
+# return of backtracking shows as a test that does not finish.
 _ONE_MB = 1_000_000
 _PATHOLOGICAL = {
-    "letters": "a" * _ONE_MB,
-    "scheme then colons": "a://" + "b:" * (_ONE_MB // 2),
-    "repeated scheme and user": "a://b:" * (_ONE_MB // 6),
-    "unclosed quoted passwords": "password='" * (_ONE_MB // 10),
-    "userinfo without at": "x:a=" * (_ONE_MB // 4),
-    "many urls": "postgresql://u:p@h " * (_ONE_MB // 19),
-    "at signs": "@" * _ONE_MB,
-    "near-miss secrets": "sk-live-abcdef12345" * (_ONE_MB // 19),
+    "letters": ("a" * _ONE_MB, None),
+    "scheme then colons": ("a://" + "b:" * (_ONE_MB // 2), None),
+    "repeated scheme and user": ("a://b:" * (_ONE_MB // 6), None),
+    "password=' repeated": ("password='" * (_ONE_MB // 10), "password=***" * (_ONE_MB // 20)),
+    "userinfo without at": ("x:a=" * (_ONE_MB // 4), None),
+    "many urls": ("postgresql://u:p@h " * (_ONE_MB // 19), "postgresql://u:***@h " * (_ONE_MB // 19)),
+    "at signs": ("@" * _ONE_MB, None),
+    "near-miss secrets": ("sk-live-abcdef12345" * (_ONE_MB // 19), None),
 }
 
 
 @pytest.mark.parametrize("name", list(_PATHOLOGICAL))
-def test_redaction_is_linear_on_a_megabyte(name: str) -> None:
+def test_redaction_of_a_pathological_megabyte(name: str) -> None:
     logs.register_secret("sk-live-abcdef123456")
-    text = _PATHOLOGICAL[name]
-    started = time.perf_counter()
-    out = logs.redact(text)
-    elapsed = time.perf_counter() - started
-    # A generous bound on a pathological cost (the bug was minutes, then forever; linear is ~50 ms):
-    # it cannot flake on a loaded machine and still catches any return of backtracking.
-    assert elapsed < 5, f"{name}: {elapsed:.1f}s"
-    if name == "many urls":
-        assert ":p@" not in out and out.count(":***@") == len(text) // 19
+    text, redacted = _PATHOLOGICAL[name]
+    assert logs.redact(text) == (text if redacted is None else redacted)  # None: nothing in it to mask
 
 
-def test_many_secrets_over_long_text_stay_linear() -> None:
+def test_many_secrets_over_long_text() -> None:
     for i in range(500):
         logs.register_secret(f"tok-{i:04d}-" + "q" * 24)
-    text = ("tok-0001-" + "q" * 23 + "x ") * 30_000 + "tok-0499-" + "q" * 24
-    started = time.perf_counter()
-    out = logs.redact(text)
-    assert time.perf_counter() - started < 5  # generous: one pass over 1 MB, whatever the number of secrets
-    assert out.endswith("***") and "tok-0001-" + "q" * 23 + "x" in out
+    near_miss = "tok-0001-" + "q" * 23 + "x "  # one letter short of a secret, then another letter
+    assert logs.redact(near_miss * 30_000 + "tok-0499-" + "q" * 24) == near_miss * 30_000 + "***"
 
 
 @pytest.mark.parametrize(
