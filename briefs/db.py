@@ -224,9 +224,6 @@ def resolve_url(settings: Settings) -> tuple[str, str]:
     return url, f"embedded PostgreSQL in {pgdata}"
 
 
-# psycopg_pool logs every checkout and return at INFO: a line per transaction at the default level.
-logging.getLogger("psycopg.pool").setLevel(logging.WARNING)
-
 POOL_TIMEOUT = 30.0  # seconds a checkout waits for a free connection before it fails
 MAX_LIFETIME = 1800.0  # a connection is replaced after this long (jittered by the pool)
 MAX_IDLE = 600.0  # an unused connection is closed after this long (one per interval)

@@ -32,17 +32,13 @@ def is_permanent(error: BaseException) -> bool:
     """Whether retrying the job can never help.
 
     An explicit ``permanent`` attribute decides (:class:`PermanentError`, :class:`RetryLater`,
-    a library's own flag); otherwise the kinds in :data:`NEVER_SUCCEEDS` are permanent, also
-    when wrapped by SQLAlchemy (``orig``), and an exception group is permanent when every
-    error in it is. Anything else (timeouts, connection errors, 5xx, unexpected bugs) is
-    transient and retried with backoff until ``max_attempts``.
+    a library's own flag); otherwise the kinds in :data:`NEVER_SUCCEEDS` are permanent, and an
+    exception group is permanent when every error in it is. Anything else (timeouts, connection
+    errors, 5xx, unexpected bugs) is transient and retried with backoff until ``max_attempts``.
     """
     flag = getattr(error, "permanent", None)
     if flag is not None:
         return bool(flag)
     if isinstance(error, BaseExceptionGroup):
         return bool(error.exceptions) and all(is_permanent(e) for e in error.exceptions)
-    orig = getattr(error, "orig", None)  # SQLAlchemy's DBAPIError wraps the driver's error
-    if isinstance(orig, BaseException) and orig is not error and is_permanent(orig):
-        return True
     return isinstance(error, NEVER_SUCCEEDS)

