@@ -21,6 +21,7 @@ from psycopg.rows import namedtuple_row
 from briefs.contract import (
     BRIEF_JOB,
     MAX_TIMEZONE_CHARS,
+    STANDARD,
     BriefRequest,
     InvalidTimezone,
     brief_dedup_key,
@@ -28,7 +29,6 @@ from briefs.contract import (
     load_timezone,
 )
 from briefs.db import Database
-from briefs.engagement import STANDARD
 from briefs.errors import PermanentError
 from briefs.generator import Conn, EnqueueHook, FollowUp
 
