@@ -327,18 +327,7 @@ async def enqueue_many(
     result = EnqueueResult()
     if not jobs:
         return result
-    accepted: list[tuple[NewJob, JsonText]] = []
-    positions: list[int] = []
-    for index, job in enumerate(jobs):
-        try:
-            payload = check_job(job, max_payload_bytes=max_payload_bytes)
-        except JobRejected as exc:
-            kind = job.job_type if isinstance(job.job_type, str) else "?"
-            result.rejected.append(Rejected(index, _clip(kind, 60), str(exc)))
-            log.warning("refused to enqueue job %d of %d: %s", index + 1, len(jobs), exc)
-            continue
-        accepted.append((job, payload))
-        positions.append(index)
+    accepted, positions = _accept(jobs, max_payload_bytes, result.rejected)
     ids: list[int | None] = [None] * len(jobs)
     if not accepted:
         result.extend(ids)
@@ -368,6 +357,26 @@ async def enqueue_many(
     if notify and rows:
         await conn.execute("SELECT pg_notify(%s, '')", (NOTIFY_CHANNEL,))
     return result
+
+
+def _accept(
+    jobs: Sequence[NewJob], max_payload_bytes: int, rejected: list[Rejected]
+) -> tuple[list[tuple[NewJob, JsonText]], list[int]]:
+    """The jobs :func:`check_job` accepts, with their payloads, and their positions in ``jobs``;
+    the others are logged and added to ``rejected``."""
+    accepted: list[tuple[NewJob, JsonText]] = []
+    positions: list[int] = []
+    for index, job in enumerate(jobs):
+        try:
+            payload = check_job(job, max_payload_bytes=max_payload_bytes)
+        except JobRejected as exc:
+            kind = job.job_type if isinstance(job.job_type, str) else "?"
+            rejected.append(Rejected(index, _clip(kind, 60), str(exc)))
+            log.warning("refused to enqueue job %d of %d: %s", index + 1, len(jobs), exc)
+            continue
+        accepted.append((job, payload))
+        positions.append(index)
+    return accepted, positions
 
 
 async def enqueue(
