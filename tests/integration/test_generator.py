@@ -336,8 +336,10 @@ async def test_crash_mid_generation_then_retry_gives_one_brief_and_one_email(
     await services["llm"].aclose()
     crashed = await h.brief(uid)
     assert crashed["status"] == "processing"
-    kept = len(await h.sections(crashed["id"]))
+    kept_sections = await h.sections(crashed["id"])
+    kept = len(kept_sections)
     assert 2 <= kept < 5
+    kept_names = {section["name"] for section in kept_sections}
     async with h.db.raw() as conn:  # what the rescuer does for a dead worker, without waiting for the lease
         await queue.fail(conn, job, "worker died", permanent=False, retry_delay=0)
 
@@ -348,10 +350,9 @@ async def test_crash_mid_generation_then_retry_gives_one_brief_and_one_email(
     assert brief["metadata"]["resumed_sections"] == kept
     sections = await h.sections(brief["id"])
     assert len(sections) == 5 and {s["metadata"]["source"] for s in sections} == {"llm"}
-    for name in NAMES:  # sections kept from the first run were not asked for again
+    for name in NAMES:  # sections kept from the first run were not asked for again; lost ones were, once
         asked = sum(project_call(name)(b) for b in fake_llm.requests)
-        assert 1 <= asked <= 2
-    assert sum(project_call()(b) for b in fake_llm.requests) <= 5 + 2  # at most the in-flight ones redone
+        assert asked == 1 if name in kept_names else 1 <= asked <= 2, (name, asked)
     assert brief["prompt_tokens"] == sum(s["metadata"]["prompt_tokens"] for s in sections) + brief["metadata"][
         "summary_prompt_tokens"]
     jobs = await h.jobs()
