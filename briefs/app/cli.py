@@ -374,7 +374,7 @@ def _split_password(url: str) -> tuple[str, str | None]:
     in PGPASSWORD, never in its argv (visible to every user in ``ps``)."""
     params = conninfo_to_dict(url)
     password = params.pop("password", None)
-    return make_conninfo(**params), None if password is None else str(password)
+    return make_conninfo("", **params), None if password is None else str(password)
 
 
 async def cmd_dsn(settings: Settings, args: argparse.Namespace) -> int:
@@ -588,7 +588,8 @@ def _main(argv: list[str] | None) -> int:
         _error(f"invalid configuration: BRIEFS_LOG_LEVEL: {one_line(str(exc), 200)}")
         return 2
     try:
-        return asyncio.run(args.fn(settings, args))
+        code: int = asyncio.run(args.fn(settings, args))
+        return code
     except UsageError as exc:
         _error(str(exc))
         return 2
