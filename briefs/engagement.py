@@ -188,10 +188,8 @@ async def load_histories(conn: Any, wanted: Sequence[tuple[int, date, date]]) ->
     """
     if not wanted:
         return {}
-    cur = await conn.execute(
-        _HISTORY_SQL,
-        ([w[0] for w in wanted], [w[1] for w in wanted], [w[2] for w in wanted]),
-    )
+    user_ids, visit_dates, brief_dates = (list(column) for column in zip(*wanted, strict=True))
+    cur = await conn.execute(_HISTORY_SQL, (user_ids, visit_dates, brief_dates))
     found: dict[tuple[int, date], list[tuple[date, str | None]]] = {}
     for user_id, before, brief_date, brief_text, stage in await cur.fetchall():
         day = brief_date if brief_date is not None else _payload_date(brief_text)
