@@ -112,6 +112,29 @@ def truncate_all(url: str) -> None:
 
 
 @pytest.fixture
+async def lease_conn(db: Database, request: pytest.FixtureRequest) -> AsyncIterator[object]:
+    """A worker-style dedicated connection (outside the pool), as the rescuer and the pruner get."""
+    from worker.connection import DedicatedConnection
+
+    conn = DedicatedConnection(db, f"briefs-test-{request.node.name[:40]}", hot=False)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+async def rescue_continuously(url: str, rescued: list[object]) -> None:
+    """Another worker's maintenance on a connection of its own: take over every lease that expires
+    (into ``rescued``) until cancelled. Tests that must show no lease expired assert ``rescued == []``."""
+    from worker import queue
+
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        while True:
+            rescued.extend(await queue.rescue_expired(conn, retry_base=0.01, retry_max=0.01))
+            await asyncio.sleep(0.05)
+
+
+@pytest.fixture
 async def db(database_url: str, settings: Settings) -> AsyncIterator[Database]:
     """The session database with empty tables."""
     truncate_all(database_url)

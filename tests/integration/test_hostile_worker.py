@@ -22,7 +22,7 @@ from briefs.db import Database
 from briefs.errors import PermanentError, RetryLater, is_permanent
 from briefs.health import HealthServer
 from tests import handlers_for_tests as th
-from tests.conftest import make_settings
+from tests.conftest import make_settings, rescue_continuously
 from worker import queue
 from worker.handlers import builtin_handlers
 from worker.queue import NewJob
@@ -429,13 +429,7 @@ async def test_handlers_holding_every_pool_connection_do_not_starve_the_leases(d
                     concurrency=pool_size + 1, burst=True)
     rescued: list[Any] = []
 
-    async def rescuer() -> None:  # another worker's maintenance, on a connection of its own
-        async with await psycopg.AsyncConnection.connect(db.url, autocommit=True) as conn:
-            while True:
-                rescued.extend(await queue.rescue_expired(conn, retry_base=0.01, retry_max=0.01))
-                await asyncio.sleep(0.05)
-
-    watcher = asyncio.create_task(rescuer())
+    watcher = asyncio.create_task(rescue_continuously(db.url, rescued))  # another worker's maintenance
     try:
         async with asyncio.timeout(30):
             stats = await worker.run()

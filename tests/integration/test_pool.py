@@ -20,7 +20,7 @@ from psycopg_pool import PoolTimeout
 
 import briefs.db
 from briefs.db import Database, DatabaseUnavailable, is_connection_error
-from tests.conftest import make_settings
+from tests.conftest import make_settings, rescue_continuously
 from worker import queue
 from worker.handlers import builtin_handlers
 from worker.queue import NewJob
@@ -253,13 +253,7 @@ async def test_lease_statements_run_while_every_pooled_connection_is_held(clean_
                         concurrency=2, burst=True)
         rescued: list[Any] = []
 
-        async def rescuer() -> None:  # another worker's maintenance: takes over any lease that expires
-            async with await psycopg.AsyncConnection.connect(db.url, autocommit=True) as conn:
-                while True:
-                    rescued.extend(await queue.rescue_expired(conn, retry_base=0.01, retry_max=0.01))
-                    await asyncio.sleep(0.05)
-
-        watcher = asyncio.create_task(rescuer())
+        watcher = asyncio.create_task(rescue_continuously(db.url, rescued))  # takes over any expired lease
         try:
             async with asyncio.timeout(30):  # a hang guard: the worker would wait for the pool forever
                 stats = await worker.run()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -11,15 +10,6 @@ from briefs.db import Database
 from worker import queue
 from worker.connection import DedicatedConnection
 from worker.prune import Pruner
-
-
-@pytest.fixture
-async def lease_conn(db: Database) -> AsyncIterator[DedicatedConnection]:
-    conn = DedicatedConnection(db, "briefs-test-prune", hot=False)
-    try:
-        yield conn
-    finally:
-        await conn.close()
 
 
 async def insert(db: Database, count: int, status: str, finished_days_ago: float | None) -> set[int]:

@@ -4,7 +4,6 @@ lease expired), then the rescuer runs once."""
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 
 import psycopg
@@ -14,15 +13,6 @@ from briefs.db import Database
 from tests.conftest import make_settings
 from worker.connection import DedicatedConnection
 from worker.rescue import Rescuer
-
-
-@pytest.fixture
-async def lease_conn(db: Database) -> AsyncIterator[DedicatedConnection]:
-    conn = DedicatedConnection(db, "briefs-test-rescue", hot=False)
-    try:
-        yield conn
-    finally:
-        await conn.close()
 
 
 async def left_running(db: Database, lease: str, attempts: int = 1, max_attempts: int = 3) -> int:
