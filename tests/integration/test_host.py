@@ -11,7 +11,7 @@ import pytest
 from briefs.app.host import Host, Service, Watch
 from briefs.db import Database
 from briefs.settings import Settings
-from tests.conftest import make_settings
+from tests.conftest import _with_dbname, make_settings
 
 
 class Probe:
@@ -114,7 +114,7 @@ async def test_the_host_refuses_an_unmigrated_database_before_building_anything(
     name = f"briefs_host_{secrets.token_hex(3)}"
     with psycopg.connect(pg_server_url, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    url = pg_server_url.rsplit("/", 1)[0] + f"/{name}"
+    url = _with_dbname(pg_server_url, name)  # the embedded server's URL names its socket in the query
     try:
         settings = make_settings(url)
         seen: list[Database] = []
