@@ -108,6 +108,8 @@ REPLY_MAX_LINES = 100  # of one SMTP reply (an EHLO reply has a dozen); a server
 SMTP_THREADS = 32  # SMTP exchanges in flight per process (more wait for a thread, holding no connection)
 CLAIM_STALE = SEND_BUDGET + 60.0  # a send claim older than this belonged to a sender that died
 NOT_READY_DELAY = 30.0
+# smtplib's own limit on one reply line (a private name, absent from its type stubs).
+_SMTP_LINE_MAX: int = getattr(smtplib, "_MAXLINE", 8192)
 
 # Clipping, before any rendering (characters).
 NAME_MAX = 100  # the user's name (To display name, greeting)
@@ -616,17 +618,18 @@ def wire_size(message: EmailMessage) -> int:
 def _section(item: LoadedSection) -> Section:
     """A stored section, tolerant of any JSON shape (what does not fit is left out)."""
     data = item.data if isinstance(item.data, dict) else {}
-    name = data.get("name") if isinstance(data.get("name"), str) and data.get("name") else item.name
+    raw_name, raw_summary, raw_source = data.get("name"), data.get("summary"), data.get("source")
+    name = raw_name if isinstance(raw_name, str) and raw_name else item.name
     groups = []
     raw_groups = data.get("groups")
     for g in raw_groups[:GROUPS_MAX] if isinstance(raw_groups, list) else ():
         if isinstance(g, dict) and isinstance(g.get("items"), list):
             groups.append(Group(str(g.get("heading") or ""), tuple(x for x in g["items"] if isinstance(x, str))))
     note = data.get("note") if isinstance(data.get("note"), str) else None
-    summary = data.get("summary") if isinstance(data.get("summary"), str) else ""
+    summary = raw_summary if isinstance(raw_summary, str) else ""
     if item.data is None and not summary:
         summary = "Details are in the full brief."
-    source = data.get("source") if data.get("source") in ("llm", "deterministic", "fallback") else "deterministic"
+    source = raw_source if raw_source in ("llm", "deterministic", "fallback") else "deterministic"
     return Section(project_id=item.project_id, name=name, summary=summary, groups=tuple(groups), source=source,
                    note=note)
 
@@ -908,16 +911,16 @@ class _BoundedReplies:
             self.file = self.sock.makefile("rb")
         while True:
             try:
-                line = self.file.readline(smtplib._MAXLINE + 1)
+                line = self.file.readline(_SMTP_LINE_MAX + 1)
             except OSError as exc:
                 self.close()
                 raise smtplib.SMTPServerDisconnected(f"Connection unexpectedly closed: {exc}") from None
             if not line:
                 self.close()
                 raise smtplib.SMTPServerDisconnected("Connection unexpectedly closed")
-            if len(line) > smtplib._MAXLINE:
+            if len(line) > _SMTP_LINE_MAX:
                 self.close()
-                raise SMTPReplyTooLong(f"the server sent a reply line over {smtplib._MAXLINE} bytes")
+                raise SMTPReplyTooLong(f"the server sent a reply line over {_SMTP_LINE_MAX} bytes")
             lines.append(line[4:].strip(b" \t\r\n"))
             if len(lines) > REPLY_MAX_LINES:
                 self.close()

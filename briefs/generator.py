@@ -69,6 +69,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import namedtuple_row
 from psycopg.types.json import Jsonb
+from pydantic import BaseModel
 
 from briefs import deterministic, render
 from briefs.contract import EMAIL_JOB, BriefRequest, EmailRequest
@@ -503,9 +504,10 @@ class _Run:
             raise group.exceptions[0] from None
         return [results[p.id] for p in ctx.projects]
 
-    def _prompt_budget(self, schema: type[Any]) -> int:
+    def _prompt_budget(self, schema: type[BaseModel]) -> int:
         """Characters left for our messages once the client appends the schema's JSON instructions."""
-        return max(1000, self.settings.prompt_max_chars - len(instructions(schema)) - 2)
+        limit: int = self.settings.prompt_max_chars
+        return max(1000, limit - len(instructions(schema)) - 2)
 
     def _note_llm(self, attempts: int, *, failed: bool) -> None:
         self.llm_requests += attempts
@@ -584,8 +586,11 @@ class _Run:
     def _row(self, r: _ProjectResult) -> dict[str, Any]:
         """The stored form of a section: scrubbed (nothing PostgreSQL refuses), Markdown within the limit."""
         r.meta = {**r.meta, "section": r.section.to_dict()}
-        return scrub({"project": r.project.id, "status": r.status, "error": r.error, "meta": r.meta,
-                      "content": render.section_markdown(r.section, self.settings.brief_max_chars)})
+        row: dict[str, Any] = scrub({
+            "project": r.project.id, "status": r.status, "error": r.error, "meta": r.meta,
+            "content": render.section_markdown(r.section, self.settings.brief_max_chars),
+        })
+        return row
 
     async def _write_rows(self, rows: list[dict[str, Any]], *, progress: bool) -> None:
         async with self.db.raw() as conn:

@@ -46,7 +46,7 @@ def known_job_types() -> list[str]:
 
 def job_type_label(job_type: object) -> str:
     """The label for a job type: itself when known, else ``other``."""
-    return job_type if job_type in _KNOWN_JOB_TYPES else OTHER  # type: ignore[return-value]
+    return job_type if isinstance(job_type, str) and job_type in _KNOWN_JOB_TYPES else OTHER
 
 JOBS_CLAIMED = Counter("briefs_jobs_claimed_total", "Jobs claimed by this process", ["job_type"])
 JOBS_COMPLETED = Counter("briefs_jobs_completed_total", "Jobs completed", ["job_type"])

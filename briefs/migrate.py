@@ -106,7 +106,7 @@ async def migrate(
         pending = [m for m in migrations if m.version not in applied]
         for index, m in enumerate(pending, 1):
             async with conn.transaction():
-                await conn.execute(m.sql.encode())  # type: ignore[arg-type]
+                await conn.execute(m.sql.encode())
                 await conn.execute(
                     "INSERT INTO schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",
                     (m.version, m.name, m.checksum),

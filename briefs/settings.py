@@ -307,4 +307,4 @@ def redact_url(url: str) -> str:
 
 
 def get_settings(**overrides: object) -> Settings:
-    return Settings(**overrides)  # type: ignore[arg-type]
+    return Settings(**overrides)
