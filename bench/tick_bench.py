@@ -48,7 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from briefs.db import Database
 from briefs.migrate import migrate_url
 from briefs.settings import Settings
-from scheduler.tick import TickReport, run_tick
+from scheduler.report import TickReport
+from scheduler.tick import run_tick
 
 DEFAULT_SERVER = os.environ.get("BRIEFS_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 

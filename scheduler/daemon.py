@@ -30,7 +30,8 @@ from apscheduler.triggers.interval import IntervalTrigger
 from briefs.db import Database, is_connection_error
 from briefs.settings import Settings
 from briefs.terminal import one_line
-from scheduler.tick import TickReport, run_tick
+from scheduler.report import TickReport
+from scheduler.tick import run_tick
 
 log = logging.getLogger(__name__)
 

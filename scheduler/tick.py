@@ -114,6 +114,7 @@ from briefs.contract import (
 from briefs.db import Database
 from briefs.settings import Settings
 from scheduler.plan import Occurrence, Preference, local_to_utc, next_occurrence, plan
+from scheduler.report import TickReport, iso
 from worker import queue
 from worker.queue import NewJob
 
@@ -143,130 +144,6 @@ class _Schedule(NamedTuple):
 # A page row's schedule as a cache key: a plain tuple, equal (and hashing equal) to the _Schedule it was cached
 # under. A NULL timezone or time_of_day (see _PAGE) makes a key that is never cached.
 _ScheduleKey = tuple[str | None, str, int | None, time | None]
-
-
-# --------------------------------------------------------------------------- the report
-
-
-@dataclass
-class TickReport:
-    """What one tick did.
-
-    ``enqueued``: one dict per new job (user_id, brief_date, notify_at, run_at, job_id — None in a dry
-    run —, stage, catch_up). ``deduplicated``: planned briefs that already had a pending, running or
-    completed job. ``moved``/``cancelled``: pending jobs changed (job_id, user_id, brief_date, reason; moves
-    also from_notify_at, notify_at, run_at, catch_up). ``skipped``: {user_id, reason} with reasons
-    ``invalid_timezone: …``, ``engagement: …``, ``engagement_error: …``, ``invalid_preference: …``,
-    ``plan_error: …``, ``invalid_last_visit: …``. ``queries``: statements issued, the advisory lock
-    included. ``not_due_count``: users with nothing to do this tick. A ``detailed`` report also lists
-    ``deduplicated_users`` (user_id, brief_date, job_id, status of the job that blocks the brief) and
-    ``not_due`` (user_id and the next brief_date, notify_at, run_at; None when there is none within a week).
-    """
-
-    now: datetime
-    dry_run: bool = False
-    detailed: bool = False
-    users_seen: int = 0
-    enqueued: list[dict[str, Any]] = field(default_factory=list)
-    deduplicated: int = 0
-    deduplicated_users: list[dict[str, Any]] = field(default_factory=list)
-    not_due_count: int = 0
-    not_due: list[dict[str, Any]] = field(default_factory=list)
-    moved: list[dict[str, Any]] = field(default_factory=list)
-    cancelled: list[dict[str, Any]] = field(default_factory=list)
-    skipped: list[dict[str, Any]] = field(default_factory=list)
-    pages: int = 0
-    queries: int = 0
-    duration_s: float = 0.0
-    skipped_locked: bool = False
-    # Briefs left 'processing' whose last job ended failed or cancelled with no live job to finish them
-    # (a worker killed on the last attempt: the rescuer fails the job in SQL, no brief code runs).
-    briefs_failed: list[dict[str, Any]] = field(default_factory=list)
-
-    def skip(self, user_id: int, reason: str) -> None:
-        self.skipped.append({"user_id": user_id, "reason": reason})
-
-    def skipped_by_kind(self) -> dict[str, int]:
-        kinds: dict[str, int] = {}
-        for item in self.skipped:
-            kind = _reason_kind(item["reason"])
-            kinds[kind] = kinds.get(kind, 0) + 1
-        return kinds
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict (instants and dates as ISO 8601 strings)."""
-        return {
-            "now": _iso(self.now),
-            "dry_run": self.dry_run,
-            "skipped_locked": self.skipped_locked,
-            "users_seen": self.users_seen,
-            "pages": self.pages,
-            "queries": self.queries,
-            "duration_s": round(self.duration_s, 4),
-            "deduplicated": self.deduplicated,
-            "enqueued": [_jsonable(e) for e in self.enqueued],
-            "moved": [_jsonable(m) for m in self.moved],
-            "cancelled": [_jsonable(c) for c in self.cancelled],
-            "skipped": [_jsonable(s) for s in self.skipped],
-            "skipped_by_kind": self.skipped_by_kind(),
-            "detailed": self.detailed,
-            "deduplicated_users": [_jsonable(d) for d in self.deduplicated_users],
-            "not_due_count": self.not_due_count,
-            "not_due": [_jsonable(n) for n in self.not_due],
-            "briefs_failed": [_jsonable(b) for b in self.briefs_failed],
-        }
-
-    def summary(self) -> str:
-        """A few human lines."""
-        head = f"tick at {_iso(self.now)}" + (" (dry run: nothing written)" if self.dry_run else "")
-        if self.skipped_locked:
-            return f"{head}: skipped, another scheduler holds the lock"
-        lines = [
-            f"{head}: {self.users_seen} active preference(s) in {self.pages} page(s), "
-            f"{self.queries} queries, {self.duration_s:.3f}s",
-            f"  enqueued {len(self.enqueued)}, already queued {self.deduplicated}, "
-            f"moved {len(self.moved)}, cancelled {len(self.cancelled)}, skipped {len(self.skipped)}, "
-            f"not due {self.not_due_count}",
-        ]
-        if self.briefs_failed:
-            lines.append(f"  marked failed {len(self.briefs_failed)} brief(s) whose last job ended and left them "
-                         "processing")
-        kinds = self.skipped_by_kind()
-        if kinds:
-            lines.append("  skipped: " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())))
-        for e in self.enqueued[:5]:
-            lines.append(
-                f"  + user {e['user_id']} {e['brief_date']} at {_iso(e['notify_at'])} [{e['stage']}]"
-                + (" catch-up" if e["catch_up"] else "")
-            )
-        if len(self.enqueued) > 5:
-            lines.append(f"  … and {len(self.enqueued) - 5} more (use --json for all)")
-        for item in self.skipped[:5]:
-            lines.append(f"  - user {item['user_id']} skipped: {item['reason']}")
-        if len(self.skipped) > 5:
-            lines.append(f"  … and {len(self.skipped) - 5} more skipped (use --json for all)")
-        for n in self.not_due[:5]:
-            when = f"{n['brief_date']} at {_iso(n['notify_at'])}" if n["notify_at"] else "no brief within a week"
-            lines.append(f"  · user {n['user_id']} not due: next {when}")
-        if len(self.not_due) > 5:
-            lines.append(f"  … and {len(self.not_due) - 5} more not due (use --json for all)")
-        return "\n".join(lines)
-
-
-def _reason_kind(reason: str) -> str:
-    return reason.split(":", 1)[0].strip() or "other"
-
-
-def _iso(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
-    if isinstance(value, date):
-        return value.isoformat()
-    return value
-
-
-def _jsonable(item: dict[str, Any]) -> dict[str, Any]:
-    return {k: _iso(v) for k, v in item.items()}
 
 
 # --------------------------------------------------------------------------- plumbing
@@ -643,7 +520,7 @@ async def run_tick(
         try:
             if not await _try_lock(conn):
                 report.skipped_locked = True
-                log.info("tick at %s skipped: another scheduler holds the lock", _iso(now))
+                log.info("tick at %s skipped: another scheduler holds the lock", iso(now))
             else:
                 await _tick(conn, settings, now, report)
         finally:
@@ -1102,7 +979,7 @@ def _record(report: TickReport) -> None:
     log.info(
         "tick at %s: %d users, %d enqueued, %d already queued, %d moved, %d cancelled, %d skipped "
         "(%d pages, %d queries, %.3fs)",
-        _iso(report.now),
+        iso(report.now),
         report.users_seen,
         len(report.enqueued),
         report.deduplicated,

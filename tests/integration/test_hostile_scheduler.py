@@ -20,7 +20,8 @@ from psycopg.types.json import Jsonb
 
 from briefs.db import Database
 from briefs.settings import Settings
-from scheduler.tick import TickReport, run_tick
+from scheduler.report import TickReport
+from scheduler.tick import run_tick
 from tests.conftest import SchedulerSeed, make_settings
 
 NOW = datetime(2026, 3, 10, 7, 30, tzinfo=UTC)  # UTC users at 08:00 are due

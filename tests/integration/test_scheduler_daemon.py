@@ -23,7 +23,7 @@ from briefs.app.services import SchedulerService
 from briefs.db import Database
 from scheduler import daemon as daemon_mod
 from scheduler.daemon import SchedulerDaemon
-from scheduler.tick import TickReport
+from scheduler.report import TickReport
 from tests.conftest import SchedulerSeed, make_settings
 from tests.polling import wait_for_async
 

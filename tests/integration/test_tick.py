@@ -14,7 +14,8 @@ import pytest
 
 from briefs.db import Database
 from briefs.settings import Settings
-from scheduler.tick import TickReport, run_tick
+from scheduler.report import TickReport
+from scheduler.tick import run_tick
 from tests.conftest import SchedulerSeed
 
 
