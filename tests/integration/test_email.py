@@ -16,7 +16,7 @@ import pytest
 from pydantic import SecretStr
 
 from briefs import email as brief_email
-from briefs import unsubscribe
+from briefs import smtp, unsubscribe
 from briefs.contract import BriefRequest, EmailRequest
 from briefs.errors import PermanentError
 from briefs.generator import generate
@@ -526,9 +526,9 @@ def test_a_server_that_stalls_cannot_hold_the_exchange_past_its_budget(smtp_serv
     message["Subject"] = "x"
     message.set_content("x")
     smtp_server.hold_data()
-    target = brief_email.SmtpTarget.parse(smtp_server.url)
+    target = smtp.SmtpTarget.parse(smtp_server.url)
     with pytest.raises(TimeoutError, match="cut"):
-        brief_email.smtp_send(target, message, "a@example.com", "b@example.com", budget=1.0)
+        smtp.smtp_send(target, message, "a@example.com", "b@example.com", budget=1.0)
     smtp_server.release()
 
 
@@ -739,13 +739,13 @@ async def test_engagement_stage_sets_the_email_subject(briefs_harness: Any, brie
 def test_smtp_url_problems_are_permanent_and_never_show_the_password() -> None:
     for url in ("http://x", "smtp://u:pw@host:99999", "smtp://u:pw@host:notaport", "smtp://h\r\nx"):
         with pytest.raises(PermanentError, match="BRIEFS_SMTP_URL") as info:
-            brief_email.SmtpTarget.parse(url)
+            smtp.SmtpTarget.parse(url)
         assert "pw" not in str(info.value)
-    assert brief_email.SmtpTarget.parse("smtps://u:pw@mail.example.com").port == 465
-    assert brief_email.SmtpTarget.parse("smtp+starttls://u:pw@mail.example.com").tls == "starttls"
-    assert brief_email.SmtpTarget.parse("smtp://u:pw@127.0.0.1", allow_insecure=True).password == "pw"
+    assert smtp.SmtpTarget.parse("smtps://u:pw@mail.example.com").port == 465
+    assert smtp.SmtpTarget.parse("smtp+starttls://u:pw@mail.example.com").tls == "starttls"
+    assert smtp.SmtpTarget.parse("smtp://u:pw@127.0.0.1", allow_insecure=True).password == "pw"
     # The classification of SMTP errors: 5xx permanent, 4xx and network trouble transient.
-    target = brief_email.SmtpTarget.parse("smtp://127.0.0.1")
+    target = smtp.SmtpTarget.parse("smtp://127.0.0.1")
     assert brief_email._classify(smtplib.SMTPResponseException(554, b"no"), target).permanent
     assert not brief_email._classify(smtplib.SMTPResponseException(421, b"busy"), target).permanent
     assert not brief_email._classify(ConnectionResetError(), target).permanent

@@ -9,8 +9,9 @@ from email.message import EmailMessage
 
 import pytest
 
-from briefs.email import REPLY_MAX_LINES, SMTPReplyTooLong, SmtpTarget, _classify, smtp_send
+from briefs.email import _classify
 from briefs.errors import RetryLater
+from briefs.smtp import REPLY_MAX_LINES, SMTPReplyTooLong, SmtpTarget, smtp_send
 
 
 def _serve_once(greeting: bytes) -> Iterator[int]:
