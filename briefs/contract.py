@@ -61,6 +61,7 @@ __all__ = [
     "email_dedup_key",
     "iso_instant",
     "load_timezone",
+    "parse_iso_date",
     "shown",
 ]
 
@@ -121,7 +122,7 @@ def check_brief_date(day: date, what: str = "brief_date") -> None:
                              f"({FIRST_BRIEF_DATE.isoformat()} .. {LAST_BRIEF_DATE.isoformat()})")
 
 
-def _iso_date(text: str) -> date | None:
+def parse_iso_date(text: str) -> date | None:
     """The date of exactly ``YYYY-MM-DD`` (ASCII digits, dashes in place), else None.
 
     ``date.fromisoformat`` alone also reads '20260310' and '2026-W11-2'; the length and dash
@@ -157,7 +158,7 @@ def brief_date_of_key(key: str, user_id: int) -> date | None:
     prefix = f"brief:{user_id}:"
     if not key.startswith(prefix):
         return None
-    return _iso_date(key[len(prefix):])
+    return parse_iso_date(key[len(prefix):])
 
 
 def brief_key_sql(user_id: str, brief_date: str) -> str:
@@ -240,7 +241,7 @@ def _positive_id(value: Any) -> int:
 
 
 def _brief_date(value: Any) -> date:
-    day = _iso_date(value) if isinstance(value, str) else None
+    day = parse_iso_date(value) if isinstance(value, str) else None
     if day is None:
         raise ValueError(f"must be YYYY-MM-DD, got {_short(value)}")
     return day

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, tzinfo
 from typing import Any
 
-from briefs.contract import BRIEF_JOB, DORMANT, ISO_DATE_SQL_PATTERN, REENGAGE, REENGAGE_LATE, STANDARD
+from briefs.contract import BRIEF_JOB, DORMANT, ISO_DATE_SQL_PATTERN, REENGAGE, REENGAGE_LATE, STANDARD, parse_iso_date
 
 REENGAGE_FROM_DAY = 4
 REENGAGE_LATE_FROM_DAY = 14
@@ -169,16 +169,6 @@ JOIN LATERAL (
 """
 
 
-def _payload_date(text: str | None) -> date | None:
-    """A queued job's payload brief_date, or None when it is not a real date ('2026-02-30')."""
-    if text is None:
-        return None
-    try:
-        return date.fromisoformat(text)
-    except ValueError:
-        return None
-
-
 async def load_histories(conn: Any, wanted: Sequence[tuple[int, date, date]]) -> dict[tuple[int, date], History]:
     """One query for many users: ``wanted`` holds (user_id, last visit date, brief date).
 
@@ -192,7 +182,7 @@ async def load_histories(conn: Any, wanted: Sequence[tuple[int, date, date]]) ->
     cur = await conn.execute(_HISTORY_SQL, (user_ids, visit_dates, brief_dates))
     found: dict[tuple[int, date], list[tuple[date, str | None]]] = {}
     for user_id, before, brief_date, brief_text, stage in await cur.fetchall():
-        day = brief_date if brief_date is not None else _payload_date(brief_text)
+        day = brief_date if brief_date is not None else parse_iso_date(brief_text or "")
         if day is not None:
             found.setdefault((user_id, before), []).append((day, stage))
     return {key: History(tuple(rows)) for key, rows in found.items()}

@@ -121,7 +121,6 @@ from worker.queue import NewJob
 log = logging.getLogger(__name__)
 
 LOCK_KEY = 0x6272696566_02  # "brief" + 2 (the migrator uses + 1): the scheduler's advisory lock
-JOB_TYPE = BRIEF_JOB
 PRIORITY = 50
 SOURCE = "scheduler"  # payload["source"] of the jobs this module makes (the only ones it moves or cancels)
 _MIN_ID = -(2**63)
@@ -569,7 +568,7 @@ async def _fail_orphaned_briefs(conn: _Counted, now: datetime, report: TickRepor
     'processing' for ever. A dry run reports them and rolls back with the rest of the tick.
     """
     # Each row, {user_id, brief_date, job_id, job_status}, is the report's item as it is.
-    report.briefs_failed += await conn.fetch(_ORPHANED_BRIEFS, {"now": now, "job_type": JOB_TYPE}, dict_row)
+    report.briefs_failed += await conn.fetch(_ORPHANED_BRIEFS, {"now": now, "job_type": BRIEF_JOB}, dict_row)
     if report.briefs_failed and not report.dry_run:
         log.warning("marked %d brief(s) failed: left processing by a job that ended %s",
                     len(report.briefs_failed), ", ".join(sorted({b["job_status"] for b in report.briefs_failed})))
@@ -577,7 +576,7 @@ async def _fail_orphaned_briefs(conn: _Counted, now: datetime, report: TickRepor
 
 async def _load_pending(conn: _Counted) -> dict[int, list[_Pending]]:
     pending: dict[int, list[_Pending]] = {}
-    for row in await conn.fetch(_PENDING, (JOB_TYPE, SOURCE), _rows_of(_PendingRow)):
+    for row in await conn.fetch(_PENDING, (BRIEF_JOB, SOURCE), _rows_of(_PendingRow)):
         pending.setdefault(row.user_id, []).append(
             _Pending(
                 id=row.id,
@@ -745,7 +744,7 @@ async def _deduplicate(
     if not due:
         return []
     existing: dict[str, list[_LiveJob]] = {}
-    for live in await conn.fetch(_DEDUP, (SOURCE, [d.key for d in due], JOB_TYPE), _rows_of(_LiveJob)):
+    for live in await conn.fetch(_DEDUP, (SOURCE, [d.key for d in due], BRIEF_JOB), _rows_of(_LiveJob)):
         existing.setdefault(live.dedup_key, []).append(live)
     new: list[_Due] = []
     for d in due:
@@ -927,7 +926,7 @@ def _sends(
 def _new_job(settings: Settings, send: _Send) -> NewJob:
     user, occ = send.due.user, send.due.occ
     return NewJob(
-        job_type=JOB_TYPE,
+        job_type=BRIEF_JOB,
         payload=BriefRequest(
             user.user_id, occ.brief_date, occ.notify_at, send.stage, email=user.email, catch_up=occ.catch_up
         ).to_payload(source=SOURCE),

@@ -195,11 +195,6 @@ async def cmd_schedule(settings: Settings, args: argparse.Namespace) -> int:
     return await _with_db(settings, go)
 
 
-def queue_hook(settings: Settings) -> Any:
-    """The generator's enqueue hook type, backed by the queue's bulk insert."""
-    return enqueue_hook(settings.max_attempts, settings.max_payload_bytes)
-
-
 async def cmd_enqueue(settings: Settings, args: argparse.Namespace) -> int:
     if (args.user_id is None) == (not args.all):
         raise UsageError("give a USER_ID or --all (not both)")
@@ -209,7 +204,7 @@ async def cmd_enqueue(settings: Settings, args: argparse.Namespace) -> int:
         raise UsageError("--resend-email applies to one user's brief (give USER_ID)")
     brief_date = _parse_date(args.date) if args.date else None
     force = args.force or args.resend_email  # --resend-email regenerates: it implies --force
-    hook = queue_hook(settings)
+    hook = enqueue_hook(settings.max_attempts, settings.max_payload_bytes)
 
     async def go(db: Database) -> int:
         if args.all:

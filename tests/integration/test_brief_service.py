@@ -7,14 +7,19 @@ from typing import Any
 
 import pytest
 
-from briefs.app.cli import queue_hook
 from briefs.errors import PermanentError
+from briefs.jobs import enqueue_hook
 from briefs.service import BadRequest, enqueue_all, load_brief_markdown
 from briefs.service import enqueue_brief as _enqueue_brief
 
 
+def hook(settings: Any) -> Any:
+    """The queue's bulk insert as the CLI passes it."""
+    return enqueue_hook(settings.max_attempts, settings.max_payload_bytes)
+
+
 async def enqueue_brief(db: Any, settings: Any, *args: Any, **kw: Any) -> str:
-    return await _enqueue_brief(db, settings, *args, enqueue=queue_hook(settings), **kw)
+    return await _enqueue_brief(db, settings, *args, enqueue=hook(settings), **kw)
 
 NOW = datetime(2026, 11, 23, 23, 30, tzinfo=UTC)  # already the 24th in Tokyo
 
@@ -69,13 +74,13 @@ async def test_enqueue_all_queues_each_users_local_today(briefs_harness: Any, br
     utc = brief_seed.user("Ada")
     brief_seed.user("Off", preference=False)
     progress: list[tuple[int, int]] = []
-    hook = queue_hook(h.settings())
-    report = await enqueue_all(h.db, force=False, enqueue=hook, now=NOW, on_progress=lambda *a: progress.append(a))
+    insert = hook(h.settings())
+    report = await enqueue_all(h.db, force=False, enqueue=insert, now=NOW, on_progress=lambda *a: progress.append(a))
     assert (report.queued, report.already, report.skipped) == (2, 0, [])
     assert progress[-1] == (2, 2)
     keys = sorted(j["dedup_key"] for j in await h.jobs())
     assert keys == sorted([f"brief:{tokyo}:2026-11-24", f"brief:{utc}:2026-11-23"])
-    again = await enqueue_all(h.db, force=False, enqueue=hook, now=NOW)
+    again = await enqueue_all(h.db, force=False, enqueue=insert, now=NOW)
     assert (again.queued, again.already, again.skipped) == (0, 2, [])
 
 
@@ -98,7 +103,7 @@ async def test_enqueue_all_skips_a_bad_timezone_and_queues_the_rest(
     before = brief_seed.user("Before", tz="Asia/Tokyo")
     bad = brief_seed.user("Bad", tz=tz)
     after = brief_seed.user("After")
-    report = await enqueue_all(h.db, force=True, enqueue=queue_hook(h.settings()), now=NOW)
+    report = await enqueue_all(h.db, force=True, enqueue=hook(h.settings()), now=NOW)
     assert report.queued == 2 and report.already == 0
     [(uid, why)] = report.skipped
     assert uid == bad and why.startswith(reason) and len(why) < 120
