@@ -76,6 +76,11 @@ def llm_client(ctx: JobContext) -> LLMClient:
     return client
 
 
+def settings_enqueue_hook(settings: Any) -> generator.EnqueueHook:
+    """:func:`enqueue_hook` with this process's ``BRIEFS_MAX_ATTEMPTS`` and ``BRIEFS_MAX_PAYLOAD_BYTES``."""
+    return enqueue_hook(settings.max_attempts, settings.max_payload_bytes)
+
+
 def enqueue_hook(max_attempts: int, max_payload_bytes: int = queue.DEFAULT_MAX_PAYLOAD_BYTES) -> generator.EnqueueHook:
     """The generator's (and the CLI's) enqueue hook: follow-up jobs in one bulk insert, on the caller's
     connection and so in the caller's transaction. Pass ``settings.max_payload_bytes``: a follow-up over it
@@ -111,7 +116,7 @@ async def generate_daily_brief(ctx: JobContext) -> dict[str, Any]:
     job = ctx.job
     request = BriefRequest.from_payload(job.payload, user_id=job.user_id, notify_at=job.notify_at)
 
-    enqueue = enqueue_hook(ctx.settings.max_attempts, ctx.settings.max_payload_bytes)
+    enqueue = settings_enqueue_hook(ctx.settings)
 
     async def progress(conn: queue.Conn, data: dict[str, Any]) -> None:
         # What ctx.progress() does, inside the generator's own transaction (no extra round trip).

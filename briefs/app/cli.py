@@ -32,7 +32,7 @@ from briefs.app.host import Host, Service
 from briefs.app.services import SchedulerService, WorkerService
 from briefs.db import Database, DatabaseUnavailable, is_connection_error, resolve_url
 from briefs.errors import PermanentError
-from briefs.jobs import enqueue_hook
+from briefs.jobs import settings_enqueue_hook
 from briefs.logs import redact, setup_logging, truncate
 from briefs.migrate import MigrationError, migrate_url, require_schema
 from briefs.progress import Progress
@@ -204,7 +204,7 @@ async def cmd_enqueue(settings: Settings, args: argparse.Namespace) -> int:
         raise UsageError("--resend-email applies to one user's brief (give USER_ID)")
     brief_date = _parse_date(args.date) if args.date else None
     force = args.force or args.resend_email  # --resend-email regenerates: it implies --force
-    hook = enqueue_hook(settings.max_attempts, settings.max_payload_bytes)
+    hook = settings_enqueue_hook(settings)
 
     async def go(db: Database) -> int:
         if args.all:

@@ -14,7 +14,7 @@ from pydantic import SecretStr
 from briefs.app.host import Watch
 from briefs.db import Database
 from briefs.demo import seed, todays_brief_made
-from briefs.jobs import enqueue_hook
+from briefs.jobs import settings_enqueue_hook
 from briefs.logs import register_secret
 from briefs.progress import Progress
 from briefs.service import enqueue_brief, load_brief_markdown
@@ -54,7 +54,7 @@ async def seed_demo(db: Database, settings: Settings) -> int:
             "      Briefs are generated ahead of the user's time, so it appears here in a few seconds."
         )
     else:
-        hook = enqueue_hook(settings.max_attempts, settings.max_payload_bytes)
+        hook = settings_enqueue_hook(settings)
         await enqueue_brief(db, settings, first_id, brief_date, force=True, enqueue=hook, now=now)
         how = (
             f"already has today's brief ({brief_date}) from an earlier demo run,\n"

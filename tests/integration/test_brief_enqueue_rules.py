@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from briefs.app.cli import queue_hook
+from briefs.jobs import settings_enqueue_hook
 from briefs.service import BadRequest, enqueue_all
 from briefs.service import enqueue_brief as _enqueue_brief
 
@@ -16,7 +16,7 @@ NOW = datetime(2026, 11, 23, 23, 30, tzinfo=UTC)  # the user's today is 2026-11-
 
 
 async def enqueue_brief(h: Any, *args: Any, **kw: Any) -> str:
-    return await _enqueue_brief(h.db, h.settings(), *args, enqueue=queue_hook(h.settings()), now=NOW, **kw)
+    return await _enqueue_brief(h.db, h.settings(), *args, enqueue=settings_enqueue_hook(h.settings()), now=NOW, **kw)
 
 
 async def test_a_date_beyond_a_week_back_or_tomorrow_needs_force(briefs_harness: Any, brief_seed: Any) -> None:
@@ -67,7 +67,7 @@ async def test_enqueue_all_leaves_out_finished_briefs_unless_forced(briefs_harne
     for uid, status in ((completed, "completed"), (partial, "partial"), (failed, "failed")):
         await h.rows("INSERT INTO daily_briefs (user_id, brief_date, status) VALUES (%s, %s, %s) RETURNING id",
                      uid, date(2026, 11, 23), status)
-    hook = queue_hook(h.settings())
+    hook = settings_enqueue_hook(h.settings())
 
     report = await enqueue_all(h.db, force=False, enqueue=hook, now=NOW)
     assert (report.queued, report.already, report.skipped) == (2, 2, [])

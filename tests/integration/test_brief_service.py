@@ -8,14 +8,9 @@ from typing import Any
 import pytest
 
 from briefs.errors import PermanentError
-from briefs.jobs import enqueue_hook
+from briefs.jobs import settings_enqueue_hook as hook
 from briefs.service import BadRequest, enqueue_all, load_brief_markdown
 from briefs.service import enqueue_brief as _enqueue_brief
-
-
-def hook(settings: Any) -> Any:
-    """The queue's bulk insert as the CLI passes it."""
-    return enqueue_hook(settings.max_attempts, settings.max_payload_bytes)
 
 
 async def enqueue_brief(db: Any, settings: Any, *args: Any, **kw: Any) -> str:
