@@ -29,7 +29,7 @@ address, the stored subject, summary, actions, project sections — is hostile u
 **Unsubscribe.** The link carries a signed token (:mod:`briefs.unsubscribe`), never the user id.
 Sending email needs ``BRIEFS_SECRET_KEY`` (``briefs run --demo`` sets a random one): without it a
 job fails permanently, naming the setting. With an ``https`` ``BRIEFS_PUBLIC_URL`` the message has
-``List-Unsubscribe: <https://…/briefs/unsubscribe?token=…>`` and ``List-Unsubscribe-Post:
+``List-Unsubscribe: <https://…/u/<token>>`` and ``List-Unsubscribe-Post:
 List-Unsubscribe=One-Click`` (RFC 8058); with an ``http`` URL (a local setup) only
 ``List-Unsubscribe``, since one-click requires https; without ``BRIEFS_PUBLIC_URL`` there is no
 link to sign and no ``List-Unsubscribe`` header at all (a ``mailto:`` to the sender would promise an

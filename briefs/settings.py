@@ -32,6 +32,7 @@ MAX_SECONDS = 10 * 366 * 86400.0  # any duration: ten years
 MIN_INTERVAL = 0.01  # a loop's period: 1e-9 made an idle worker spin on claim queries (74% of a core)
 MAX_COUNT = 100_000  # slots, pool connections, concurrency, items in a brief
 MAX_WORKER_ID_CHARS = 200
+MIN_ADMIN_TOKEN_CHARS = 16
 
 
 def _default_data_dir() -> Path:
@@ -157,6 +158,12 @@ class Settings(BaseSettings):
     log_format: str = "text"
     log_level: str = "INFO"
 
+    # The console and HTTP API (``briefs web``, ``briefs run``).
+    admin_token: SecretStr | None = None  # unset: a random one per process, and 127.0.0.1 only
+    web_host: str = "127.0.0.1"
+    web_port: int = Field(default=8000, ge=0, le=65535)  # 0: any free port (printed at start)
+    metrics_public: bool = False  # /metrics without the admin token (for a scraper inside the network)
+
     @field_validator("log_format")
     @classmethod
     def _log_format(cls, value: str) -> str:
@@ -248,6 +255,25 @@ class Settings(BaseSettings):
                 f"BRIEFS_WORKER_ID must be one line of at most {MAX_WORKER_ID_CHARS} printable characters"
             )
         return value
+
+    @field_validator("admin_token")
+    @classmethod
+    def _admin_token(cls, value: SecretStr | None) -> SecretStr | None:
+        # Compared with what browsers and curl send in a header: printable ASCII, one token, and long
+        # enough that guessing it is hopeless. Never echoed.
+        if value is None:
+            return None
+        token = value.get_secret_value().strip()
+        if not token:
+            return None
+        if not (token.isascii() and token.isprintable()) or any(c.isspace() for c in token):
+            raise ValueError("BRIEFS_ADMIN_TOKEN must be one token of printable ASCII characters (no spaces)")
+        if not MIN_ADMIN_TOKEN_CHARS <= len(token) <= 1024:
+            raise ValueError(
+                f"BRIEFS_ADMIN_TOKEN must be {MIN_ADMIN_TOKEN_CHARS} to 1024 characters "
+                "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)"
+            )
+        return SecretStr(token)
 
     @field_validator("health_port", mode="before")
     @classmethod

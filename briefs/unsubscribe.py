@@ -43,7 +43,8 @@ from urllib.parse import quote
 from pydantic import SecretStr
 
 VERSION = "u1"
-PATH = "/briefs/unsubscribe"  # joined to BRIEFS_PUBLIC_URL; the token goes in ?token=
+PATH = "/u/"  # joined to BRIEFS_PUBLIC_URL, then the token: served by the web console (briefs.web.unsubscribe)
+LEGACY_PATH = "/briefs/unsubscribe"  # links of emails sent before, with ?token=: still served
 MIN_KEY_LENGTH = 16  # characters of BRIEFS_SECRET_KEY
 MAX_TOKEN_LENGTH = 200  # anything longer is refused before any parsing
 MAX_USER_ID = 2**63 - 1
@@ -174,4 +175,4 @@ def verify(
 
 def unsubscribe_url(public_url: str, token: str) -> str:
     """The link for ``token`` under the (already validated) public base URL."""
-    return f"{public_url.rstrip('/')}{PATH}?token={quote(token, safe='')}"
+    return f"{public_url.rstrip('/')}{PATH}{quote(token, safe='')}"

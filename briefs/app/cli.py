@@ -27,9 +27,9 @@ from typing import Any, NoReturn
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pydantic import ValidationError
 
-from briefs.app.demo import DemoService, demo_settings, seed_demo
+from briefs.app.demo import DemoService, demo_public_url, demo_settings, seed_demo
 from briefs.app.host import Host, Service
-from briefs.app.services import SchedulerService, WorkerService
+from briefs.app.services import SchedulerService, WebService, WorkerService
 from briefs.db import Database, DatabaseUnavailable, is_connection_error, resolve_url
 from briefs.errors import PermanentError
 from briefs.jobs import settings_enqueue_hook
@@ -93,6 +93,18 @@ def _slots(text: str) -> int:
     if value > MAX_COUNT:
         raise argparse.ArgumentTypeError(f"at most {MAX_COUNT} slots (as BRIEFS_WORKER_CONCURRENCY): {value}")
     return value
+
+
+def _port(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"not a port: {text[:40]!r} (0 to 65535)")
+    return int(text)
+
+
+def _host(text: str) -> str:
+    if not text or len(text) > 253 or not text.isascii() or not text.isprintable() or " " in text:
+        raise argparse.ArgumentTypeError(f"not a host: {text[:40]!r}")
+    return text
 
 
 def _limit(text: str) -> int:
@@ -406,16 +418,36 @@ async def cmd_psql(settings: Settings, args: argparse.Namespace) -> int:
             continue
 
 
+async def cmd_web(settings: Settings, args: argparse.Namespace) -> int:
+    """The console and HTTP API alone."""
+    host = args.host if args.host is not None else settings.web_host
+    port = args.port if args.port is not None else settings.web_port
+
+    async def build(db: Database, resources: dict[str, Any]) -> list[Service]:
+        web = WebService(db, settings, host=host, port=port)
+        print(web.login_hint(), flush=True)
+        return [web]
+
+    await Host(settings).run(build)
+    return 0
+
+
 async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
-    """Everything in one process: migrate, then the scheduler and a worker side by side."""
+    """Everything in one process: migrate, then the scheduler, a worker and the console side by side."""
     if args.demo:
         settings = demo_settings(settings)
 
     async def build(db: Database, resources: dict[str, Any]) -> list[Service]:
-        services: list[Service] = [SchedulerService(db, settings), WorkerService(db, settings, resources)]
+        web = WebService(db, settings, host=settings.web_host, port=settings.web_port)
+        print(web.login_hint(), flush=True)
+        run_settings = demo_public_url(settings, web.url) if args.demo else settings
+        services: list[Service] = [
+            SchedulerService(db, run_settings), WorkerService(db, run_settings, resources), web
+        ]
         if args.demo:
             since = datetime.now(UTC)
-            services.append(DemoService(db, await seed_demo(db, settings), since))
+            user_id = await seed_demo(db, run_settings, console=web.url)
+            services.append(DemoService(db, user_id, since, console=web.url))
         return services
 
     await Host(settings, migrate=True).run(build)
@@ -455,6 +487,11 @@ def _service_commands(sub: Any) -> None:
     p.set_defaults(fn=cmd_worker)
 
     sub.add_parser("scheduler", help="run the scheduler daemon").set_defaults(fn=cmd_scheduler)
+
+    p = sub.add_parser("web", help="serve the console and HTTP API")
+    p.add_argument("--host", type=_host, help="address to bind (default BRIEFS_WEB_HOST, 127.0.0.1)")
+    p.add_argument("--port", type=_port, help="port (default BRIEFS_WEB_PORT, 8000; 0 picks a free one)")
+    p.set_defaults(fn=cmd_web)
 
 
 def _schedule_commands(sub: Any) -> None:
@@ -523,7 +560,7 @@ def _reading_commands(sub: Any) -> None:
     p.set_defaults(fn=cmd_psql)
 
 
-SERVICES = frozenset({"run", "worker", "scheduler"})
+SERVICES = frozenset({"run", "worker", "scheduler", "web"})
 DEBUG_HINT = "set BRIEFS_LOG_LEVEL=DEBUG for the traceback"
 
 
@@ -576,7 +613,7 @@ def _main(argv: list[str] | None) -> int:
             "WARNING" if quiet else settings.log_level,
             secrets=tuple(
                 secret.get_secret_value() if secret else None
-                for secret in (settings.openai_api_key, settings.smtp_url, settings.secret_key)
+                for secret in (settings.openai_api_key, settings.smtp_url, settings.secret_key, settings.admin_token)
             ),
         )
     except ValueError as exc:

@@ -35,7 +35,14 @@ def demo_settings(settings: Settings) -> Settings:
     return settings.model_copy(update={"secret_key": SecretStr(key)})
 
 
-async def seed_demo(db: Database, settings: Settings) -> int:
+def demo_public_url(settings: Settings, console: str) -> Settings:
+    """Without BRIEFS_PUBLIC_URL, the demo's emails link to this run's console (its unsubscribe page)."""
+    if settings.public_url:
+        return settings
+    return settings.model_copy(update={"public_url": console})
+
+
+async def seed_demo(db: Database, settings: Settings, *, console: str | None = None) -> int:
     """Seed the demo users and make sure a brief for the first one is on its way; return its user id.
 
     The first run's brief comes from the scheduler (due a minute from now). On a second
@@ -60,9 +67,10 @@ async def seed_demo(db: Database, settings: Settings) -> int:
             f"already has today's brief ({brief_date}) from an earlier demo run,\n"
             "      so a fresh one is being made now (regenerated, not re-mailed); it appears here in a few seconds."
         )
+    watch = f"the console ({console}/users/{first_id}), " if console else ""
     print(
         f"demo: {len(users)} users ready; {email} (user {first_id}) {how}\n"
-        f"      Watch it: `briefs status`, `briefs jobs`; read it: `briefs show {first_id}`.",
+        f"      Watch it: {watch}`briefs status`, `briefs jobs`; read it: `briefs show {first_id}`.",
         flush=True,
     )
     return first_id
@@ -74,8 +82,10 @@ class DemoService:
     name = "demo"
     essential = False  # the process keeps running after the brief is shown
 
-    def __init__(self, db: Database, user_id: int, since: datetime, poll: float = 1.0) -> None:
-        self.db, self.user_id, self.since, self.poll = db, user_id, since, poll
+    def __init__(
+        self, db: Database, user_id: int, since: datetime, poll: float = 1.0, *, console: str | None = None
+    ) -> None:
+        self.db, self.user_id, self.since, self.poll, self.console = db, user_id, since, poll, console
 
     async def run(self) -> None:
         while True:
@@ -89,7 +99,8 @@ class DemoService:
                 day, text = found
                 uid = self.user_id
                 print(f"\n===== brief for user {uid}, {day} =====\n{printable(text)}\n=====", flush=True)
-                print(f"demo: that was `briefs show {uid}`. `briefs status` shows the queue. Ctrl-C stops.",
+                seen = (f" In the console: {self.console}/users/{uid}/briefs/{day}." if self.console else "")
+                print(f"demo: that was `briefs show {uid}`.{seen} `briefs status` shows the queue. Ctrl-C stops.",
                       flush=True)
                 return
 

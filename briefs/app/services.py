@@ -3,22 +3,30 @@
 * :class:`WorkerService` — the queue worker with every handler this application has:
   the worker's own (``noop``), the brief domain's (:mod:`briefs.jobs`) and the operator's
   (``BRIEFS_HANDLER_MODULES``);
-* :class:`SchedulerService` — the APScheduler daemon that ticks the planner.
-
-The coming web console is a service of the same shape.
+* :class:`SchedulerService` — the APScheduler daemon that ticks the planner;
+* :class:`WebService` — the console and HTTP API (uvicorn serving :mod:`briefs.web`).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import contextlib
+import ipaddress
+import socket
+from collections.abc import Iterator, Sequence
 from typing import Any
+
+import uvicorn
 
 from briefs import jobs, metrics
 from briefs.app.host import Watch
 from briefs.contract import JOB_TYPES
-from briefs.db import Database
+from briefs.db import ConfigError, Database
+from briefs.logs import register_secret
 from briefs.settings import Settings
+from briefs.terminal import one_line
+from briefs.web.app import close_app, create_app
+from briefs.web.security import AdminAuth
 from scheduler.daemon import SchedulerDaemon, health_max_age
 from worker.handlers import build_handlers
 from worker.runner import Handler, Worker, WorkerStats
@@ -104,3 +112,96 @@ class SchedulerService:
 
     def watches(self) -> Sequence[Watch]:
         return [Watch("scheduler", lambda: self.daemon.last_tick_completed, health_max_age(self.settings))]
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def web_auth(settings: Settings, host: str) -> AdminAuth:
+    """The console's admin token: ``BRIEFS_ADMIN_TOKEN``, or a random one for this process, which
+    is allowed on a loopback address only (anyone who can reach another address could try it)."""
+    if settings.admin_token is not None:
+        return AdminAuth(settings.admin_token.get_secret_value())
+    if not _loopback(host):
+        raise ConfigError(
+            f"refusing to serve the console on {one_line(host, 80)} without BRIEFS_ADMIN_TOKEN: set one "
+            "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`), or bind 127.0.0.1"
+        )
+    auth = AdminAuth.random()
+    register_secret(auth.token)
+    return auth
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.create_server((host.strip("[]"), port), family=family, backlog=512)
+    except (OSError, OverflowError, UnicodeError) as exc:  # in use, no such address, not allowed, not a port
+        reason = one_line(getattr(exc, "strerror", None) or str(exc), 200)
+        raise ConfigError(
+            f"cannot serve the console on {one_line(host, 80)}:{port} (--host/--port, BRIEFS_WEB_HOST, "
+            f"BRIEFS_WEB_PORT): {reason}"
+        ) from None
+    sock.set_inheritable(False)
+    return sock
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server without its own signal handlers: the host owns SIGTERM/SIGINT."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class WebService:
+    """The console and HTTP API (:mod:`briefs.web`) on ``host:port``; the socket is bound at construction,
+    so a port in use is a clear error before anything else starts."""
+
+    name = "web"
+    essential = True
+
+    def __init__(self, db: Database, settings: Settings, *, host: str, port: int) -> None:
+        self.auth = web_auth(settings, host)
+        self.sock = _bind(host, port)
+        self.host, self.port = host, self.sock.getsockname()[1]
+        self.app = create_app(db, settings, self.auth)
+        config = uvicorn.Config(
+            self.app, log_config=None, access_log=False, lifespan="off", server_header=False,
+            proxy_headers=True, timeout_graceful_shutdown=5, timeout_keep_alive=5, limit_concurrency=1000,
+        )
+        self.server = _Server(config)
+
+    @property
+    def url(self) -> str:
+        shown = "127.0.0.1" if self.host in ("0.0.0.0", "::", "[::]", "") else self.host
+        return f"http://{f'[{shown}]' if ':' in shown else shown}:{self.port}"
+
+    def login_hint(self) -> str:
+        """What to print at start: the one-click login URL for a generated token, else where to log in."""
+        if self.auth.generated:
+            return f"console: {self.url}/login?token={self.auth.token}  (a token for this run only)"
+        return f"console: {self.url}/  (log in with BRIEFS_ADMIN_TOKEN)"
+
+    async def run(self) -> None:
+        try:
+            await self.server.serve(sockets=[self.sock])
+        finally:
+            self.sock.close()
+            await close_app(self.app)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+
+    def abort(self) -> None:
+        self.server.should_exit = True
+        self.server.force_exit = True
+
+    def watches(self) -> Sequence[Watch]:
+        return []

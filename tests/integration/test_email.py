@@ -129,7 +129,7 @@ async def test_unsubscribe_link_is_a_signed_token_with_rfc8058_headers(
     await h.run(mail(h, smtp_server, public_url=PUBLIC + "/"), services={})
     [message] = smtp_server.wait_for(1)
 
-    match = re.fullmatch(rf"<{re.escape(PUBLIC)}/briefs/unsubscribe\?token=([A-Za-z0-9._-]+)>",
+    match = re.fullmatch(rf"<{re.escape(PUBLIC)}/u/([A-Za-z0-9._-]+)>",
                          message["List-Unsubscribe"])
     assert match, message["List-Unsubscribe"]
     assert message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
@@ -140,7 +140,7 @@ async def test_unsubscribe_link_is_a_signed_token_with_rfc8058_headers(
     assert unsubscribe.verify(token, "some-other-secret-key-000000", email="grace@example.com",
                               now=datetime.now(UTC)).status is unsubscribe.Status.BAD_SIGNATURE
     text, html = parts(message)
-    assert f'href="{PUBLIC}/briefs/unsubscribe?token={token}"' in html and f"?token={token}" in text
+    assert f'href="{PUBLIC}/u/{token}"' in html and f"/u/{token}" in text
 
 
 async def test_unsubscribe_headers_follow_the_public_url(briefs_harness: Any, brief_seed: Any,
@@ -152,9 +152,9 @@ async def test_unsubscribe_headers_follow_the_public_url(briefs_harness: Any, br
         await email_job(h, uid)
         await h.run(mail(h, smtp_server, public_url=public), services={})
     https, http, none = smtp_server.wait_for(3)
-    assert https["List-Unsubscribe"].startswith("<https://b.example.com/briefs/unsubscribe?token=u1.")
+    assert https["List-Unsubscribe"].startswith("<https://b.example.com/u/u1.")
     assert https["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
-    assert http["List-Unsubscribe"].startswith("<http://localhost:8000/briefs/unsubscribe?token=u1.")
+    assert http["List-Unsubscribe"].startswith("<http://localhost:8000/u/u1.")
     assert http["List-Unsubscribe-Post"] is None
     assert none["List-Unsubscribe"] is None and none["List-Unsubscribe-Post"] is None
     assert "unsubscribe" not in parts(none)[1] and "href=" not in parts(none)[1]

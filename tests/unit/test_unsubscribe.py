@@ -32,7 +32,7 @@ def test_a_token_is_versioned_url_safe_and_verifies() -> None:
     assert "ada" not in t and "example" not in t
     # Case and surrounding spaces of the address do not matter.
     assert unsubscribe.verify(t, KEY, email=" ADA@Example.com ", now=NOW).ok
-    assert unsubscribe.unsubscribe_url("https://b.example.com/", t) == f"https://b.example.com/briefs/unsubscribe?token={t}"
+    assert unsubscribe.unsubscribe_url("https://b.example.com/", t) == f"https://b.example.com/u/{t}"
 
 
 def test_the_old_guessable_link_and_other_users_ids_do_not_pass() -> None:
