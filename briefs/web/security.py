@@ -137,7 +137,9 @@ def safe_next(target: object, default: str = "/") -> str:
 
 
 class SecurityHeaders:
-    """Pure ASGI middleware: the security headers on every HTTP response that does not set its own CSP."""
+    """Pure ASGI middleware: the security headers on every HTTP response that does not set its own CSP,
+    and ``Server-Timing: app;dur=<ms>`` (the time from the request to the response's headers: what the
+    benchmark in bench/web_bench.py reports as server time)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -146,10 +148,13 @@ class SecurityHeaders:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        started = time.perf_counter()
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
+                took = (time.perf_counter() - started) * 1000
+                headers.append((b"server-timing", f"app;dur={took:.1f}".encode()))
                 names = {name.lower() for name, _ in headers}
                 if b"content-security-policy" not in names:
                     headers.append((b"content-security-policy", CONSOLE_CSP.encode()))
