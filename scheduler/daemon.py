@@ -13,7 +13,10 @@ APScheduler 3.x (``AsyncIOScheduler``, UTC) runs one interval job:
 
 Leadership among several scheduler processes is the tick's advisory lock, not this module.
 A failing tick (database down, a bug) is logged and the daemon carries on at the next
-interval. :meth:`SchedulerDaemon.stop` lets a running tick finish before shutting
+interval. Every tick, failed or skipped (another scheduler held the lock) included, is then
+written to the tick log (``scheduler_ticks``, :func:`scheduler.report.record_tick`) in a short
+transaction of its own; a tick log that cannot be written is logged and never stops the daemon.
+:meth:`SchedulerDaemon.stop` lets a running tick finish before shutting
 APScheduler down (its asyncio executor would otherwise cancel the tick).
 """
 
@@ -30,7 +33,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from briefs.db import Database, is_connection_error
 from briefs.settings import Settings
 from briefs.terminal import one_line
-from scheduler.report import TickReport
+from scheduler.report import TickReport, record_tick
 from scheduler.tick import run_tick
 
 log = logging.getLogger(__name__)
@@ -99,8 +102,10 @@ class SchedulerDaemon:
         await asyncio.shield(task)
 
     async def _tick(self) -> None:
+        now = datetime.now(UTC)
+        started = time.perf_counter()
         try:
-            report = await run_tick(self.db, self.settings, datetime.now(UTC))
+            report = await run_tick(self.db, self.settings, now)
         except Exception as exc:
             self.last_error = one_line(f"{type(exc).__name__}: {exc}", 500)
             if is_connection_error(exc):
@@ -109,12 +114,23 @@ class SchedulerDaemon:
                 )
             else:
                 log.exception("tick failed (next try in %gs)", self.settings.scheduler_interval)
+            await self._log_tick(TickReport(now=now, duration_s=time.perf_counter() - started), self.last_error)
         else:
             self.last_report = report
             self.last_error = None
             self.last_tick_completed = time.monotonic()
+            await self._log_tick(report, None)
         finally:
             self.ticks += 1
+
+    async def _log_tick(self, report: TickReport, error: str | None) -> None:
+        """Write the tick to the tick log; a failure to do so is logged, never raised."""
+        try:
+            async with self.db.raw() as conn:
+                await record_tick(conn, report, error=error)
+        except Exception as exc:
+            log.warning("could not write the tick at %s to the tick log: %s", report.now.isoformat(),
+                        one_line(f"{type(exc).__name__}: {exc}", 500))
 
 
 def health_max_age(settings: Settings) -> float:

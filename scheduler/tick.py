@@ -19,6 +19,22 @@ One transaction per tick
     A dry run is the same transaction, with no writes, rolled back. The unique
     index on live dedup keys remains the guarantee if two ticks ever overlap.
 
+One user's tick (``run_tick(…, user_id=…)``)
+    After a change to one user's preference (the API's ``PUT /users/{id}/preference``), the same
+    tick for that user alone: the page query and the pending-job load are filtered to the user (two
+    statements of their own, built once, so the periodic tick's plans stay as they are); its pending
+    scheduler jobs are moved or cancelled, its due briefs enqueued (a brief moved to ten minutes
+    from now gets its job now), and its jobs are the only "leftovers" cancelled when its
+    preference is inactive or gone. The sweep of orphaned briefs, which is for every user, is left
+    to the periodic tick. Instead of giving up when a periodic tick holds the lock, it waits for it
+    (``pg_advisory_xact_lock`` under a transaction-local ``lock_timeout`` of
+    :data:`USER_LOCK_TIMEOUT` seconds) and reports ``skipped_locked`` only if that runs out.
+
+The tick log
+    The daemon writes every tick it runs (its report, or its error) to ``scheduler_ticks`` with
+    :func:`scheduler.report.record_tick`, after the tick's transaction; whoever runs a one-user
+    tick records it the same way. Dry runs are never logged.
+
 Per page of active preferences (keyset pagination, ``settings.scheduler_page_size``)
     1. one SELECT: preferences joined with users (timezone, last visit);
     2. plan every user in Python (memoised per tick on (timezone, frequency,
@@ -101,6 +117,7 @@ from psycopg.types.json import Jsonb
 from briefs import engagement, metrics
 from briefs.contract import (
     BRIEF_JOB,
+    MAX_USER_ID,
     STANDARD,
     BriefRequest,
     InvalidTimezone,
@@ -125,6 +142,7 @@ PRIORITY = 50
 SOURCE = "scheduler"  # payload["source"] of the jobs this module makes (the only ones it moves or cancels)
 _MIN_ID = -(2**63)
 _LIVE_FIRST = {"pending": 0, "processing": 1, "completed": 2}
+USER_LOCK_TIMEOUT = 10.0  # seconds a one-user tick waits for a running tick to release the lock
 _WARN_SKIPS = 10  # per tick, the first users skipped for bad data are logged as warnings, the rest at debug
 
 _Row = TypeVar("_Row")
@@ -395,6 +413,11 @@ ORDER BY p.user_id
 LIMIT %(page)s
 """
 
+# A one-user tick's page: the same statement with the user's id as a filter. Built once, apart from _PAGE, so the
+# periodic tick's plan never carries an "is the filter NULL" condition.
+_PAGE_USER = _PAGE.replace("ORDER BY p.user_id", "  AND p.user_id = %(user)s\nORDER BY p.user_id")
+assert _PAGE_USER != _PAGE
+
 
 class _PageRow(NamedTuple):
     """A row of _PAGE: an active preference and its user."""
@@ -418,6 +441,7 @@ FROM queue_jobs j
 WHERE j.status = 'pending' AND j.job_type = %s AND j.user_id IS NOT NULL AND j.dedup_key IS NOT NULL
   AND j.payload->>'source' = %s
 """
+_PENDING_USER = _PENDING.rstrip() + "\n  AND j.user_id = %s\n"  # one user's (the queue_jobs_user index)
 
 
 class _PendingRow(NamedTuple):
@@ -502,24 +526,36 @@ RETURNING j.id
 
 
 async def run_tick(
-    db: Database, settings: Settings, now: datetime, *, dry_run: bool = False, detailed: bool | None = None
+    db: Database,
+    settings: Settings,
+    now: datetime,
+    *,
+    dry_run: bool = False,
+    detailed: bool | None = None,
+    user_id: int | None = None,
 ) -> TickReport:
     """Run one tick at the instant ``now`` (aware); see the module docstring.
 
     ``detailed`` (default: the same as ``dry_run``) makes the report account for every user it looked at
     (``deduplicated_users``, ``not_due`` with the next due time), at the cost of planning every user.
+    ``user_id``: a one-user tick (after a change to that user's preference): the same tick for that user
+    alone, which waits up to :data:`USER_LOCK_TIMEOUT` seconds for a running tick to finish.
     """
     if now.tzinfo is None or now.utcoffset() is None:
         raise ValueError("run_tick needs an aware datetime for now")
+    if user_id is not None and (
+        isinstance(user_id, bool) or not isinstance(user_id, int) or not 1 <= user_id <= MAX_USER_ID
+    ):
+        raise ValueError(f"user_id must be an integer from 1 to {MAX_USER_ID}, got {shown(repr(user_id), 40)}")
     now = now.astimezone(UTC)
-    report = TickReport(now=now, dry_run=dry_run, detailed=dry_run if detailed is None else detailed)
+    report = TickReport(now=now, dry_run=dry_run, detailed=dry_run if detailed is None else detailed, user_id=user_id)
     started = time_mod.perf_counter()
     async with db.raw() as raw:
         conn = _Counted(raw)
         try:
-            if not await _try_lock(conn):
+            if not await (_try_lock(conn) if user_id is None else _wait_lock(conn, USER_LOCK_TIMEOUT)):
                 report.skipped_locked = True
-                log.info("tick at %s skipped: another scheduler holds the lock", iso(now))
+                log.info("%s skipped: another scheduler holds the lock", _what(report))
             else:
                 await _tick(conn, settings, now, report)
         finally:
@@ -531,19 +567,48 @@ async def run_tick(
     return report
 
 
+def _what(report: TickReport) -> str:
+    """The tick as log lines name it."""
+    if report.user_id is None:
+        return f"tick at {iso(report.now)}"
+    return f"tick for user {report.user_id} at {iso(report.now)}"
+
+
 async def _try_lock(conn: _Counted) -> bool:
     """Take the scheduler's transaction-scoped advisory lock, or report that another tick holds it."""
     rows = await conn.fetch("SELECT pg_try_advisory_xact_lock(%s) AS locked", (LOCK_KEY,), dict_row)
     return bool(rows and rows[0]["locked"])
 
 
+async def _wait_lock(conn: _Counted, timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds for the scheduler's advisory lock (a one-user tick); False when it timed out.
+
+    On a timeout the transaction is rolled back (nothing was done in it yet); otherwise the connection's
+    own lock timeout is back for the rest of the tick.
+    """
+    rows = await conn.fetch(
+        "SELECT current_setting('lock_timeout') AS before, set_config('lock_timeout', %s, true) AS now",
+        (f"{max(1, round(timeout * 1000))}ms",),
+        dict_row,
+    )
+    try:
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
+    except psycopg.errors.LockNotAvailable:
+        await conn.conn.rollback()
+        return False
+    await conn.execute("SELECT set_config('lock_timeout', %s, true)", (rows[0]["before"],))
+    return True
+
+
 async def _tick(conn: _Counted, settings: Settings, now: datetime, report: TickReport) -> None:
     planner = _Planner(now, settings)
-    pending = await _load_pending(conn)
+    user_id = report.user_id
+    pending = await _load_pending(conn, user_id)
     after = _MIN_ID
     page_size = settings.scheduler_page_size
+    page_sql = _PAGE if user_id is None else _PAGE_USER
     while True:
-        rows = await conn.fetch(_PAGE, {"after": after, "page": page_size}, _rows_of(_PageRow))
+        rows = await conn.fetch(page_sql, {"after": after, "page": page_size, "user": user_id}, _rows_of(_PageRow))
         if not rows:
             break
         report.pages += 1
@@ -555,7 +620,8 @@ async def _tick(conn: _Counted, settings: Settings, now: datetime, report: TickR
     # Pending scheduler jobs of users no page visited: their preference is inactive or gone.
     leftovers = [_Change(job, True, "preference inactive or removed") for jobs in pending.values() for job in jobs]
     await _apply(conn, leftovers, report)
-    await _fail_orphaned_briefs(conn, now, report)
+    if user_id is None:  # the sweep is for every user: the periodic tick's
+        await _fail_orphaned_briefs(conn, now, report)
     if not report.dry_run and (report.enqueued or report.moved):
         await conn.execute("SELECT pg_notify(%s, '')", (queue.NOTIFY_CHANNEL,))
 
@@ -574,9 +640,14 @@ async def _fail_orphaned_briefs(conn: _Counted, now: datetime, report: TickRepor
                     len(report.briefs_failed), ", ".join(sorted({b["job_status"] for b in report.briefs_failed})))
 
 
-async def _load_pending(conn: _Counted) -> dict[int, list[_Pending]]:
+async def _load_pending(conn: _Counted, user_id: int | None) -> dict[int, list[_Pending]]:
+    """The pending scheduler jobs by user: every user's, or only ``user_id``'s (a one-user tick)."""
     pending: dict[int, list[_Pending]] = {}
-    for row in await conn.fetch(_PENDING, (BRIEF_JOB, SOURCE), _rows_of(_PendingRow)):
+    if user_id is None:
+        rows = await conn.fetch(_PENDING, (BRIEF_JOB, SOURCE), _rows_of(_PendingRow))
+    else:
+        rows = await conn.fetch(_PENDING_USER, (BRIEF_JOB, SOURCE, user_id), _rows_of(_PendingRow))
+    for row in rows:
         pending.setdefault(row.user_id, []).append(
             _Pending(
                 id=row.id,
@@ -969,16 +1040,17 @@ def _report_inserted(
 
 
 def _record(report: TickReport) -> None:
-    metrics.TICK_DURATION.observe(report.duration_s)
+    if report.user_id is None:  # the duration metric is the periodic tick's
+        metrics.TICK_DURATION.observe(report.duration_s)
     if report.dry_run or report.skipped_locked:
         return
     metrics.TICK_USERS_ENQUEUED.inc(len(report.enqueued))
     for kind, count in report.skipped_by_kind().items():
         metrics.TICK_USERS_SKIPPED.labels(reason=kind).inc(count)
     log.info(
-        "tick at %s: %d users, %d enqueued, %d already queued, %d moved, %d cancelled, %d skipped "
+        "%s: %d users, %d enqueued, %d already queued, %d moved, %d cancelled, %d skipped "
         "(%d pages, %d queries, %.3fs)",
-        iso(report.now),
+        _what(report),
         report.users_seen,
         len(report.enqueued),
         report.deduplicated,

@@ -69,6 +69,11 @@ EXPECTED_COLUMNS: dict[str, list[tuple[str, str, str]]] = {
         ("status", "text", NN), ("content_markdown", "text", NULL), ("error", "text", NULL),
         ("metadata", "jsonb", NN), ("created_at", TS, NN), ("updated_at", TS, NN),
     ],
+    "scheduler_ticks": [
+        ("id", "bigint", NN), ("tick_at", TS, NN), ("finished_at", TS, NN), ("duration_s", "double precision", NULL),
+        ("ok", "boolean", NN), ("user_id", "bigint", NULL), ("summary", "text", NULL), ("report", "jsonb", NULL),
+        ("error", "text", NULL),
+    ],
     # Views for humans (their columns are always nullable in information_schema).
     "queue_stats": [
         ("job_type", "text", NULL), ("status", "text", NULL), ("jobs", "bigint", NULL),
@@ -111,6 +116,8 @@ EXPECTED_INDEXES: dict[tuple[str, str], str] = {
     ("daily_briefs", "daily_briefs_processing"): "(user_id, brief_date) WHERE (status = 'processing'::text)",
     ("project_daily_briefs", "project_daily_briefs_pkey"): "UNIQUE (id)",
     ("project_daily_briefs", "project_daily_briefs_unique"): "UNIQUE (daily_brief_id, project_id)",
+    ("scheduler_ticks", "scheduler_ticks_pkey"): "UNIQUE (id)",
+    ("scheduler_ticks", "scheduler_ticks_finished"): "(finished_at DESC, id DESC)",
 }
 
 # The enumerations of DESIGN §3, enforced by CHECK constraints.
