@@ -31,6 +31,7 @@ def clean_env(database_url: str, **settings: object) -> dict[str, str]:
     env.update(
         DATABASE_URL=database_url,
         BRIEFS_DATA_DIR=tempfile.gettempdir(),
+        BRIEFS_WEB_PORT="0",  # `briefs run`/`briefs web` take any free port: tests never fight over 8000
         PYTHONUNBUFFERED="1",
         PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
     )
