@@ -26,7 +26,7 @@ from briefs.migrate import migrate_url
 from briefs.settings import Settings
 
 DOMAIN_AND_QUEUE_TABLES = (
-    "queue_jobs, project_daily_briefs, daily_briefs, brief_preferences, notes, tasks, projects, users"
+    "queue_jobs, project_daily_briefs, daily_briefs, brief_preferences, notes, tasks, projects, users, scheduler_ticks"
 )
 
 
