@@ -39,6 +39,7 @@ from scheduler.tick import run_tick
 log = logging.getLogger(__name__)
 
 JOB_ID = "briefs-scheduler-tick"
+RECORD_TIMEOUT = 5.0  # seconds to write one tick to the tick log
 
 
 class SchedulerDaemon:
@@ -126,7 +127,9 @@ class SchedulerDaemon:
     async def _log_tick(self, report: TickReport, error: str | None) -> None:
         """Write the tick to the tick log; a failure to do so is logged, never raised."""
         try:
-            async with self.db.raw() as conn:
+            # Bounded: during a database outage the pool would wait its full timeout for a connection,
+            # delaying the next tick and stop() for a log line.
+            async with asyncio.timeout(RECORD_TIMEOUT), self.db.raw() as conn:
                 await record_tick(conn, report, error=error)
         except Exception as exc:
             log.warning("could not write the tick at %s to the tick log: %s", report.now.isoformat(),
