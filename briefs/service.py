@@ -12,7 +12,7 @@ metadata read for the LLM health report is type-checked in SQL before it is used
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -68,6 +68,36 @@ def _manual_job(user_id: int, day: date, now: datetime, *, force: bool, resend_e
     )
 
 
+@dataclass(frozen=True)
+class BriefQueued:
+    """What :func:`queue_brief` did: exactly one of ``job_id`` (queued), ``existing_status`` (the brief is
+    already finished and ``force`` was not given) or ``duplicate`` (a brief job for that date is already
+    pending or running: ``live_job_id``/``live_job_status``, None when it finished meanwhile) is set."""
+
+    user_id: int
+    brief_date: date
+    force: bool = False
+    resend_email: bool = False
+    job_id: int | None = None
+    existing_status: str | None = None
+    duplicate: bool = False
+    live_job_id: int | None = None
+    live_job_status: str | None = None
+
+    def line(self) -> str:
+        """The CLI's line for humans."""
+        what = f"user {self.user_id}, brief date {self.brief_date.isoformat()}"
+        if self.existing_status is not None:
+            return f"the brief for {what} is already {self.existing_status}; pass --force to regenerate it"
+        if self.duplicate:
+            live = (f"job {self.live_job_id}, {self.live_job_status}" if self.live_job_id is not None
+                    else "job finished meanwhile; try again")
+            return f"a brief job for {what} is already pending ({live})"
+        resent = self.force and self.resend_email
+        note = " (forced; the email is sent again)" if resent else " (forced)" if self.force else ""
+        return f"queued job {self.job_id} for {what}{note}"
+
+
 async def enqueue_brief(
     db: Database,
     settings: Any,
@@ -79,7 +109,24 @@ async def enqueue_brief(
     now: datetime | None = None,
     resend_email: bool = False,
 ) -> str:
-    """Queue one brief to run now; returns a line for humans.
+    """Queue one brief to run now (:func:`queue_brief`); returns a line for humans."""
+    queued = await queue_brief(db, settings, user_id, brief_date, force=force, enqueue=enqueue, now=now,
+                               resend_email=resend_email)
+    return queued.line()
+
+
+async def queue_brief(
+    db: Database,
+    settings: Any,
+    user_id: int,
+    brief_date: date | None,
+    *,
+    force: bool,
+    enqueue: EnqueueHook,
+    now: datetime | None = None,
+    resend_email: bool = False,
+) -> BriefQueued:
+    """Queue one brief to run now; says what happened (:class:`BriefQueued`).
 
     Unknown user → :class:`NotFound`. Without ``force`` the brief date must lie between the
     user's today - ``DATE_PAST_DAYS`` and tomorrow (:class:`BadRequest` otherwise): a date
@@ -89,20 +136,21 @@ async def enqueue_brief(
     now = now or datetime.now(UTC)
     async with db.raw() as conn:
         day = await _brief_day(conn, user_id, brief_date, now, force=force)
-        what = f"user {user_id}, brief date {day.isoformat()}"
+        base = BriefQueued(user_id, day, force=force, resend_email=resend_email)
         if not force:
             status = await _finished_status(conn, user_id, day)
             if status is not None:
-                return f"the brief for {what} is already {status}; pass --force to regenerate it"
+                return replace(base, existing_status=status)
         [new_id] = await enqueue(conn, [_manual_job(user_id, day, now, force=force, resend_email=resend_email)])
         if new_id is None:
-            return f"a brief job for {what} is already pending ({await _live_job(conn, user_id, day)})"
-    note = " (forced; the email is sent again)" if force and resend_email else " (forced)" if force else ""
-    return f"queued job {new_id} for {what}{note}"
+            live = await _live_job(conn, user_id, day)
+            return replace(base, duplicate=True, live_job_id=live[0] if live else None,
+                           live_job_status=live[1] if live else None)
+    return replace(base, job_id=new_id)
 
 
 async def _brief_day(conn: Conn, user_id: int, brief_date: date | None, now: datetime, *, force: bool) -> date:
-    """The date to queue (``brief_date``, else the user's today), checked as :func:`enqueue_brief` says."""
+    """The date to queue (``brief_date``, else the user's today), checked as :func:`queue_brief` says."""
     cur = await conn.execute(
         "SELECT left(timezone, %s) AS timezone, length(timezone) AS timezone_length FROM users WHERE id = %s",
         (MAX_TIMEZONE_CHARS + 1, user_id),
@@ -151,8 +199,8 @@ async def _finished_status(conn: Conn, user_id: int, day: date) -> str | None:
     return brief.status if brief is not None and brief.status in ("completed", "partial") else None
 
 
-async def _live_job(conn: Conn, user_id: int, day: date) -> str:
-    """The brief job that holds the date's dedup key (the one the new job collided with), for humans."""
+async def _live_job(conn: Conn, user_id: int, day: date) -> tuple[int, str] | None:
+    """(id, status) of the brief job that holds the date's dedup key (the one the new job collided with)."""
     cur = await conn.execute(
         """SELECT id, status FROM queue_jobs
            WHERE dedup_key = %s AND status IN ('pending', 'processing') ORDER BY id DESC LIMIT 1""",
@@ -160,7 +208,7 @@ async def _live_job(conn: Conn, user_id: int, day: date) -> str:
     )
     cur.row_factory = namedtuple_row
     live = await cur.fetchone()
-    return f"job {live.id}, {live.status}" if live else "job finished meanwhile; try again"
+    return (int(live.id), str(live.status)) if live else None
 
 
 @dataclass
