@@ -873,10 +873,15 @@ async def cancel(conn: Conn, job_id: int) -> str:
     raise QueueError(f"job {job_id} is {status}; only pending or processing jobs can be cancelled")
 
 
-async def retry(conn: Conn, job_id: int | None = None) -> list[int]:
-    """Put a failed or cancelled job (or, with no id, every failed job) back to pending with fresh attempts."""
-    where = "id = %s AND status IN ('failed', 'cancelled')" if job_id is not None else "status = 'failed'"
-    params: tuple[Any, ...] = (job_id,) if job_id is not None else ()
+async def retry(conn: Conn, job_id: int | None = None, *, job_type: str | None = None) -> list[int]:
+    """Put a failed or cancelled job (or, with no id, every failed job, of ``job_type`` only when given)
+    back to pending with fresh attempts."""
+    if job_id is not None:
+        where = "id = %s AND status IN ('failed', 'cancelled')"
+        params: tuple[Any, ...] = (job_id,)
+    else:
+        where = "status = 'failed' AND (%s::text IS NULL OR job_type = %s)"
+        params = (job_type, job_type)
     try:
         async with conn.transaction():
             cur = await conn.execute(
