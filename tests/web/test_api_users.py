@@ -54,7 +54,8 @@ async def test_list_users_by_id_email_or_name_prefix(client: httpx.AsyncClient, 
     ada = await data.user("Ada", email="ada@example.com")
     percent = await data.user("9% Bob", email="b_b@example.com")
     await data.user("Bobby", email="bxb@example.com")
-    names = {"ada": [ada], "ADA": [ada], str(ada): [ada], "9%": [percent], "9": [percent], "b_b": [percent], "%": [], "_": []}
+    names = {"ada": [ada], "ADA": [ada], str(ada): [ada], "9%": [percent], "9": [percent], "b_b": [percent],
+             "%": [], "_": []}
     for query, wanted in names.items():
         body = (await client.get("/api/v1/users", params={"query": query})).json()
         assert [u["id"] for u in body["items"]] == wanted, query
@@ -127,7 +128,8 @@ async def test_put_preference_moves_then_cancels_the_pending_scheduled_job(
     zone = _midday_zone(now)
     uid = await data.user(tz=zone)
     url = f"/api/v1/users/{uid}/preference"
-    first = await client.put(url, json={"frequency": "daily", "time_of_day": _local_hhmm(now, zone, timedelta(minutes=30))})
+    soon = _local_hhmm(now, zone, timedelta(minutes=30))
+    first = await client.put(url, json={"frequency": "daily", "time_of_day": soon})
     assert first.status_code == 200, first.text
     [enqueued] = first.json()["reconciliation"]["enqueued"]
     job_id = enqueued["job_id"]
@@ -136,7 +138,8 @@ async def test_put_preference_moves_then_cancels_the_pending_scheduled_job(
     moved = (await client.put(url, json={"frequency": "daily", "time_of_day": later, "email_enabled": True})).json()
     assert [m["job_id"] for m in moved["reconciliation"]["moved"]] == [job_id]
     job = (await client.get(f"/api/v1/jobs/{job_id}")).json()
-    assert job["status"] == "pending" and job["payload"]["notify_at"] == moved["reconciliation"]["moved"][0]["notify_at"]
+    [move] = moved["reconciliation"]["moved"]
+    assert job["status"] == "pending" and job["payload"]["notify_at"] == move["notify_at"]
     off = (await client.put(url, json={"frequency": "daily", "time_of_day": later, "is_active": False})).json()
     assert [c["job_id"] for c in off["reconciliation"]["cancelled"]] == [job_id]
     assert (await client.get(f"/api/v1/jobs/{job_id}")).json()["status"] == "cancelled"

@@ -1,0 +1,59 @@
+"""``/api/v1/stats``: the overview's numbers from known rows, and one computation shared by every
+concurrent request."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import httpx
+
+from briefs.db import Database
+from briefs.web.stats import StatsCache
+from tests.web.conftest import Data
+
+
+async def test_the_numbers_of_known_rows(client: httpx.AsyncClient, data: Data) -> None:
+    now = datetime.now(UTC)
+    for seconds in (2, 4):
+        await data.job("a", status="completed", run_at=now - timedelta(seconds=10), locked_by="w-1",
+                       started_at=now - timedelta(seconds=10 - seconds), finished_at=now)
+    await data.job("b", status="failed", locked_by=None, started_at=now, finished_at=now)
+    await data.job("a", status="processing", locked_by="w-2", heartbeat_at=now)
+    await data.job("b", run_at="-infinity")
+    uid = await data.user()
+    await data.brief(uid, now.date(), prompt_tokens=100, completion_tokens=20, completed_at=now)
+    body = (await client.get("/api/v1/stats")).json()
+    jobs = body["jobs"]
+    assert jobs["by_status"] == {"pending": 1, "processing": 1, "completed": 2, "failed": 1, "cancelled": 0}
+    assert jobs["by_type"] == {"a": {"completed": 2, "processing": 1}, "b": {"failed": 1, "pending": 1}}
+    assert jobs["oldest_pending_age_s"] is None and jobs["oldest_pending_overdue_forever"] is True
+    tp = body["throughput"]
+    assert (tp["completed_last_hour"], tp["failed_last_hour"], tp["success_rate_last_hour"]) == (2, 1, 0.6667)
+    assert len(tp["per_minute"]) == 60 and len(tp["per_hour"]) == 24
+    assert sum(m["completed"] for m in tp["per_minute"]) == 2
+    assert body["durations_last_hour"]["run"]["p50_s"] is not None
+    assert {w["id"]: w["running"] for w in body["workers"]} == {"w-1": 0, "w-2": 1}
+    assert body["llm"]["tokens_today"]["prompt_tokens"] == 100 and body["llm"]["tokens_today"]["total_tokens"] == 120
+    assert set(body["scheduler"]) == {"last_tick", "last_user_tick"}
+
+
+async def test_concurrent_requests_share_one_computation(db: Database) -> None:
+    cache = StatsCache(db, max_age=60.0)
+    snapshots = await asyncio.gather(*(cache.get() for _ in range(20)))
+    assert cache.computations == 1 and all(s is snapshots[0] for s in snapshots)
+    assert await cache.get() is snapshots[0]
+    stale = StatsCache(db, max_age=0.0)
+    await stale.get()
+    await stale.get()
+    assert stale.computations == 2
+
+
+async def test_a_request_that_goes_away_does_not_cancel_the_others(db: Database) -> None:
+    cache = StatsCache(db, max_age=60.0)
+    leaving = asyncio.ensure_future(cache.get())
+    staying = asyncio.ensure_future(cache.get())
+    await asyncio.sleep(0)
+    leaving.cancel()
+    snapshot = await staying
+    assert snapshot["jobs"]["total"] == 0 and cache.computations == 1
