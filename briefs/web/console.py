@@ -1,16 +1,18 @@
-"""The console's pages: server-rendered, behind the login."""
+"""The console's pages: server-rendered, behind the login; a little script (``/static/console.js``) keeps
+the live parts current by reading the JSON API.
+
+* ``/``: the overview (:mod:`briefs.web.console_overview`);
+* ``/jobs``, ``/jobs/<id>``: the queue (:mod:`briefs.web.console_jobs`);
+* ``/users``, ``/users/<id>``, ``/users/<id>/briefs/<date>``: users, their preferences and briefs
+  (:mod:`briefs.web.console_users`, :mod:`briefs.web.console_briefs`).
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
-from fastapi.responses import Response
+from fastapi import APIRouter
 
-from briefs.web.session import require_page
-from briefs.web.state import web
+from briefs.web import console_jobs, console_overview
 
 router = APIRouter(include_in_schema=False)
-
-
-@router.get("/", dependencies=[Depends(require_page)])
-async def overview(request: Request) -> Response:
-    return web(request).pages.render(request, "error.html", problem=None)
+router.include_router(console_overview.router)
+router.include_router(console_jobs.router)
