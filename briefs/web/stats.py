@@ -16,6 +16,7 @@ import asyncio
 import logging
 import math
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -30,6 +31,7 @@ from worker import queue
 log = logging.getLogger(__name__)
 
 MAX_AGE = 1.0  # seconds a snapshot is served before the next request computes a new one
+CLOSED_HOURS_MAX_AGE = 60.0  # seconds the day chart's finished hours are served before they are counted again
 WORKER_WINDOW = timedelta(minutes=5)
 MAX_WORKERS = 200
 FINISHED = "status IN ('completed', 'failed', 'cancelled')"  # the predicate of queue_jobs_finished
@@ -131,14 +133,37 @@ def _buckets(rows: list[dict[str, Any]], start: datetime, step: timedelta, n: in
     return series
 
 
-async def _throughput(conn: Any, now: datetime) -> dict[str, Any]:
+@dataclass
+class ClosedHours:
+    """The day chart's finished hours (``[hour - 23 h, hour)``): a full day of rows to count, so counted at
+    most every :data:`CLOSED_HOURS_MAX_AGE` seconds; the current hour comes from the per-minute counts."""
+
+    hour: datetime
+    buckets: list[dict[str, Any]]
+    at: float
+
+
+async def _closed_hours(conn: Any, hour: datetime, known: ClosedHours | None) -> ClosedHours:
+    if known is not None and known.hour == hour and time.monotonic() - known.at <= CLOSED_HOURS_MAX_AGE:
+        return known
+    since = hour - timedelta(hours=23)
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(_SERIES, {"unit": "hour", "since": since, "now": hour - timedelta(microseconds=1)})
+        buckets = _buckets(await cur.fetchall(), since, timedelta(hours=1), 23)
+    return ClosedHours(hour, buckets, time.monotonic())
+
+
+def _current_hour(minutes: list[dict[str, Any]], hour: datetime) -> dict[str, Any]:
+    """The current hour's bucket, summed from the per-minute buckets (the last 60 minutes cover it)."""
+    mine = [m for m in minutes if datetime.fromisoformat(m["at"]) >= hour]
+    return {"at": hour.isoformat(), **{k: sum(m[k] for m in mine) for k in ("completed", "failed", "cancelled")}}
+
+
+async def _throughput(conn: Any, now: datetime, hours: ClosedHours) -> dict[str, Any]:
     minute = now.replace(second=0, microsecond=0)
-    hour = now.replace(minute=0, second=0, microsecond=0)
     async with conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(_SERIES, {"unit": "minute", "since": minute - timedelta(minutes=59), "now": now})
         minutes = _buckets(await cur.fetchall(), minute - timedelta(minutes=59), timedelta(minutes=1), 60)
-        await cur.execute(_SERIES, {"unit": "hour", "since": hour - timedelta(hours=23), "now": now})
-        hours = _buckets(await cur.fetchall(), hour - timedelta(hours=23), timedelta(hours=1), 24)
     completed = sum(m["completed"] for m in minutes)
     failed = sum(m["failed"] for m in minutes)
     return {
@@ -148,7 +173,7 @@ async def _throughput(conn: Any, now: datetime) -> dict[str, Any]:
         "failed_last_hour": failed,
         "success_rate_last_hour": round(completed / (completed + failed), 4) if completed + failed else None,
         "per_minute": minutes,
-        "per_hour": hours,
+        "per_hour": [*hours.buckets, _current_hour(minutes, hours.hour)],
     }
 
 
@@ -191,17 +216,33 @@ def _scheduler(ticks: list[dict[str, Any]]) -> dict[str, Any]:
     return {"last_tick": every, "last_user_tick": one}
 
 
+async def _db_now(conn: Any) -> datetime:
+    """The database's clock (the one the queue's instants are written with)."""
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute("SELECT now() AS now")
+        row = await cur.fetchone()
+    assert row is not None
+    now: datetime = row["now"]
+    return now.astimezone(UTC)
+
+
 async def compute(db: Database, now: datetime | None = None) -> dict[str, Any]:
     """One snapshot of everything the overview shows (see the module docstring)."""
+    snapshot, _ = await compute_with_hours(db, now)
+    return snapshot
+
+
+async def compute_with_hours(
+    db: Database, now: datetime | None = None, hours: ClosedHours | None = None
+) -> tuple[dict[str, Any], ClosedHours]:
+    """:func:`compute`, given the day chart's closed hours counted before (``hours``: recounted when the
+    hour changed or they are too old), and those it used."""
     started = time.perf_counter()
     async with db.raw() as conn:
-        cur = await conn.execute("SELECT now()")
-        row = await cur.fetchone()
-        assert row is not None
-        now = now or row[0].astimezone(UTC)
-        assert now is not None
+        now = now or await _db_now(conn)
         counts = _counts(await queue.stats(conn))
-        throughput = await _throughput(conn, now)
+        hours = await _closed_hours(conn, now.replace(minute=0, second=0, microsecond=0), hours)
+        throughput = await _throughput(conn, now, hours)
         durations = await _durations(conn, now)
         workers = await _workers(conn, now)
         tokens = await _tokens(conn, now)
@@ -217,7 +258,7 @@ async def compute(db: Database, now: datetime | None = None) -> dict[str, Any]:
         "scheduler": _scheduler(ticks),
         "llm": _jsonable(llm),
         "compute_s": round(time.perf_counter() - started, 4),
-    }
+    }, hours
 
 
 def _jsonable(value: Any) -> Any:
@@ -243,6 +284,7 @@ class StatsCache:
         self._snapshot: dict[str, Any] | None = None
         self._at = -math.inf
         self._flight: asyncio.Future[dict[str, Any]] | None = None
+        self._hours: ClosedHours | None = None
 
     async def get(self) -> dict[str, Any]:
         if self._snapshot is not None and time.monotonic() - self._at <= self.max_age:
@@ -255,7 +297,7 @@ class StatsCache:
 
     async def _compute(self) -> dict[str, Any]:
         try:
-            snapshot = await compute(self.db)
+            snapshot, self._hours = await compute_with_hours(self.db, hours=self._hours)
             self.computations += 1
             self._snapshot, self._at = snapshot, time.monotonic()
             return snapshot

@@ -31,7 +31,7 @@ async def test_the_numbers_of_known_rows(client: httpx.AsyncClient, data: Data) 
     tp = body["throughput"]
     assert (tp["completed_last_hour"], tp["failed_last_hour"], tp["success_rate_last_hour"]) == (2, 1, 0.6667)
     assert len(tp["per_minute"]) == 60 and len(tp["per_hour"]) == 24
-    assert sum(m["completed"] for m in tp["per_minute"]) == 2
+    assert sum(m["completed"] for m in tp["per_minute"]) == 2 == sum(h["completed"] for h in tp["per_hour"])
     assert body["durations_last_hour"]["run"]["p50_s"] is not None
     assert {w["id"]: w["running"] for w in body["workers"]} == {"w-1": 0, "w-2": 1}
     assert body["llm"]["tokens_today"]["prompt_tokens"] == 100 and body["llm"]["tokens_today"]["total_tokens"] == 120
