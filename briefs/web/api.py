@@ -15,6 +15,7 @@ from fastapi import APIRouter, Depends, Request
 
 from briefs.web import api_briefs, api_docs, api_jobs, api_users, stats
 from briefs.web.problems import Problem
+from briefs.web.schemas import problems
 from briefs.web.session import require_api
 from briefs.web.state import web
 
@@ -23,7 +24,7 @@ v1 = APIRouter(prefix="/api/v1", dependencies=[Depends(require_api)])
 
 @v1.get("/stats", summary="The overview's numbers: jobs by status and type, throughput, wait and run times, "
         "workers, the last scheduler tick, LLM health and today's tokens (a snapshot at most ~1 s old)",
-        tags=["stats"])
+        tags=["stats"], responses=problems(401, 503))
 async def get_stats(request: Request) -> dict[str, Any]:
     cache = stats.for_app(request.app, web(request).db)
     try:

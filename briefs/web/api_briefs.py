@@ -21,11 +21,11 @@ from briefs.smtp import SmtpTarget
 from briefs.web import queries
 from briefs.web.api_jobs import Cursor, Limit, bad_cursor
 from briefs.web.problems import Problem
-from briefs.web.schemas import BriefCreate, BriefDetail, BriefPage, BriefQueued
+from briefs.web.schemas import BriefCreate, BriefDetail, BriefPage, BriefQueued, problems
 from briefs.web.security import EMAIL_CSP
 from briefs.web.state import web
 
-router = APIRouter(tags=["briefs"])
+router = APIRouter(tags=["briefs"], responses=problems(401, 403, 422))
 
 
 def brief_url(user_id: int, day: date | str) -> str:
@@ -34,7 +34,7 @@ def brief_url(user_id: int, day: date | str) -> str:
 
 @router.post("/users/{user_id}/briefs", summary="Queue a brief now (202, Location: the job); 409 when it "
              "exists (brief_url) or is already queued (job_id)", status_code=202, response_model=BriefQueued,
-             responses={404: {}, 409: {}, 422: {}})
+             responses=problems(404, 409))
 async def create_brief(request: Request, user_id: int, body: BriefCreate | None = None) -> JSONResponse:
     body = body or BriefCreate.model_validate({})
     state = web(request)
@@ -61,7 +61,7 @@ async def create_brief(request: Request, user_id: int, body: BriefCreate | None 
 
 
 @router.get("/users/{user_id}/briefs", summary="A user's briefs, newest first (keyset on the date)",
-            response_model=BriefPage)
+            response_model=BriefPage, responses=problems(404))
 async def list_briefs(request: Request, user_id: int, limit: Limit = queries.DEFAULT_LIMIT,
                       cursor: Cursor = None) -> dict[str, Any]:
     db = web(request).db
@@ -86,7 +86,8 @@ async def _brief_or_404(request: Request, user_id: int, day: date) -> dict[str, 
 
 
 @router.get("/users/{user_id}/briefs/{brief_date}", summary="One brief: status, progress, subject, summary "
-            "Markdown, per-project sections, tokens, model, timestamps", response_model=BriefDetail)
+            "Markdown, per-project sections, tokens, model, timestamps", response_model=BriefDetail,
+            responses=problems(404))
 async def get_brief(request: Request, user_id: int, brief_date: date) -> dict[str, Any]:
     brief = await _brief_or_404(request, user_id, brief_date)
     brief["summary_markdown"] = await load_brief_markdown(web(request).db, user_id, brief_date)
@@ -143,14 +144,15 @@ _FRAMED = {"Content-Security-Policy": EMAIL_CSP, "X-Frame-Options": "SAMEORIGIN"
 
 
 @router.get("/users/{user_id}/briefs/{brief_date}/email.html", summary="The brief's email, its HTML part "
-            "exactly as sent (sandboxed: framed by the console only)", response_class=HTMLResponse)
+            "exactly as sent (sandboxed: framed by the console only)", response_class=HTMLResponse,
+            responses=problems(404, 409))
 async def email_html(request: Request, user_id: int, brief_date: date) -> Response:
     built = await _email(request, user_id, brief_date)
     return HTMLResponse(built.html, headers=dict(_FRAMED))
 
 
 @router.get("/users/{user_id}/briefs/{brief_date}/email.txt", summary="The brief's email, its text part "
-            "exactly as sent", response_class=PlainTextResponse)
+            "exactly as sent", response_class=PlainTextResponse, responses=problems(404, 409))
 async def email_text(request: Request, user_id: int, brief_date: date) -> Response:
     built = await _email(request, user_id, brief_date)
     return PlainTextResponse(built.text, headers=dict(_FRAMED))

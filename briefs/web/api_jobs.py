@@ -9,11 +9,11 @@ from fastapi import APIRouter, Query, Request
 
 from briefs.web import queries
 from briefs.web.problems import Problem
-from briefs.web.schemas import CancelResult, JobDetail, JobPage, RetryResult
+from briefs.web.schemas import CancelResult, JobDetail, JobPage, RetryResult, Text, problems
 from briefs.web.state import web
 from worker import queue
 
-router = APIRouter(tags=["jobs"])
+router = APIRouter(tags=["jobs"], responses=problems(401, 403, 422))
 
 Status = Literal["pending", "processing", "completed", "failed", "cancelled"]
 Limit = Annotated[int, Query(ge=1, le=queries.MAX_LIMIT, description="rows per page, 1..200")]
@@ -28,7 +28,7 @@ def bad_cursor(exc: queries.BadCursor) -> Problem:
 async def list_jobs(
     request: Request,
     status: Status | None = None,
-    job_type: Annotated[str | None, Query(alias="type", max_length=200)] = None,
+    job_type: Annotated[Text | None, Query(alias="type", max_length=200)] = None,
     user_id: int | None = None,
     limit: Limit = queries.DEFAULT_LIMIT,
     cursor: Cursor = None,
@@ -42,7 +42,7 @@ async def list_jobs(
 
 
 @router.get("/jobs/{job_id}", summary="One job: every column, payload, result and progress included",
-            response_model=JobDetail)
+            response_model=JobDetail, responses=problems(404))
 async def get_job(request: Request, job_id: int) -> dict[str, Any]:
     job = await queries.get_job(web(request).db, job_id)
     if job is None:
@@ -50,9 +50,10 @@ async def get_job(request: Request, job_id: int) -> dict[str, Any]:
     return job
 
 
-@router.post("/jobs/retry", summary="Retry every failed job of one type", response_model=RetryResult)
+@router.post("/jobs/retry", summary="Retry every failed job of one type", response_model=RetryResult,
+             responses=problems(409))
 async def retry_type(
-    request: Request, job_type: Annotated[str, Query(alias="type", min_length=1, max_length=200)]
+    request: Request, job_type: Annotated[Text, Query(alias="type", min_length=1, max_length=200)]
 ) -> dict[str, Any]:
     try:
         async with web(request).db.raw() as conn:
@@ -68,7 +69,7 @@ async def _exists(request: Request, job_id: int) -> None:
 
 
 @router.post("/jobs/{job_id}/retry", summary="Retry a failed or cancelled job (409 with the reason otherwise)",
-             response_model=RetryResult, responses={404: {}, 409: {}})
+             response_model=RetryResult, responses=problems(404, 409))
 async def retry_job(request: Request, job_id: int) -> dict[str, Any]:
     await _exists(request, job_id)
     try:
@@ -81,7 +82,7 @@ async def retry_job(request: Request, job_id: int) -> dict[str, Any]:
 
 
 @router.post("/jobs/{job_id}/cancel", summary="Cancel a pending or running job (409 with the reason otherwise)",
-             response_model=CancelResult, responses={404: {}, 409: {}})
+             response_model=CancelResult, responses=problems(404, 409))
 async def cancel_job(request: Request, job_id: int) -> dict[str, Any]:
     await _exists(request, job_id)
     try:

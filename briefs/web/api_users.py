@@ -22,15 +22,17 @@ from briefs.web.schemas import (
     PreferencePut,
     PreferenceResult,
     Schedule,
+    Text,
     UserCreate,
     UserDetail,
     UserPage,
     UserPatch,
+    problems,
 )
 from briefs.web.state import web
 from scheduler.plan import MAX_UPCOMING_DAYS, Preference, upcoming
 
-router = APIRouter(tags=["users"])
+router = APIRouter(tags=["users"], responses=problems(401, 403, 422))
 
 RECONCILED = ("moved", "cancelled", "enqueued", "skipped", "skipped_locked", "briefs_failed")
 
@@ -46,7 +48,7 @@ async def user_or_404(request: Request, user_id: int) -> dict[str, Any]:
             response_model=UserPage)
 async def list_users(
     request: Request,
-    query: Annotated[str | None, Query(max_length=320)] = None,
+    query: Annotated[Text | None, Query(max_length=320)] = None,
     limit: Limit = queries.DEFAULT_LIMIT,
     cursor: Cursor = None,
 ) -> dict[str, Any]:
@@ -58,7 +60,7 @@ async def list_users(
 
 
 @router.post("/users", summary="Create a user (201, Location: the user)", status_code=201,
-             response_model=UserDetail, responses={409: {"description": "the email is taken"}})
+             response_model=UserDetail, responses=problems(409))
 async def create_user(request: Request, body: UserCreate) -> JSONResponse:
     try:
         async with web(request).db.raw() as conn:
@@ -76,7 +78,7 @@ async def create_user(request: Request, body: UserCreate) -> JSONResponse:
 
 
 @router.get("/users/{user_id}", summary="One user: preference, engagement, latest brief, last visit",
-            response_model=UserDetail)
+            response_model=UserDetail, responses=problems(404))
 async def get_user(request: Request, user_id: int) -> dict[str, Any]:
     return await user_or_404(request, user_id)
 
@@ -91,7 +93,7 @@ RETURNING id
 
 
 @router.patch("/users/{user_id}", summary="Change a user's name, email or timezone (a timezone change "
-              "reconciles their pending scheduled jobs)", response_model=UserDetail)
+              "reconciles their pending scheduled jobs)", response_model=UserDetail, responses=problems(404, 409))
 async def patch_user(request: Request, user_id: int, body: UserPatch) -> dict[str, Any]:
     given = body.model_fields_set
     if not given:
@@ -130,7 +132,8 @@ SET frequency = EXCLUDED.frequency, day_of_week = EXCLUDED.day_of_week, time_of_
 
 
 @router.put("/users/{user_id}/preference", summary="Set a user's brief preference; their pending scheduled "
-            "jobs are moved, cancelled or enqueued to match at once", response_model=PreferenceResult)
+            "jobs are moved, cancelled or enqueued to match at once", response_model=PreferenceResult,
+            responses=problems(404))
 async def put_preference(request: Request, user_id: int, body: PreferencePut) -> dict[str, Any]:
     await user_or_404(request, user_id)
     params = {"user": user_id, **body.model_dump(), "time_of_day": time.fromisoformat(body.time_of_day)}
@@ -145,8 +148,7 @@ async def put_preference(request: Request, user_id: int, body: PreferencePut) ->
 
 
 @router.get("/users/{user_id}/schedule", summary="A user's coming briefs: local and UTC times, and what DST "
-            "did to each", response_model=Schedule, responses={409: {"description": "the stored timezone or "
-                                                                     "preference is unusable"}})
+            "did to each", response_model=Schedule, responses=problems(404, 409))
 async def get_schedule(
     request: Request, user_id: int,
     days: Annotated[int, Query(ge=1, le=MAX_UPCOMING_DAYS, description="how many days ahead, 1..366")] = 7,

@@ -10,9 +10,18 @@ from __future__ import annotations
 import datetime as dt
 import re
 from datetime import datetime, time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationInfo,
+    field_validator,
+)
 
 from briefs.contract import InvalidTimezone, load_timezone
 from briefs.email import check_recipient
@@ -22,6 +31,16 @@ NAME_MAX = 200
 _TIME = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])(?::([0-5][0-9]))?", re.ASCII)
 
 Instant = datetime | str | None  # a value Python cannot hold ('infinity') comes as PostgreSQL's text
+
+
+def no_nul(value: str) -> str:
+    """Text PostgreSQL can take (a query parameter): no NUL character."""
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+Text = Annotated[str, AfterValidator(no_nul)]
 
 
 def check_timezone(value: Any) -> str:
@@ -261,3 +280,29 @@ class BriefDetail(BriefSummary):
     error: str | None
     model: str | None
     sections: list[dict[str, Any]]
+
+
+class ProblemDetails(BaseModel):
+    """An error (RFC 9457), sent as ``application/problem+json``."""
+
+    type: str = Field(description="a link to the problem type in /api/docs")
+    title: str
+    status: int
+    detail: str
+    instance: str
+    errors: list[dict[str, str]] | None = Field(None, description="validation only: one {field, message} each")
+
+
+_PROBLEM_WHEN = {
+    401: "no admin token and no console session",
+    403: "a console session without its CSRF token",
+    404: "no such job, user or brief",
+    409: "the state forbids it: `detail` says why",
+    422: "an invalid field: `errors` names each",
+    503: "unavailable for now",
+}
+
+
+def problems(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for the problems a route may answer with."""
+    return {code: {"model": ProblemDetails, "description": _PROBLEM_WHEN.get(code, "a problem")} for code in codes}

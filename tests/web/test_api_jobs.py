@@ -45,6 +45,9 @@ async def test_filters_by_status_type_and_user(client: httpx.AsyncClient, data: 
         assert body["errors"][0]["field"] == "query.cursor"
     problem(await client.get("/api/v1/jobs", params={"limit": 0}), 422)
     problem(await client.get("/api/v1/jobs", params={"limit": 201}), 422)
+    problem(await client.get("/api/v1/jobs", params={"type": "a\x00b"}), 422)  # PostgreSQL text has no NUL
+    problem(await client.post("/api/v1/jobs/retry", params={"type": "\x00"}), 422)
+    problem(await client.get("/api/v1/users", params={"query": "a\x00"}), 422)
 
 
 async def test_a_job_due_at_infinity_is_listed_and_shown(client: httpx.AsyncClient, data: Data) -> None:
