@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from briefs.web import console_jobs, console_overview, console_users
+from briefs.web import console_briefs, console_jobs, console_overview, console_users
 
 router = APIRouter(include_in_schema=False)
 router.include_router(console_overview.router)
 router.include_router(console_jobs.router)
 router.include_router(console_users.router)
+router.include_router(console_briefs.router)

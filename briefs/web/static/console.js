@@ -196,9 +196,14 @@
 
   function liveBrief(el) {
     var initial = el.getAttribute("data-status-initial");
-    if (initial !== "processing" && initial !== "missing") { return; }
+    if (initial !== "processing") { return; }
     poll(el, el.getAttribute("data-live-brief"), 1000, function (brief) {
       fill(el, brief);
+      el.querySelectorAll("progress[data-progress]").forEach(function (bar) {
+        var progress = brief.progress || {};
+        bar.max = Math.max(1, Number(progress.projects_total) || 0);
+        bar.value = Number(progress.projects_done) || 0;
+      });
       if (brief.status && brief.status !== initial && brief.status !== "processing") { window.location.reload(); }
     }, function (brief) { return !brief.status || brief.status === "processing"; });
   }
