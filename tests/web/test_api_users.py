@@ -33,6 +33,21 @@ async def test_create_a_user_and_read_it_back(client: httpx.AsyncClient) -> None
     assert "already exists" in problem(again, 409)["detail"]
 
 
+async def test_a_user_shows_their_engagement_and_hostile_stored_values(client: httpx.AsyncClient, data: Data) -> None:
+    away = await data.user(last_visit_at=datetime.now(UTC) - timedelta(days=10))
+    await data.brief(away, datetime.now(UTC).date() - timedelta(days=1), engagement_stage="re_engagement")
+    shown = (await client.get(f"/api/v1/users/{away}")).json()
+    assert shown["engagement"]["inactive_days"] == 10 and shown["engagement"]["tier"] == "re_engagement"
+    assert shown["engagement"]["latest_brief_stage"] == "re_engagement" and shown["latest_brief"]["status"]
+    odd = await data.user(tz="x" * 300)
+    await data.one("UPDATE users SET last_visit_at = 'infinity' WHERE id = %s RETURNING id", (odd,))
+    body = (await client.get(f"/api/v1/users/{odd}")).json()
+    assert body["last_visit_at"] == "infinity" and "too long" in body["engagement"]["reason"]
+    assert len(body["timezone"]) < 100
+    listed = (await client.get("/api/v1/users", params={"query": str(odd)})).json()["items"]
+    assert listed[0]["last_visit_at"] == "infinity"
+
+
 async def test_invalid_fields_are_named_in_problem_json(client: httpx.AsyncClient) -> None:
     cases = [
         ({"name": "A", "email": "a@example.com", "timezone": "Mars/Olympus"}, "body.timezone", "tz database"),
