@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
 
-import psycopg
 from psycopg.rows import dict_row
 
 from briefs.contract import MAX_TIMEZONE_CHARS, InvalidTimezone, load_timezone
@@ -376,7 +375,3 @@ async def preference_of(db: Database, user_id: int) -> dict[str, Any] | None:
                             "ON p.user_id = u.id WHERE u.id = %(id)s", {"id": user_id})
     return _user(rows[0]) if rows else None
 
-
-def describe_error(exc: psycopg.Error) -> str:
-    """A database error in one line, for a problem's detail."""
-    return str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
