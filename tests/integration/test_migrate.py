@@ -99,8 +99,11 @@ EXPECTED_INDEXES: dict[tuple[str, str], str] = {
     ("queue_jobs", "queue_jobs_finished"): "(finished_at) WHERE (status = ANY "
                                            "(ARRAY['completed'::text, 'failed'::text, 'cancelled'::text]))",
     ("queue_jobs", "queue_jobs_user"): "(user_id, job_type) WHERE (user_id IS NOT NULL)",
+    ("queue_jobs", "queue_jobs_failed"): "(id) WHERE (status = ANY (ARRAY['failed'::text, 'cancelled'::text]))",
     ("users", "users_pkey"): "UNIQUE (id)",
     ("users", "users_email_key"): "UNIQUE (email)",
+    ("users", "users_email_prefix"): "(lower(email) text_pattern_ops)",
+    ("users", "users_name_prefix"): "(lower(name) text_pattern_ops)",
     ("projects", "projects_pkey"): "UNIQUE (id)",
     ("projects", "projects_user_active"): "(user_id) WHERE (status = 'active'::text)",
     ("tasks", "tasks_pkey"): "UNIQUE (id)",
