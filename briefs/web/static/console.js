@@ -177,6 +177,33 @@
     });
   }
 
+  // The queue table: one row per type (a link to its jobs: the type only ever as an encoded query value).
+  function queueRows(tbody, byType) {
+    clear(tbody);
+    var types = Object.keys(byType || {}).sort();
+    if (types.length === 0) {
+      var empty = document.createElement("td");
+      empty.colSpan = 5;
+      empty.className = "muted";
+      empty.textContent = "The queue is empty.";
+      tbody.appendChild(document.createElement("tr")).appendChild(empty);
+      return;
+    }
+    types.forEach(function (type) {
+      var counts = byType[type] || {}, tr = tbody.appendChild(document.createElement("tr"));
+      var name = tr.appendChild(document.createElement("td"));
+      name.className = "mono";
+      var link = name.appendChild(document.createElement("a"));
+      link.setAttribute("href", "/jobs?type=" + encodeURIComponent(type));
+      link.textContent = type;
+      ["pending", "processing", "failed", "completed"].forEach(function (status) {
+        var td = tr.appendChild(document.createElement("td"));
+        td.className = "num";
+        td.textContent = format(counts[status] || 0);
+      });
+    });
+  }
+
   function drawStats(el, stats) {
     fill(el, stats);
     el.querySelectorAll("svg[data-chart]").forEach(function (svg) {
@@ -186,6 +213,9 @@
       drawQueue(svg, pick(stats, svg.getAttribute("data-chart-queue")));
     });
     el.querySelectorAll("tbody[data-rows=workers]").forEach(function (tbody) { workerRows(tbody, stats.workers); });
+    el.querySelectorAll("tbody[data-rows=queue]").forEach(function (tbody) {
+      queueRows(tbody, pick(stats, "jobs.by_type"));
+    });
   }
 
   function liveStats(el) {
