@@ -75,3 +75,21 @@ async def test_retry_all_failed_jobs_of_a_type(page: Any, console_server: Consol
     await expect(page.locator("tbody")).to_contain_text("No jobs match these filters")
     rows = sql(console_server.database_url, "SELECT status FROM queue_jobs WHERE id IN (%s, %s)", (first, second))
     assert [r["status"] for r in rows] == ["pending", "pending"]
+
+
+async def test_the_list_pages_back_with_the_cursor_and_filters_stay(page: Any, console_server: ConsoleServer) -> None:
+    url = console_server.database_url
+    sql(url, "INSERT INTO queue_jobs (job_type, status) SELECT 'noop', 'cancelled' FROM generate_series(1, 60)")
+    sql(url, "INSERT INTO queue_jobs (job_type, status) SELECT 'other', 'cancelled' FROM generate_series(1, 5)")
+    await login(page, console_server, "/jobs?status=cancelled&type=noop")
+    await expect(page.locator("tbody tr")).to_have_count(50)
+    first_page = await page.locator("tbody tr td:first-child").all_inner_texts()
+    await page.click("#older")
+    await expect(page.locator("tbody tr")).to_have_count(10)
+    second_page = await page.locator("tbody tr td:first-child").all_inner_texts()
+    assert not set(first_page) & set(second_page)
+    assert {int(i) for i in first_page + second_page} == {r["id"] for r in sql(
+        url, "SELECT id FROM queue_jobs WHERE job_type = 'noop'")}
+    await expect(page.locator("#older")).to_have_count(0)
+    await expect(page.locator("select[name=status]")).to_have_value("cancelled")
+    await expect(page.locator("input[name=type]")).to_have_value("noop")
