@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import selectors
 import shutil
 import signal
@@ -11,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -18,7 +20,8 @@ pytestmark = pytest.mark.slow
 
 def _env(data_dir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BRIEFS_", "DATABASE_URL", "OPENAI_"))}
-    env.update({"BRIEFS_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1", "BRIEFS_SCHEDULER_INTERVAL": "5"})
+    env.update({"BRIEFS_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1", "BRIEFS_SCHEDULER_INTERVAL": "5",
+                "BRIEFS_WEB_PORT": "0"})
     return env
 
 
@@ -59,6 +62,7 @@ def _run_demo(env: dict[str, str]) -> str:
         shown = _briefs(env, "show", "1")
         assert shown.returncode == 0, shown.stderr
         assert "Website relaunch" in shown.stdout
+        _see_it_in_the_console(text)
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=40) == 0, "".join(output) + (proc.stdout.read() or "")
@@ -67,6 +71,22 @@ def _run_demo(env: dict[str, str]) -> str:
             proc.kill()
             proc.wait()
     return text
+
+
+def _see_it_in_the_console(text: str) -> None:
+    """The console the demo printed serves the brief it made: one-click login, the viewer, the API."""
+    login = re.search(r"^console: (http://127\.0\.0\.1:\d+)(/login\?token=\S+)", text, re.M)
+    assert login, text
+    base, path = login.groups()
+    brief = re.search(r"In the console: \S+/users/1/briefs/(\d{4}-\d\d-\d\d)\.", text)
+    assert brief, text
+    day = brief.group(1)
+    with httpx.Client(base_url=base, timeout=20, follow_redirects=True) as client:
+        assert client.get(path).status_code == 200
+        assert client.get(f"/users/1/briefs/{day}").status_code == 200
+        api = client.get(f"/api/v1/users/1/briefs/{day}")
+        assert api.status_code == 200 and api.json()["status"] in ("completed", "partial"), api.text
+        assert "Website relaunch" in client.get(f"/api/v1/users/1/briefs/{day}/email.html").text
 
 
 def test_run_demo_makes_a_brief_and_stops_cleanly(tmp_path: Path) -> None:
