@@ -173,5 +173,9 @@ def sql(url: str, statement: str, params: Any = None) -> list[dict[str, Any]]:
 
 
 def screenshot_path(name: str) -> Path:
-    DOCS.mkdir(exist_ok=True)
-    return DOCS / name
+    """Where a test saves a page's picture: ``docs/<name>`` (the README's pictures) when
+    ``BRIEFS_UPDATE_SCREENSHOTS=1``, else the temporary directory (the page is still drawn whole)."""
+    if os.environ.get("BRIEFS_UPDATE_SCREENSHOTS") == "1":
+        DOCS.mkdir(exist_ok=True)
+        return DOCS / name
+    return Path(tempfile.gettempdir()) / f"briefs-{name}"
