@@ -93,3 +93,23 @@ async def test_the_list_pages_back_with_the_cursor_and_filters_stay(page: Any, c
     await expect(page.locator("#older")).to_have_count(0)
     await expect(page.locator("select[name=status]")).to_have_value("cancelled")
     await expect(page.locator("input[name=type]")).to_have_value("noop")
+
+
+async def test_a_running_jobs_progress_is_live(page: Any, console_server: ConsoleServer) -> None:
+    url = console_server.database_url
+    [row] = sql(url, """INSERT INTO queue_jobs (job_type, status, attempts, processing_token, lease_expires_at,
+                                                locked_by, started_at, progress)
+                        VALUES ('generate_daily_brief', 'processing', 1, gen_random_uuid(),
+                                now() + interval '1 hour', 'worker-a', now(), '{"projects_done": 1}')
+                        RETURNING id""")
+    await login(page, console_server, f"/jobs/{row['id']}")
+    await expect(page.locator("#progress")).to_contain_text('"projects_done": 1')
+    await expect(page.locator("#cancel")).to_be_visible()
+    sql(url, """UPDATE queue_jobs SET progress = '{"projects_done": 7, "note": "<b>bold</b>"}' WHERE id = %s""",
+        (row["id"],))
+    await expect(page.locator("#progress")).to_contain_text('"projects_done": 7', timeout=5_000)
+    await expect(page.locator("#progress")).to_contain_text("<b>bold</b>")
+    await page.click("#cancel")
+    await expect(page.locator(".flash.ok")).to_contain_text("The job is cancelled")
+    await expect(page.locator("[data-field=status]")).to_have_text("cancelled")
+    await expect(page.locator("#retry")).to_be_visible()
