@@ -1,26 +1,41 @@
 """Console and API benchmark at production size (run by hand; results go to bench/README-web.md).
 
     .venv/bin/python bench/web_bench.py seed    --url postgresql://postgres@127.0.0.1:5432/briefs_webbench
-    .venv/bin/python bench/web_bench.py latency --url …   [--repeat 20] [--port 0]
+    .venv/bin/python bench/web_bench.py latency --url …   [--repeat 20] [--port 0] [--only jobs]
     .venv/bin/python bench/web_bench.py load    --url …   [--rps 200] [--seconds 30] [--connections 64]
-    .venv/bin/python bench/web_bench.py explain --url …   (EXPLAIN ANALYZE of the queue queries the routes run)
+    .venv/bin/python bench/web_bench.py explain --url …   [--only users] [-v]
+
+``--url`` defaults to ``postgresql://postgres@127.0.0.1:5432/briefs_webbench``.
 
 ``seed`` drops and creates the database named in ``--url`` (its name must contain ``bench``; no other
-database is touched), migrates it with ``briefs migrate`` and fills it with SQL only (``generate_series``):
+database is touched), migrates it with ``briefs migrate`` and fills it with SQL only (``generate_series``),
+then VACUUM ANALYZE (about 30 s):
 
-* 100,000 users (names, emails, IANA zones), every one with brief preferences (a tenth weekly);
+* 100,000 users (names, emails, 47 real IANA zones), every one with brief preferences (a tenth weekly);
 * every 10th user has 1–5 projects with tasks and notes, and 20 days of daily briefs (each with a
-  project brief per project); users 10, 20 and 30 have 400 days of briefs;
-* 1,000,000 queue jobs in id order over the last 7 days, denser towards now (8 % finished in the last
-  hour, 38 % in the last day): 96 % completed, 2.5 % failed, 1 % cancelled, 200 processing (4 workers),
-  5,000 pending (2,000 due later); brief and email jobs carry the contract's dedup keys.
+  project brief per active project); users 10, 20 and 30 have 400 days of briefs;
+* 1,000,000 queue jobs in id order over the last 7 days, denser towards now (7.5 % finished in the
+  last hour, 38 % in the last day): 96 % completed, 2.5 % failed, 1 % cancelled, 200 processing (4
+  workers), 5,000 pending (2,000 due later); brief and email jobs carry the contract's dedup keys.
 
 ``latency`` starts ``briefs web`` over the database (BRIEFS_ADMIN_TOKEN set, a free port), logs in for
-the console's cookie, and requests every API route and page ``--repeat`` times after a warm-up, reading
-the ``Server-Timing: app;dur=`` header (server time) and the client's wall time; routes over 200 ms server
-time are marked. ``load`` starts the server the same way and drives the API from this (separate) process
-at a fixed arrival rate (open loop: a request is sent at its scheduled instant whatever the earlier ones
-did, and its latency counts from that instant, so a stalled server cannot hide its queue).
+the console's cookie, and requests every API route and page ``--repeat`` times after two warm-ups, one at
+a time on one keep-alive connection, reading the ``Server-Timing: app;dur=`` header (server time) and the
+client's wall time; routes over 200 ms server time are marked. The stats snapshot is measured twice:
+as served from its cache, and with a pause that lets it expire before each request.
+
+``load`` starts the server the same way and drives the API from this (separate) process at a fixed
+arrival rate (open loop: request i leaves at start + i/rps whatever the earlier ones did, and its latency
+counts from that instant, so a stalled server cannot hide its queue), over ``--connections`` keep-alive
+connections of a minimal HTTP/1.1 client (a tenth of httpx's CPU). It prints the achieved rate, errors,
+latency percentiles overall and per kind of request, and the CPU the server, the generator and the whole
+machine used: the generator shares the machine's cores with the server and PostgreSQL.
+
+``explain`` runs EXPLAIN (ANALYZE, BUFFERS) of the queries behind the routes (imported from
+briefs.web.queries, briefs.web.stats, worker.queue, briefs.health) with the parameters the routes pass.
+
+``--server-repo DIR`` runs the server from another source tree (with this virtualenv), to measure a
+change side by side with the code as it is.
 """
 
 from __future__ import annotations
@@ -433,12 +448,14 @@ class Server:
             self.proc.wait()
 
 
-def start_server(url: str, port: int) -> Server:
-    """``briefs web`` on 127.0.0.1 over ``url`` (port 0: a free one, read from the line it prints)."""
-    env = {**os.environ, "DATABASE_URL": url, "BRIEFS_ADMIN_TOKEN": TOKEN, "BRIEFS_LOG_LEVEL": "WARNING"}
+def start_server(url: str, port: int, repo: Path = REPO) -> Server:
+    """``briefs web`` on 127.0.0.1 over ``url`` (port 0: a free one, read from the line it prints), from the
+    source tree ``repo`` (another checkout, to compare a change) with this virtualenv."""
+    env = {**os.environ, "DATABASE_URL": url, "BRIEFS_ADMIN_TOKEN": TOKEN, "BRIEFS_LOG_LEVEL": "WARNING",
+           "PYTHONPATH": str(repo)}
     proc = subprocess.Popen(
-        [str(REPO / ".venv/bin/briefs"), "web", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [str(REPO / ".venv/bin/python"), "-m", "briefs", "web", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     assert proc.stdout is not None
     deadline = time.monotonic() + 30
@@ -584,11 +601,11 @@ def _pct(values: list[float], q: float) -> float:
 # --------------------------------------------------------------------------- latency
 
 
-def latency(url: str, port: int, repeat: int, only: str | None) -> None:
+def latency(url: str, port: int, repeat: int, only: str | None, repo: Path) -> None:
     import httpx
 
     s = sample(url)
-    server = start_server(url, port)
+    server = start_server(url, port, repo)
     try:
         with httpx.Client(base_url=server.base, timeout=30) as client:
             login = client.get("/login", params={"token": TOKEN}, follow_redirects=False)
@@ -696,38 +713,87 @@ class Outcome:
     late_ms: float  # how late the request left (the client's own lag)
 
 
+class RawClient:
+    """A minimal HTTP/1.1 keep-alive client (GET only) over ``connections`` asyncio streams: a tenth of
+    httpx's CPU per request, so the load generator takes less of the 2 cores it shares with the server."""
+
+    def __init__(self, base: str, connections: int) -> None:
+        parts = urlsplit(base)
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
+        self.size = connections
+        self.idle: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter] | None] = asyncio.Queue()
+        for _ in range(connections):
+            self.idle.put_nowait(None)  # a slot without a connection yet: opened on first use
+        self.prefix = f"Host: {self.host}:{self.port}\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode()
+
+    async def get(self, path: str) -> tuple[int, float | None]:
+        """(status, Server-Timing ms) of GET ``path``; a broken connection is dropped and the error raised."""
+        conn = await self.idle.get()
+        try:
+            if conn is None:
+                conn = await asyncio.open_connection(self.host, self.port)
+            reader, writer = conn
+            writer.write(b"GET " + path.encode() + b" HTTP/1.1\r\n" + self.prefix)
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+            await self._body(reader, head)
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
+            if conn is not None:
+                conn[1].close()
+            self.idle.put_nowait(None)
+            raise
+        self.idle.put_nowait(conn)
+        timing = re.search(r"(?im)^server-timing:.*app;dur=([0-9.]+)", head)
+        return int(head.split(" ", 2)[1]), float(timing.group(1)) if timing else None
+
+    @staticmethod
+    async def _body(reader: asyncio.StreamReader, head: str) -> None:
+        length = re.search(r"(?im)^content-length:\s*(\d+)", head)
+        if length:
+            await reader.readexactly(int(length.group(1)))
+            return
+        if not re.search(r"(?im)^transfer-encoding:\s*chunked", head):
+            raise ValueError("a response with neither Content-Length nor chunked encoding")
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            await reader.readexactly(size + 2)
+            if size == 0:
+                return
+
+    async def close(self) -> None:
+        while not self.idle.empty():
+            conn = self.idle.get_nowait()
+            if conn is not None:
+                conn[1].close()
+
+
 async def _open_loop(base: str, rps: float, seconds: float, connections: int, mix: Any) -> list[Outcome]:
-    import httpx
-
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-    headers = {"authorization": f"Bearer {TOKEN}"}
+    client = RawClient(base, connections)
     outcomes: list[Outcome] = []
-    async with httpx.AsyncClient(base_url=base, limits=limits, headers=headers, timeout=30) as client:
 
-        async def one(kind: str, path: str, due: float) -> None:
-            late = (time.perf_counter() - due) * 1000
-            try:
-                response = await client.get(path)
-                status, server = response.status_code, _server_ms(response)
-            except httpx.HTTPError:
-                status, server = 0, None
-            outcomes.append(Outcome(kind, status, (time.perf_counter() - due) * 1000, server, late))
+    async def one(kind: str, path: str, due: float) -> None:
+        late = (time.perf_counter() - due) * 1000
+        try:
+            status, server = await client.get(path)
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
+            status, server = 0, None
+        outcomes.append(Outcome(kind, status, (time.perf_counter() - due) * 1000, server, late))
 
-        tasks = []
-        start = time.perf_counter() + 0.05
-        for i in range(int(rps * seconds)):
-            due = start + i / rps
-            delay = due - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(*mix(), due)))
-        await asyncio.gather(*tasks)
+    tasks = []
+    start = time.perf_counter() + 0.05
+    for i in range(int(rps * seconds)):
+        due = start + i / rps
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(*mix(), due)))
+    await asyncio.gather(*tasks)
+    await client.close()
     return outcomes
 
 
-def load(url: str, port: int, rps: float, seconds: float, connections: int) -> None:
+def load(url: str, port: int, rps: float, seconds: float, connections: int, repo: Path) -> None:
     s = sample(url)
-    server = start_server(url, port)
+    server = start_server(url, port, repo)
     try:
         warm = load_mix(s, random.Random(1))
         asyncio.run(_open_loop(server.base, 50, 2, connections, warm))  # warm-up: pool, caches
@@ -799,14 +865,16 @@ def main() -> None:
     parser.add_argument("--rps", type=float, default=200.0, help="load: requests per second (fixed arrival rate)")
     parser.add_argument("--seconds", type=float, default=30.0, help="load: how long")
     parser.add_argument("--connections", type=int, default=64, help="load: the client's connection limit")
+    parser.add_argument("--server-repo", type=Path, default=REPO,
+                        help="latency, load: run the server from this source tree (to compare a change)")
     parser.add_argument("-v", "--verbose", action="store_true", help="explain: whole plans")
     args = parser.parse_args()
     if args.command == "seed":
         seed(args.url)
     elif args.command == "latency":
-        latency(args.url, args.port, args.repeat, args.only)
+        latency(args.url, args.port, args.repeat, args.only, args.server_repo)
     elif args.command == "load":
-        load(args.url, args.port, args.rps, args.seconds, args.connections)
+        load(args.url, args.port, args.rps, args.seconds, args.connections, args.server_repo)
     elif args.command == "explain":
         explain(args.url, args.only, args.verbose)
 
