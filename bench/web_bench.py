@@ -16,7 +16,8 @@ then VACUUM ANALYZE (about 30 s):
   project brief per active project); users 10, 20 and 30 have 400 days of briefs;
 * 1,000,000 queue jobs in id order over the last 7 days, denser towards now (7.5 % finished in the
   last hour, 38 % in the last day): 96 % completed, 2.5 % failed, 1 % cancelled, 200 processing (4
-  workers), 5,000 pending (2,000 due later); brief and email jobs carry the contract's dedup keys.
+  workers), 5,000 pending (2,000 due later); 60 % brief and 30 % email jobs with the contract's dedup
+  keys, the rest four other types, and one type (import_contacts) only among the oldest 30,000.
 
 ``latency`` starts ``briefs web`` over the database (BRIEFS_ADMIN_TOKEN set, a free port), logs in for
 the console's cookie, and requests every API route and page ``--repeat`` times after two warm-ups, one at
@@ -78,6 +79,7 @@ HEAVY_USERS = (10, 20, 30)  # 400 days of briefs each
 HEAVY_DAYS = 400
 SLOW_MS = 200.0
 OTHER_JOBS = ("sync_calendar", "send_weekly_digest", "prune_history", "deliver_webhook")
+RETIRED_JOB = "import_contacts"  # only in the oldest history (a type no longer made)
 
 # fmt: off
 ZONES = [  # real IANA zones; the first ones appear more often (see _zone_sql)
@@ -238,6 +240,7 @@ def _jobs_sql() -> str:
                     WHEN g %% 200 < 5 THEN 'failed'
                     WHEN g %% 200 < 7 THEN 'cancelled' ELSE 'completed' END AS status,
                CASE WHEN g %% 20 < 12 THEN %(brief)s WHEN g %% 20 < 18 THEN %(email)s
+                    WHEN g BETWEEN 1000 AND 30000 THEN %(retired)s
                     ELSE (%(other)s::text[])[1 + (g / 20) %% cardinality(%(other)s::text[])] END AS job_type
         FROM generate_series(1::bigint, %(jobs)s) g),
     j AS (
@@ -273,7 +276,8 @@ def _jobs_sql() -> str:
 def _jobs_params(now: datetime) -> dict[str, Any]:
     return {
         "now": now, "users": USERS, "jobs": JOBS, "finished": JOBS - PENDING - PROCESSING, "processing": PROCESSING,
-        "later": PENDING_LATER, "brief": BRIEF_JOB, "email": EMAIL_JOB, "other": list(OTHER_JOBS), "errors": ERRORS,
+        "later": PENDING_LATER, "retired": RETIRED_JOB,
+        "brief": BRIEF_JOB, "email": EMAIL_JOB, "other": list(OTHER_JOBS), "errors": ERRORS,
     }
 
 
@@ -365,7 +369,7 @@ def _explain_cases(now: datetime) -> list[tuple[str, str, dict[str, Any]]]:
     ]
     for status in q.JOB_STATUSES:
         cases.append((f"jobs: status={status}", q._JOB_LIST, {**jobs, "status": status}))
-    for job_type in (BRIEF_JOB, EMAIL_JOB, "send_weekly_digest"):
+    for job_type in (BRIEF_JOB, EMAIL_JOB, "send_weekly_digest", RETIRED_JOB, "no_such_type"):
         cases.append((f"jobs: type={job_type}", q._JOB_LIST, {**jobs, "type": job_type}))
     cases += [
         ("jobs: failed + send_weekly_digest", q._JOB_LIST, {**jobs, "status": "failed", "type": "send_weekly_digest"}),
@@ -549,6 +553,7 @@ def latency_routes(s: Sample) -> list[tuple[str, str, bool]]:
         ("jobs", "/api/v1/jobs"),
         *[(f"jobs status={st}", f"/api/v1/jobs?status={st}") for st in s.job_ids],
         *[(f"jobs type={t}", f"/api/v1/jobs?type={t}") for t in (BRIEF_JOB, EMAIL_JOB, "send_weekly_digest")],
+        (f"jobs type={RETIRED_JOB} (old rows only)", f"/api/v1/jobs?type={RETIRED_JOB}"),
         ("jobs type=no_such_type", "/api/v1/jobs?type=no_such_type"),
         ("jobs status=failed type=sync_calendar", "/api/v1/jobs?status=failed&type=sync_calendar"),
         ("jobs user_id", f"/api/v1/jobs?user_id={user}"),
@@ -664,7 +669,7 @@ def _measure_cold_stats(client: Any, repeat: int) -> dict[str, Any]:
 def load_mix(s: Sample, rng: random.Random) -> Callable[[], tuple[str, str]]:
     """A function giving the next (kind, path) of the mixed API reads, by weight."""
     statuses = list(s.job_ids)
-    types = [BRIEF_JOB, EMAIL_JOB, *OTHER_JOBS]
+    types = [BRIEF_JOB, EMAIL_JOB, *OTHER_JOBS, RETIRED_JOB]
     prefixes = [f.lower()[:k] for f in FIRST[:20] for k in (2, 4)] + ["emma.sm", "li", "4242", "nobody"]
     users = [*s.brief_users, *s.user_ids]
 

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import pytest
 
+from briefs.contract import BRIEF_JOB, EMAIL_JOB
 from briefs.migrate import SQL_DIR, MigrationError, load_migrations, migrate, migrate_url, require_schema
 
 # --------------------------------------------------------------------------- the declared schema (DESIGN §3)
@@ -100,6 +101,9 @@ EXPECTED_INDEXES: dict[tuple[str, str], str] = {
                                            "(ARRAY['completed'::text, 'failed'::text, 'cancelled'::text]))",
     ("queue_jobs", "queue_jobs_user"): "(user_id, job_type) WHERE (user_id IS NOT NULL)",
     ("queue_jobs", "queue_jobs_failed"): "(id) WHERE (status = ANY (ARRAY['failed'::text, 'cancelled'::text]))",
+    # left out: the contract's two job types (renaming one fails here: the index would then cover it)
+    ("queue_jobs", "queue_jobs_other_types"): "(job_type, id) WHERE (job_type <> ALL "
+                                              f"(ARRAY['{BRIEF_JOB}'::text, '{EMAIL_JOB}'::text]))",
     ("users", "users_pkey"): "UNIQUE (id)",
     ("users", "users_email_key"): "UNIQUE (email)",
     ("users", "users_email_prefix"): "(lower(email) text_pattern_ops)",
