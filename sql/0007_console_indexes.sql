@@ -17,9 +17,11 @@ CREATE INDEX IF NOT EXISTS queue_jobs_other_types ON queue_jobs (job_type, id)
     WHERE job_type NOT IN ('generate_daily_brief', 'send_brief_email');
 
 -- User search (/users?query=…): the start of an email or a name, in any case. text_pattern_ops, so
--- `lower(email) LIKE lower('emma.s%')` is a range scan whatever the database's collation.
-CREATE INDEX IF NOT EXISTS users_email_prefix ON users (lower(email) text_pattern_ops);
-CREATE INDEX IF NOT EXISTS users_name_prefix ON users (lower(name) text_pattern_ops);
+-- `left(lower(email), 200) LIKE lower('emma.s%')` is a range scan whatever the database's collation.
+-- The first 200 characters only: a btree entry holds at most 2,704 bytes, and the application that owns
+-- users may write a name of any length (indexing it whole would make such an INSERT fail).
+CREATE INDEX IF NOT EXISTS users_email_prefix ON users (left(lower(email), 200) text_pattern_ops);
+CREATE INDEX IF NOT EXISTS users_name_prefix ON users (left(lower(name), 200) text_pattern_ops);
 
 -- The planner needs the statistics of lower(email) and lower(name) to choose the new indexes (until the
 -- next autovacuum it has none): a sample of the users table, a fraction of a second at 100,000 users.

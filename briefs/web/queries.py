@@ -217,7 +217,10 @@ SELECT {_USER_COLUMNS}
 FROM users u LEFT JOIN brief_preferences p ON p.user_id = u.id
 WHERE (%(after)s::bigint IS NULL OR u.id > %(after)s)
   AND (%(pattern)s::text IS NULL OR u.id = %(id)s
-       OR u.email ILIKE %(pattern)s ESCAPE '\\' OR u.name ILIKE %(pattern)s ESCAPE '\\')
+       OR (left(lower(u.email), 200) LIKE lower(%(head)s) ESCAPE '\\'
+           AND lower(u.email) LIKE lower(%(pattern)s) ESCAPE '\\')
+       OR (left(lower(u.name), 200) LIKE lower(%(head)s) ESCAPE '\\'
+           AND lower(u.name) LIKE lower(%(pattern)s) ESCAPE '\\'))
 ORDER BY u.id
 LIMIT %(limit)s
 """
@@ -231,6 +234,9 @@ LEFT JOIN LATERAL (SELECT brief_date, status, engagement_stage FROM daily_briefs
                    WHERE user_id = u.id ORDER BY brief_date DESC LIMIT 1) b ON true
 WHERE u.id = %(id)s
 """
+
+
+SEARCH_HEAD_CHARS = 150  # of a search, matched through the indexes of the first 200 characters
 
 
 def like_prefix(text: str) -> str:
@@ -257,7 +263,10 @@ async def list_users(
     after = _id_cursor(cursor)
     query = query.strip() if query else None
     wanted = int(query) if query and query.isdigit() and len(query) < 20 and is_bigint(int(query)) else None
-    params = {"after": after, "pattern": like_prefix(query) if query else None, "id": wanted, "limit": limit + 1}
+    # `head`: the pattern of the query's first characters, which the prefix indexes (sql/0007: the first 200
+    # characters of lower(email) and lower(name)) can answer; `pattern` then checks the whole query.
+    params = {"after": after, "pattern": like_prefix(query) if query else None,
+              "head": like_prefix(query[:SEARCH_HEAD_CHARS]) if query else None, "id": wanted, "limit": limit + 1}
     page = _page(await _fetch(db, _USER_LIST, params), limit, "id")
     page.items = [_user(row) for row in page.items]
     return page

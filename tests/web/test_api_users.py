@@ -79,6 +79,20 @@ async def test_list_users_by_id_email_or_name_prefix(client: httpx.AsyncClient, 
     assert len(first["items"]) == 2 and len(rest["items"]) == 1 and rest["next_cursor"] is None
 
 
+async def test_names_and_emails_of_any_length_are_stored_and_found(client: httpx.AsyncClient, data: Data) -> None:
+    """The search indexes hold the first 200 characters (a btree entry is at most 2,704 bytes): a longer
+    name or email, written by the application that owns users, is stored and found by any prefix."""
+    name = "Ä" * 150 + "x" * 5000  # 5,150 characters, over 5 kB in UTF-8
+    email = "l" * 3000 + "@example.com"
+    long_one = await data.user(name, email=email)
+    await data.user("Äaron", email="aaron@example.com")
+    for query in (name[:3].lower(), name[:180], name[:320], email[:250].upper()):
+        body = (await client.get("/api/v1/users", params={"query": query})).json()
+        assert [u["id"] for u in body["items"]] == [long_one], query[:20]
+    body = (await client.get("/api/v1/users", params={"query": name[:150] + "y"})).json()
+    assert body["items"] == []  # the head matches the index, the rest of the query does not
+
+
 async def test_patch_a_user(client: httpx.AsyncClient, data: Data) -> None:
     uid = await data.user("Ada")
     changed = await client.patch(f"/api/v1/users/{uid}", json={"name": "Grace", "timezone": "Asia/Kolkata"})
