@@ -59,7 +59,9 @@ JOB_DURATION = Histogram(
     ["job_type"],
     buckets=(0.005, 0.025, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
 )
-QUEUE_DEPTH = Gauge("briefs_queue_depth", "Jobs per type and status", ["job_type", "status"])
+QUEUE_DEPTH = Gauge(
+    "briefs_queue_depth", "Pending, running, failed and cancelled jobs per type and status", ["job_type", "status"]
+)
 QUEUE_OLDEST_PENDING = Gauge(
     "briefs_queue_oldest_pending_seconds", "Age of the oldest runnable pending job", ["job_type"]
 )

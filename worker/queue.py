@@ -945,11 +945,13 @@ async def stats(conn: Conn) -> list[dict[str, Any]]:
     )
     rows = await _dict_rows(cur)
     for row in rows:
-        row["oldest_pending_age"] = _age(row["oldest_pending_age"])
+        row["oldest_pending_age"] = age_of(row["oldest_pending_age"])
     return rows
 
 
-def _age(seconds: Any) -> timedelta | None:
+def age_of(seconds: Any) -> timedelta | None:
+    """An age in seconds as SQL computes it from epochs: None for NULL or NaN, ``timedelta.max`` for an
+    infinite one (a job due since ``-infinity``), never negative."""
     if seconds is None:
         return None
     value = float(seconds)

@@ -4,10 +4,16 @@ With a million rows in ``queue_jobs`` the counts are not free, and the overview 
 viewer. :class:`StatsCache` is single-flight: concurrent requests share one computation, and a snapshot
 at most :data:`MAX_AGE` seconds old is served as is, so the database's work does not grow with viewers.
 
-Every query but the counts by type and status (:func:`worker.queue.stats`, one pass over the table) is
-index-driven: finished jobs by ``finished_at`` (``queue_jobs_finished``), running ones by lease
-(``queue_jobs_lease``), today's briefs by ``completed_at`` (``daily_briefs_completed``). Instants come
-back as ISO 8601 text; one Python cannot hold (``-infinity``) comes back as PostgreSQL's text.
+Every query on a request's path is index-driven: pending, running, failed and cancelled jobs through
+their partial indexes (``queue_jobs_claim``, ``queue_jobs_lease``, ``queue_jobs_failed``), recently
+finished ones by ``finished_at`` (``queue_jobs_finished``), today's briefs by ``completed_at``
+(``daily_briefs_completed``). The one count that must read the table, completed jobs by type (they are
+most of it), is split (:class:`CompletedCounts`): the jobs completed more than five minutes before a cut
+are counted in one pass at most every :data:`COMPLETED_BASE_MAX_AGE` seconds, in the background after the
+first time; those completed since the cut are counted through the index with every snapshot. A new
+completion therefore shows within a second; an old completed job that is retried or pruned leaves the
+count within 30 s. Instants come back as ISO 8601 text; one Python cannot hold (``-infinity``) comes back
+as PostgreSQL's text.
 """
 
 from __future__ import annotations
@@ -31,10 +37,38 @@ from worker import queue
 log = logging.getLogger(__name__)
 
 MAX_AGE = 1.0  # seconds a snapshot is served before the next request computes a new one
+COMPLETED_BASE_MAX_AGE = 30.0  # seconds the completed jobs counted before the cut are served before a recount
+COMPLETED_CUT_MARGIN = timedelta(minutes=5)  # the cut lies this far before the recount: every completing
+# transaction with a finished_at before the cut has committed by then (they last milliseconds)
+TYPE_CHARS = 200
 CLOSED_HOURS_MAX_AGE = 60.0  # seconds the day chart's finished hours are served before they are counted again
 WORKER_WINDOW = timedelta(minutes=5)
 MAX_WORKERS = 200
 FINISHED = "status IN ('completed', 'failed', 'cancelled')"  # the predicate of queue_jobs_finished
+
+# Live, failed and cancelled jobs: a BitmapOr of the partial indexes (OR, not IN: one arm per index).
+_UNFINISHED = """
+SELECT left(job_type, %(clip)s) AS job_type, status, count(*) AS jobs,
+       extract(epoch FROM now()) - min(extract(epoch FROM run_at))
+           FILTER (WHERE status = 'pending' AND run_at <= now()) AS oldest_pending_age
+FROM queue_jobs
+WHERE status = 'pending' OR status = 'processing' OR status = 'failed' OR status = 'cancelled'
+GROUP BY 1, 2
+"""
+
+# Completed jobs before the cut (a pass over the table, see CompletedCounts), and since (the index).
+_COMPLETED_BEFORE = """
+SELECT left(job_type, %(clip)s) AS job_type, count(*) AS jobs
+FROM queue_jobs
+WHERE status = 'completed' AND (finished_at > %(cut)s) IS NOT TRUE
+GROUP BY 1
+"""
+_COMPLETED_SINCE = f"""
+SELECT left(job_type, %(clip)s) AS job_type, count(*) AS jobs
+FROM queue_jobs
+WHERE {FINISHED} AND status = 'completed' AND finished_at > %(cut)s
+GROUP BY 1
+"""
 
 _SERIES = f"""
 SELECT date_trunc(%(unit)s, finished_at, 'UTC') AS bucket,
@@ -233,14 +267,17 @@ async def compute(db: Database, now: datetime | None = None) -> dict[str, Any]:
 
 
 async def compute_with_hours(
-    db: Database, now: datetime | None = None, hours: ClosedHours | None = None
+    db: Database, now: datetime | None = None, hours: ClosedHours | None = None,
+    completed: CompletedCounts | None = None,
 ) -> tuple[dict[str, Any], ClosedHours]:
     """:func:`compute`, given the day chart's closed hours counted before (``hours``: recounted when the
-    hour changed or they are too old), and those it used."""
+    hour changed or they are too old) and the completed jobs' base count (``completed``), and the hours
+    it used."""
     started = time.perf_counter()
+    completed = completed or CompletedCounts(db)
     async with db.raw() as conn:
         now = now or await _db_now(conn)
-        counts = _counts(await queue.stats(conn))
+        counts = _counts(await _unfinished(conn) + await completed.rows(conn))
         hours = await _closed_hours(conn, now.replace(minute=0, second=0, microsecond=0), hours)
         throughput = await _throughput(conn, now, hours)
         durations = await _durations(conn, now)
@@ -259,6 +296,60 @@ async def compute_with_hours(
         "llm": _jsonable(llm),
         "compute_s": round(time.perf_counter() - started, 4),
     }, hours
+
+
+async def _unfinished(conn: Any) -> list[dict[str, Any]]:
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(_UNFINISHED, {"clip": TYPE_CHARS})
+        rows = [dict(row) for row in await cur.fetchall()]
+    for row in rows:
+        row["oldest_pending_age"] = queue.age_of(row["oldest_pending_age"])
+    return rows
+
+
+@dataclass
+class _Base:
+    cut: datetime
+    by_type: dict[str, int]
+    at: float
+
+
+class CompletedCounts:
+    """Completed jobs by type: a base counted in one pass (jobs completed up to a cut five minutes before
+    the count), recounted in the background when older than :data:`COMPLETED_BASE_MAX_AGE`, plus the jobs
+    completed since the cut, counted through ``queue_jobs_finished`` each time."""
+
+    def __init__(self, db: Database, max_age: float = COMPLETED_BASE_MAX_AGE) -> None:
+        self.db = db
+        self.max_age = max_age
+        self.recounts = 0
+        self._base: _Base | None = None
+        self._recount: asyncio.Task[None] | None = None
+
+    async def rows(self, conn: Any) -> list[dict[str, Any]]:
+        """Rows shaped like :func:`worker.queue.stats`'s, status ``completed``."""
+        if self._base is None:
+            await self._count_base()
+        elif time.monotonic() - self._base.at > self.max_age and (self._recount is None or self._recount.done()):
+            self._recount = asyncio.ensure_future(self._count_base())
+            self._recount.add_done_callback(_retrieve)
+        base = self._base
+        assert base is not None
+        totals = dict(base.by_type)
+        async with conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(_COMPLETED_SINCE, {"clip": TYPE_CHARS, "cut": base.cut})
+            for row in await cur.fetchall():
+                totals[row["job_type"]] = totals.get(row["job_type"], 0) + int(row["jobs"])
+        return [{"job_type": t, "status": "completed", "jobs": n, "oldest_pending_age": None}
+                for t, n in sorted(totals.items())]
+
+    async def _count_base(self) -> None:
+        async with self.db.raw() as conn, conn.cursor(row_factory=dict_row) as cur:
+            cut = await _db_now(conn) - COMPLETED_CUT_MARGIN
+            await cur.execute(_COMPLETED_BEFORE, {"clip": TYPE_CHARS, "cut": cut})
+            by_type = {row["job_type"]: int(row["jobs"]) for row in await cur.fetchall()}
+        self._base = _Base(cut, by_type, time.monotonic())
+        self.recounts += 1
 
 
 def _jsonable(value: Any) -> Any:
@@ -285,6 +376,7 @@ class StatsCache:
         self._at = -math.inf
         self._flight: asyncio.Future[dict[str, Any]] | None = None
         self._hours: ClosedHours | None = None
+        self.completed = CompletedCounts(db)
 
     async def get(self) -> dict[str, Any]:
         if self._snapshot is not None and time.monotonic() - self._at <= self.max_age:
@@ -297,7 +389,7 @@ class StatsCache:
 
     async def _compute(self) -> dict[str, Any]:
         try:
-            snapshot, self._hours = await compute_with_hours(self.db, hours=self._hours)
+            snapshot, self._hours = await compute_with_hours(self.db, hours=self._hours, completed=self.completed)
             self.computations += 1
             self._snapshot, self._at = snapshot, time.monotonic()
             return snapshot

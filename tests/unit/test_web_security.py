@@ -80,7 +80,8 @@ async def test_every_response_carries_the_security_headers() -> None:
         return PlainTextResponse("hello")
 
     async def framed(request: object) -> Response:
-        return PlainTextResponse("mail", headers={"content-security-policy": "sandbox", "x-frame-options": "SAMEORIGIN"})
+        own = {"content-security-policy": "sandbox", "x-frame-options": "SAMEORIGIN"}
+        return PlainTextResponse("mail", headers=own)
 
     app = SecurityHeaders(Starlette(routes=[Route("/", page), Route("/framed", framed)]))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:

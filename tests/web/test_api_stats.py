@@ -10,6 +10,7 @@ import httpx
 
 from briefs.db import Database
 from briefs.web.stats import StatsCache
+from tests.polling import wait_for_async
 from tests.web.conftest import Data
 
 
@@ -57,3 +58,30 @@ async def test_a_request_that_goes_away_does_not_cancel_the_others(db: Database)
     leaving.cancel()
     snapshot = await staying
     assert snapshot["jobs"]["total"] == 0 and cache.computations == 1
+
+
+async def test_completed_counts_see_new_completions_at_once_and_old_changes_at_the_recount(
+    db: Database, data: Data
+) -> None:
+    """Completed jobs are most of the table: counted in one pass up to a cut (recounted every 30 s), plus
+    those completed since the cut through the index, so a completion shows in the next snapshot."""
+    now = datetime.now(UTC)
+    old = await data.job("a", status="completed", finished_at=now - timedelta(hours=2))
+    await data.job("a", status="completed", finished_at=now - timedelta(seconds=5))
+    await data.job("a", status="completed", finished_at=None)  # hostile: completed without an instant
+    cache = StatsCache(db, max_age=0.0)
+    assert (await cache.get())["jobs"]["by_status"]["completed"] == 3
+    await data.job("a", status="completed", finished_at=now)
+    await data.job("b", status="completed", finished_at=now)
+    snapshot = await cache.get()
+    assert snapshot["jobs"]["by_type"] == {"a": {"completed": 4}, "b": {"completed": 1}}
+    assert cache.completed.recounts == 1  # the new ones came from the index, not a second pass
+    async with db.raw() as conn:  # an old completed job retried: pending now
+        await conn.execute("UPDATE queue_jobs SET status = 'pending', finished_at = NULL WHERE id = %s", (old,))
+    cache.completed.max_age = 0.0  # the next snapshot starts a recount in the background, served after it
+
+    async def counts() -> tuple[int, int]:
+        by_status = (await cache.get())["jobs"]["by_status"]
+        return by_status["completed"], by_status["pending"]
+
+    await wait_for_async(counts, what="the recount", accept=lambda found: found == (4, 1))
