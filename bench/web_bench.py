@@ -348,18 +348,19 @@ def _explain_cases(now: datetime) -> list[tuple[str, str, dict[str, Any]]]:
     from briefs.web import queries as q
     from briefs.web import stats as st
     from scheduler import report
-    from worker import queue
 
     hour = now.replace(minute=0, second=0, microsecond=0)
-    minute = now.replace(second=0, microsecond=0)
+    cut = (now - st.CUT_MARGIN).replace(second=0, microsecond=0)
     jobs = {"before": None, "status": None, "type": None, "user": None, "limit": 51}
     users = {"after": None, "pattern": None, "id": None, "limit": 51}
     cases: list[tuple[str, str, dict[str, Any]]] = [
-        ("stats: queue.stats (counts by type, status)", _stats_sql(queue), {"clip": queue.MAX_JOB_TYPE_CHARS}),
-        ("stats: series per minute", st._SERIES, {"unit": "minute", "since": minute - timedelta(minutes=59),
-                                                   "now": now}),
-        ("stats: series per hour", st._SERIES, {"unit": "hour", "since": hour - timedelta(hours=23), "now": now}),
-        ("stats: durations last hour", st._DURATIONS, {"since": now - timedelta(hours=1), "now": now}),
+        ("stats live: pending and running by type", st._UNFINISHED, {"clip": st.TYPE_CHARS}),
+        ("stats live: finished since the cut", st._FINISHED_SINCE, {"clip": st.TYPE_CHARS, "cut": cut, "now": now}),
+        ("stats base: finished up to the cut (the one pass)", st._FINISHED_BEFORE, {"clip": st.TYPE_CHARS, "cut": cut}),
+        ("stats base: series per minute", st._SERIES, {"unit": "minute", "since": cut - timedelta(minutes=61),
+                                                       "cut": cut}),
+        ("stats base: series per hour", st._SERIES, {"unit": "hour", "since": hour - timedelta(hours=24), "cut": cut}),
+        ("stats base: durations last hour", st._DURATIONS, {"since": now - timedelta(hours=1), "now": now}),
         ("stats: workers", st._WORKERS, {"since": now - st.WORKER_WINDOW}),
         ("stats: tokens today", st._TOKENS, {"since": now.replace(hour=0, minute=0), "now": now}),
         ("stats: llm health", service._LLM_HEALTH_SQL, {"since": now - service.LLM_WINDOW, "now": now}),
@@ -392,13 +393,6 @@ def _explain_cases(now: datetime) -> list[tuple[str, str, dict[str, Any]]]:
         ("brief: sections", q._SECTIONS, {"brief": 1000, "limit": q.SECTIONS_MAX}),
     ]
     return cases
-
-
-def _stats_sql(queue: Any) -> str:
-    import inspect
-
-    source = inspect.getsource(queue.stats)
-    return source.split('"""SELECT', 1)[1].split('""",', 1)[0].join(["SELECT", ""])
 
 
 def _gauges_sql(health: Any) -> str:

@@ -27,6 +27,7 @@ from briefs.settings import Settings
 from briefs.terminal import one_line
 from briefs.web.app import close_app, create_app
 from briefs.web.security import AdminAuth
+from briefs.web.stats import for_app
 from scheduler.daemon import SchedulerDaemon, health_max_age
 from worker.handlers import build_handlers
 from worker.runner import Handler, Worker, WorkerStats
@@ -174,6 +175,7 @@ class WebService:
         self.auth = web_auth(settings, host)
         self.sock = _bind(host, port)
         self.host, self.port = host, self.sock.getsockname()[1]
+        self.db = db
         self.app = create_app(db, settings, self.auth)
         config = uvicorn.Config(
             self.app, log_config=None, access_log=False, lifespan="off", server_header=False,
@@ -193,6 +195,7 @@ class WebService:
         return f"console: {self.url}/  (log in with BRIEFS_ADMIN_TOKEN)"
 
     async def run(self) -> None:
+        for_app(self.app, self.db).base.warm()  # the overview's one pass over the queue, before anyone asks
         try:
             await self.server.serve(sockets=[self.sock])
         finally:

@@ -125,9 +125,14 @@ def _json(column: str, name: str) -> str:
     return f"CASE WHEN octet_length({column}::text) <= {JSON_MAX} THEN {column}::text END AS {name}"
 
 
-async def _fetch(db: Database, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+async def _fetch(
+    db: Database, sql: str, params: dict[str, Any], *, prepare: bool | None = None
+) -> list[dict[str, Any]]:
+    """Rows as dicts. ``prepare=False`` plans every execution for its own parameters: a statement psycopg
+    prepares (its fifth execution) may get PostgreSQL's generic plan, which cannot use a LIKE prefix index
+    for a pattern it does not know (the user search then read the table: 95 ms instead of 2 ms)."""
     async with db.raw() as conn, conn.cursor(row_factory=dict_row) as cur:
-        await cur.execute(sql, params)
+        await cur.execute(sql, params, prepare=prepare)
         rows = await cur.fetchall()
     return [merge_instants(dict(row)) for row in rows]
 
@@ -267,7 +272,7 @@ async def list_users(
     # characters of lower(email) and lower(name)) can answer; `pattern` then checks the whole query.
     params = {"after": after, "pattern": like_prefix(query) if query else None,
               "head": like_prefix(query[:SEARCH_HEAD_CHARS]) if query else None, "id": wanted, "limit": limit + 1}
-    page = _page(await _fetch(db, _USER_LIST, params), limit, "id")
+    page = _page(await _fetch(db, _USER_LIST, params, prepare=False if query else None), limit, "id")
     page.items = [_user(row) for row in page.items]
     return page
 

@@ -1,19 +1,23 @@
 """The overview's numbers (``GET /api/v1/stats``): one snapshot, computed at most about once a second.
 
-With a million rows in ``queue_jobs`` the counts are not free, and the overview polls every second per
-viewer. :class:`StatsCache` is single-flight: concurrent requests share one computation, and a snapshot
-at most :data:`MAX_AGE` seconds old is served as is, so the database's work does not grow with viewers.
+The overview polls every second per viewer, so :class:`StatsCache` is single-flight: concurrent
+requests share one computation, and a snapshot at most :data:`MAX_AGE` seconds old is served as is.
 
-Every query on a request's path is index-driven: pending, running, failed and cancelled jobs through
-their partial indexes (``queue_jobs_claim``, ``queue_jobs_lease``, ``queue_jobs_failed``), recently
-finished ones by ``finished_at`` (``queue_jobs_finished``), today's briefs by ``completed_at``
-(``daily_briefs_completed``). The one count that must read the table, completed jobs by type (they are
-most of it), is split (:class:`CompletedCounts`): the jobs completed more than five minutes before a cut
-are counted in one pass at most every :data:`COMPLETED_BASE_MAX_AGE` seconds, in the background after the
-first time; those completed since the cut are counted through the index with every snapshot. A new
-completion therefore shows within a second; an old completed job that is retried or pruned leaves the
-count within 30 s. Instants come back as ISO 8601 text; one Python cannot hold (``-infinity``) comes back
-as PostgreSQL's text.
+A snapshot is two parts, so that none of its queries reads the table on a request's path:
+
+* **the base** (:class:`Base`), counted in the background at most every :data:`BASE_MAX_AGE` seconds (the
+  first one inline): finished jobs by type and status up to a *cut* five minutes back (completed jobs are
+  most of the table: this is the one pass over it), the per-minute and per-hour series up to the cut,
+  the last hour's wait and run time percentiles, today's tokens;
+* **the live part**, counted with every snapshot through indexes: pending and running jobs (their
+  partial indexes), the jobs finished since the cut (``queue_jobs_finished``), by type, status and
+  minute, the workers seen, the tick log, the LLM's health.
+
+Counts and series are the base plus what finished since its cut, so a job that completes shows in the
+next snapshot. Every transaction that writes a ``finished_at`` before the cut has committed when the
+base is counted (they last milliseconds; the cut is five minutes back), so nothing is counted twice or
+missed; an old finished job that is retried or pruned leaves the counts at the next base. Instants come
+back as ISO 8601 text; one Python cannot hold (``-infinity``) comes back as PostgreSQL's text.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -37,37 +42,42 @@ from worker import queue
 log = logging.getLogger(__name__)
 
 MAX_AGE = 1.0  # seconds a snapshot is served before the next request computes a new one
-COMPLETED_BASE_MAX_AGE = 30.0  # seconds the completed jobs counted before the cut are served before a recount
-COMPLETED_CUT_MARGIN = timedelta(minutes=5)  # the cut lies this far before the recount: every completing
-# transaction with a finished_at before the cut has committed by then (they last milliseconds)
-TYPE_CHARS = 200
-CLOSED_HOURS_MAX_AGE = 60.0  # seconds the day chart's finished hours are served before they are counted again
+BASE_MAX_AGE = 15.0  # seconds a base is used before a recount starts (in the background)
+CUT_MARGIN = timedelta(minutes=5)  # how far before the base's count its cut lies
 WORKER_WINDOW = timedelta(minutes=5)
 MAX_WORKERS = 200
+TYPE_CHARS = 200
 FINISHED = "status IN ('completed', 'failed', 'cancelled')"  # the predicate of queue_jobs_finished
+KINDS = ("completed", "failed", "cancelled")
+_MINUTE, _HOUR = timedelta(minutes=1), timedelta(hours=1)
 
-# Live, failed and cancelled jobs: a BitmapOr of the partial indexes (OR, not IN: one arm per index).
+# Pending and running jobs: a BitmapOr of their partial indexes (OR, not IN: one arm per index).
 _UNFINISHED = """
 SELECT left(job_type, %(clip)s) AS job_type, status, count(*) AS jobs,
        extract(epoch FROM now()) - min(extract(epoch FROM run_at))
            FILTER (WHERE status = 'pending' AND run_at <= now()) AS oldest_pending_age
 FROM queue_jobs
-WHERE status = 'pending' OR status = 'processing' OR status = 'failed' OR status = 'cancelled'
+WHERE status = 'pending' OR status = 'processing'
 GROUP BY 1, 2
 """
 
-# Completed jobs before the cut (a pass over the table, see CompletedCounts), and since (the index).
-_COMPLETED_BEFORE = """
-SELECT left(job_type, %(clip)s) AS job_type, count(*) AS jobs
+# The base's finished jobs: every one not finished after the cut (a NULL finished_at included).
+_FINISHED_BEFORE = f"""
+SELECT left(job_type, %(clip)s) AS job_type, status, count(*) AS jobs
 FROM queue_jobs
-WHERE status = 'completed' AND (finished_at > %(cut)s) IS NOT TRUE
-GROUP BY 1
+WHERE {FINISHED} AND (finished_at > %(cut)s) IS NOT TRUE
+GROUP BY 1, 2
 """
-_COMPLETED_SINCE = f"""
-SELECT left(job_type, %(clip)s) AS job_type, count(*) AS jobs
+
+# The live part's finished jobs: since the cut, through queue_jobs_finished; a finished_at after now
+# (hostile: 'infinity') is counted but in no minute.
+_FINISHED_SINCE = f"""
+SELECT left(job_type, %(clip)s) AS job_type, status,
+       CASE WHEN finished_at <= %(now)s THEN date_trunc('minute', finished_at, 'UTC') END AS minute,
+       count(*) AS jobs
 FROM queue_jobs
-WHERE {FINISHED} AND status = 'completed' AND finished_at > %(cut)s
-GROUP BY 1
+WHERE {FINISHED} AND finished_at > %(cut)s
+GROUP BY 1, 2, 3
 """
 
 _SERIES = f"""
@@ -76,7 +86,7 @@ SELECT date_trunc(%(unit)s, finished_at, 'UTC') AS bucket,
        count(*) FILTER (WHERE status = 'failed') AS failed,
        count(*) FILTER (WHERE status = 'cancelled') AS cancelled
 FROM queue_jobs
-WHERE {FINISHED} AND finished_at >= %(since)s AND finished_at <= %(now)s
+WHERE {FINISHED} AND finished_at >= %(since)s AND finished_at <= %(cut)s
 GROUP BY 1
 """
 
@@ -109,6 +119,8 @@ FROM daily_briefs
 WHERE completed_at >= %(since)s AND completed_at <= %(now)s
 """
 
+Buckets = dict[datetime, dict[str, int]]  # bucket start -> {"completed": n, "failed": n, "cancelled": n}
+
 
 def iso(value: Any) -> Any:
     if isinstance(value, datetime):
@@ -133,17 +145,122 @@ def _finite(value: Any) -> float | None:
     return round(number, 3) if math.isfinite(number) else None
 
 
+def _floor(at: datetime, step: timedelta) -> datetime:
+    return at.replace(second=0, microsecond=0) if step == _MINUTE else at.replace(minute=0, second=0, microsecond=0)
+
+
+async def _rows(conn: Any, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(sql, params)
+        return [dict(row) for row in await cur.fetchall()]
+
+
+async def _db_now(conn: Any) -> datetime:
+    """The database's clock (the one the queue's instants are written with)."""
+    [row] = await _rows(conn, "SELECT now() AS now", {})
+    now: datetime = row["now"]
+    return now.astimezone(UTC)
+
+
+# --------------------------------------------------------------------------- the base
+
+
+@dataclass(frozen=True)
+class Base:
+    """What is counted at most every :data:`BASE_MAX_AGE` seconds (see the module docstring)."""
+
+    cut: datetime  # a minute boundary, CUT_MARGIN before the count
+    finished: dict[tuple[str, str], int]  # (job type, status) -> jobs finished up to the cut
+    minutes: Buckets  # per minute, the hour before the cut
+    hours: Buckets  # per hour, the day before the cut
+    durations: dict[str, Any]  # the last hour's, at the count
+    tokens: dict[str, Any]  # today's, at the count
+    at: float  # time.monotonic() of the count
+
+
+def _buckets_of(rows: Iterable[dict[str, Any]]) -> Buckets:
+    return {row["bucket"]: {k: int(row[k]) for k in KINDS} for row in rows if isinstance(row["bucket"], datetime)}
+
+
+async def count_base(db: Database) -> Base:
+    """Count a base: one pass over the finished jobs, the series up to the cut, durations and tokens."""
+    async with db.raw() as conn:
+        # One core: in parallel the pass took both, and every request waited for the CPU meanwhile.
+        await conn.execute("SET LOCAL max_parallel_workers_per_gather = 0")
+        now = await _db_now(conn)
+        cut = _floor(now - CUT_MARGIN, _MINUTE)
+        finished = {(row["job_type"], row["status"]): int(row["jobs"])
+                    for row in await _rows(conn, _FINISHED_BEFORE, {"clip": TYPE_CHARS, "cut": cut})}
+        minutes = await _rows(conn, _SERIES, {"unit": "minute", "since": cut - 61 * _MINUTE, "cut": cut})
+        hours = await _rows(conn, _SERIES, {"unit": "hour", "since": _floor(now, _HOUR) - 24 * _HOUR, "cut": cut})
+        durations = await _durations(conn, now)
+        tokens = await _tokens(conn, now)
+    return Base(cut, finished, _buckets_of(minutes), _buckets_of(hours), durations, tokens, time.monotonic())
+
+
+def _percentiles(values: Any) -> dict[str, float | None]:
+    p50, p95 = (values or [None, None])[:2] if isinstance(values, list) else (None, None)
+    return {"p50_s": _finite(p50), "p95_s": _finite(p95)}
+
+
+async def _durations(conn: Any, now: datetime) -> dict[str, Any]:
+    [row] = await _rows(conn, _DURATIONS, {"since": now - _HOUR, "now": now})
+    return {"jobs": int(row["jobs"]), "wait": _percentiles(row["wait"]), "run": _percentiles(row["run"])}
+
+
+async def _tokens(conn: Any, now: datetime) -> dict[str, Any]:
+    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    [row] = await _rows(conn, _TOKENS, {"since": midnight, "now": now})
+    prompt, completion = int(row["prompt_tokens"]), int(row["completion_tokens"])
+    return {"since": midnight.isoformat(), "briefs": int(row["briefs"]), "prompt_tokens": prompt,
+            "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class BaseCounts:
+    """The current base: counted inline the first time, then recounted in the background when older than
+    ``max_age`` (the stale one is used meanwhile: a request never waits for the pass over the table)."""
+
+    def __init__(self, db: Database, max_age: float = BASE_MAX_AGE) -> None:
+        self.db = db
+        self.max_age = max_age
+        self.recounts = 0
+        self._base: Base | None = None
+        self._recount: asyncio.Task[None] | None = None
+
+    async def get(self) -> Base:
+        if self._base is None:
+            await asyncio.shield(self.warm())  # the first: every request waits for the same count
+        elif time.monotonic() - self._base.at > self.max_age:
+            self.warm()
+        assert self._base is not None
+        return self._base
+
+    def warm(self) -> asyncio.Task[None]:
+        """Start a count unless one is running (the web service starts one as it starts); return it."""
+        if self._recount is None or self._recount.done():
+            self._recount = asyncio.ensure_future(self._count())
+            self._recount.add_done_callback(_retrieve)
+        return self._recount
+
+    async def _count(self) -> None:
+        self._base = await count_base(self.db)
+        self.recounts += 1
+
+
+# --------------------------------------------------------------------------- the live part
+
+
 def _counts(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Jobs by status, by type (each with its statuses) and the oldest runnable pending job's age, from
-    :func:`worker.queue.stats` (a job due since ``-infinity`` is overdue without a finite age)."""
-    by_status = dict.fromkeys(("pending", "processing", *queue.FINISHED), 0)
+    """Jobs by status, by type (each with its statuses) and the oldest runnable pending job's age
+    (a job due since ``-infinity`` is overdue without a finite age)."""
+    by_status = dict.fromkeys(("pending", "processing", *KINDS), 0)
     by_type: dict[str, dict[str, int]] = {}
     oldest: timedelta | None = None
     for row in rows:
         status, jobs = str(row["status"]), int(row["jobs"])
         by_status[status] = by_status.get(status, 0) + jobs
         by_type.setdefault(str(row["job_type"]), {})[status] = jobs
-        age = row["oldest_pending_age"]
+        age = row.get("oldest_pending_age")
         if isinstance(age, timedelta) and (oldest is None or age > oldest):
             oldest = age
     infinite = oldest == timedelta.max
@@ -156,91 +273,55 @@ def _counts(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _buckets(rows: list[dict[str, Any]], start: datetime, step: timedelta, n: int) -> list[dict[str, Any]]:
-    """``n`` buckets of ``step`` from ``start``, zeros where nothing finished."""
-    found = {row["bucket"]: row for row in rows if isinstance(row["bucket"], datetime)}
-    series = []
-    for i in range(n):
-        at = start + i * step
-        row = found.get(at, {})
-        series.append({"at": at.isoformat(), **{k: int(row.get(k, 0)) for k in ("completed", "failed", "cancelled")}})
-    return series
+async def _unfinished(conn: Any) -> list[dict[str, Any]]:
+    rows = await _rows(conn, _UNFINISHED, {"clip": TYPE_CHARS})
+    for row in rows:
+        row["oldest_pending_age"] = queue.age_of(row["oldest_pending_age"])
+    return rows
 
 
-@dataclass
-class ClosedHours:
-    """The day chart's finished hours (``[hour - 23 h, hour)``): a full day of rows to count, so counted at
-    most every :data:`CLOSED_HOURS_MAX_AGE` seconds; the current hour comes from the per-minute counts."""
-
-    hour: datetime
-    buckets: list[dict[str, Any]]
-    at: float
-
-
-async def _closed_hours(conn: Any, hour: datetime, known: ClosedHours | None) -> ClosedHours:
-    if known is not None and known.hour == hour and time.monotonic() - known.at <= CLOSED_HOURS_MAX_AGE:
-        return known
-    since = hour - timedelta(hours=23)
-    async with conn.cursor(row_factory=dict_row) as cur:
-        await cur.execute(_SERIES, {"unit": "hour", "since": since, "now": hour - timedelta(microseconds=1)})
-        buckets = _buckets(await cur.fetchall(), since, timedelta(hours=1), 23)
-    return ClosedHours(hour, buckets, time.monotonic())
+def _merge_finished(base: Base, since: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], Buckets, Buckets]:
+    """The base's finished counts and series plus those since its cut: (count rows, minutes, hours)."""
+    totals = dict(base.finished)
+    minutes: Buckets = {at: dict(kinds) for at, kinds in base.minutes.items()}
+    hours: Buckets = {at: dict(kinds) for at, kinds in base.hours.items()}
+    for row in since:
+        key, jobs, status = (row["job_type"], row["status"]), int(row["jobs"]), row["status"]
+        totals[key] = totals.get(key, 0) + jobs
+        minute = row["minute"]
+        if isinstance(minute, datetime) and status in KINDS:
+            for series, at in ((minutes, minute), (hours, _floor(minute, _HOUR))):
+                series.setdefault(at, dict.fromkeys(KINDS, 0))[status] += jobs
+    rows = [{"job_type": t, "status": s, "jobs": n} for (t, s), n in sorted(totals.items())]
+    return rows, minutes, hours
 
 
-def _current_hour(minutes: list[dict[str, Any]], hour: datetime) -> dict[str, Any]:
-    """The current hour's bucket, summed from the per-minute buckets (the last 60 minutes cover it)."""
-    mine = [m for m in minutes if datetime.fromisoformat(m["at"]) >= hour]
-    return {"at": hour.isoformat(), **{k: sum(m[k] for m in mine) for k in ("completed", "failed", "cancelled")}}
+def _series(found: Buckets, end: datetime, step: timedelta, n: int) -> list[dict[str, Any]]:
+    """``n`` buckets of ``step`` ending with the one holding ``end``, zeros where nothing finished."""
+    start = _floor(end, step) - (n - 1) * step
+    zero = dict.fromkeys(KINDS, 0)
+    return [{"at": (start + i * step).isoformat(), **found.get(start + i * step, zero)} for i in range(n)]
 
 
-async def _throughput(conn: Any, now: datetime, hours: ClosedHours) -> dict[str, Any]:
-    minute = now.replace(second=0, microsecond=0)
-    async with conn.cursor(row_factory=dict_row) as cur:
-        await cur.execute(_SERIES, {"unit": "minute", "since": minute - timedelta(minutes=59), "now": now})
-        minutes = _buckets(await cur.fetchall(), minute - timedelta(minutes=59), timedelta(minutes=1), 60)
-    completed = sum(m["completed"] for m in minutes)
-    failed = sum(m["failed"] for m in minutes)
+def _throughput(minutes: Buckets, hours: Buckets, now: datetime) -> dict[str, Any]:
+    per_minute = _series(minutes, now, _MINUTE, 60)
+    completed = sum(m["completed"] for m in per_minute)
+    failed = sum(m["failed"] for m in per_minute)
     return {
         "completed_per_minute": round(completed / 60, 3),
         "failed_per_minute": round(failed / 60, 3),
         "completed_last_hour": completed,
         "failed_last_hour": failed,
         "success_rate_last_hour": round(completed / (completed + failed), 4) if completed + failed else None,
-        "per_minute": minutes,
-        "per_hour": [*hours.buckets, _current_hour(minutes, hours.hour)],
+        "per_minute": per_minute,
+        "per_hour": _series(hours, now, _HOUR, 24),
     }
 
 
-def _percentiles(values: Any) -> dict[str, float | None]:
-    p50, p95 = (values or [None, None])[:2] if isinstance(values, list) else (None, None)
-    return {"p50_s": _finite(p50), "p95_s": _finite(p95)}
-
-
-async def _durations(conn: Any, now: datetime) -> dict[str, Any]:
-    async with conn.cursor(row_factory=dict_row) as cur:
-        await cur.execute(_DURATIONS, {"since": now - timedelta(hours=1), "now": now})
-        row = await cur.fetchone()
-    assert row is not None
-    return {"jobs": int(row["jobs"]), "wait": _percentiles(row["wait"]), "run": _percentiles(row["run"])}
-
-
 async def _workers(conn: Any, now: datetime) -> list[dict[str, Any]]:
-    async with conn.cursor(row_factory=dict_row) as cur:
-        await cur.execute(_WORKERS, {"since": now - WORKER_WINDOW})
-        rows = await cur.fetchall()
+    rows = await _rows(conn, _WORKERS, {"since": now - WORKER_WINDOW})
     return [{"id": row["id"], "running": int(row["running"]), "last_seen": epoch_iso(row["last_seen"])}
             for row in rows]
-
-
-async def _tokens(conn: Any, now: datetime) -> dict[str, Any]:
-    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
-    async with conn.cursor(row_factory=dict_row) as cur:
-        await cur.execute(_TOKENS, {"since": midnight, "now": now})
-        row = await cur.fetchone()
-    assert row is not None
-    prompt, completion = int(row["prompt_tokens"]), int(row["completion_tokens"])
-    return {"since": midnight.isoformat(), "briefs": int(row["briefs"]), "prompt_tokens": prompt,
-            "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def _scheduler(ticks: list[dict[str, Any]]) -> dict[str, Any]:
@@ -250,106 +331,31 @@ def _scheduler(ticks: list[dict[str, Any]]) -> dict[str, Any]:
     return {"last_tick": every, "last_user_tick": one}
 
 
-async def _db_now(conn: Any) -> datetime:
-    """The database's clock (the one the queue's instants are written with)."""
-    async with conn.cursor(row_factory=dict_row) as cur:
-        await cur.execute("SELECT now() AS now")
-        row = await cur.fetchone()
-    assert row is not None
-    now: datetime = row["now"]
-    return now.astimezone(UTC)
-
-
-async def compute(db: Database, now: datetime | None = None) -> dict[str, Any]:
-    """One snapshot of everything the overview shows (see the module docstring)."""
-    snapshot, _ = await compute_with_hours(db, now)
-    return snapshot
-
-
-async def compute_with_hours(
-    db: Database, now: datetime | None = None, hours: ClosedHours | None = None,
-    completed: CompletedCounts | None = None,
-) -> tuple[dict[str, Any], ClosedHours]:
-    """:func:`compute`, given the day chart's closed hours counted before (``hours``: recounted when the
-    hour changed or they are too old) and the completed jobs' base count (``completed``), and the hours
-    it used."""
+async def compute(db: Database, base: Base | None = None) -> dict[str, Any]:
+    """One snapshot of everything the overview shows (see the module docstring); ``base`` defaults to
+    one counted now."""
     started = time.perf_counter()
-    completed = completed or CompletedCounts(db)
+    base = base or await count_base(db)
     async with db.raw() as conn:
-        now = now or await _db_now(conn)
-        counts = _counts(await _unfinished(conn) + await completed.rows(conn))
-        hours = await _closed_hours(conn, now.replace(minute=0, second=0, microsecond=0), hours)
-        throughput = await _throughput(conn, now, hours)
-        durations = await _durations(conn, now)
+        now = await _db_now(conn)
+        unfinished = await _unfinished(conn)
+        since = await _rows(conn, _FINISHED_SINCE, {"clip": TYPE_CHARS, "cut": base.cut, "now": now})
         workers = await _workers(conn, now)
-        tokens = await _tokens(conn, now)
         ticks = await recent_ticks(conn, 50)
+    finished, minutes, hours = _merge_finished(base, since)
     llm = await llm_health(db, now)
-    llm["tokens_today"] = tokens
+    llm["tokens_today"] = base.tokens
     return {
         "generated_at": now.isoformat(),
-        "jobs": counts,
-        "throughput": throughput,
-        "durations_last_hour": durations,
+        "jobs": _counts(unfinished + finished),
+        "throughput": _throughput(minutes, hours, now),
+        "durations_last_hour": base.durations,
         "workers": workers,
         "scheduler": _scheduler(ticks),
         "llm": _jsonable(llm),
+        "base_counted_at_cut": base.cut.isoformat(),
         "compute_s": round(time.perf_counter() - started, 4),
-    }, hours
-
-
-async def _unfinished(conn: Any) -> list[dict[str, Any]]:
-    async with conn.cursor(row_factory=dict_row) as cur:
-        await cur.execute(_UNFINISHED, {"clip": TYPE_CHARS})
-        rows = [dict(row) for row in await cur.fetchall()]
-    for row in rows:
-        row["oldest_pending_age"] = queue.age_of(row["oldest_pending_age"])
-    return rows
-
-
-@dataclass
-class _Base:
-    cut: datetime
-    by_type: dict[str, int]
-    at: float
-
-
-class CompletedCounts:
-    """Completed jobs by type: a base counted in one pass (jobs completed up to a cut five minutes before
-    the count), recounted in the background when older than :data:`COMPLETED_BASE_MAX_AGE`, plus the jobs
-    completed since the cut, counted through ``queue_jobs_finished`` each time."""
-
-    def __init__(self, db: Database, max_age: float = COMPLETED_BASE_MAX_AGE) -> None:
-        self.db = db
-        self.max_age = max_age
-        self.recounts = 0
-        self._base: _Base | None = None
-        self._recount: asyncio.Task[None] | None = None
-
-    async def rows(self, conn: Any) -> list[dict[str, Any]]:
-        """Rows shaped like :func:`worker.queue.stats`'s, status ``completed``."""
-        if self._base is None:
-            await self._count_base()
-        elif time.monotonic() - self._base.at > self.max_age and (self._recount is None or self._recount.done()):
-            self._recount = asyncio.ensure_future(self._count_base())
-            self._recount.add_done_callback(_retrieve)
-        base = self._base
-        assert base is not None
-        totals = dict(base.by_type)
-        async with conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute(_COMPLETED_SINCE, {"clip": TYPE_CHARS, "cut": base.cut})
-            for row in await cur.fetchall():
-                totals[row["job_type"]] = totals.get(row["job_type"], 0) + int(row["jobs"])
-        return [{"job_type": t, "status": "completed", "jobs": n, "oldest_pending_age": None}
-                for t, n in sorted(totals.items())]
-
-    async def _count_base(self) -> None:
-        async with self.db.raw() as conn, conn.cursor(row_factory=dict_row) as cur:
-            cut = await _db_now(conn) - COMPLETED_CUT_MARGIN
-            await cur.execute(_COMPLETED_BEFORE, {"clip": TYPE_CHARS, "cut": cut})
-            by_type = {row["job_type"]: int(row["jobs"]) for row in await cur.fetchall()}
-        self._base = _Base(cut, by_type, time.monotonic())
-        self.recounts += 1
+    }
 
 
 def _jsonable(value: Any) -> Any:
@@ -372,11 +378,10 @@ class StatsCache:
         self.db = db
         self.max_age = max_age
         self.computations = 0  # how many snapshots were computed (tests and the curious)
+        self.base = BaseCounts(db)
         self._snapshot: dict[str, Any] | None = None
         self._at = -math.inf
         self._flight: asyncio.Future[dict[str, Any]] | None = None
-        self._hours: ClosedHours | None = None
-        self.completed = CompletedCounts(db)
 
     async def get(self) -> dict[str, Any]:
         if self._snapshot is not None and time.monotonic() - self._at <= self.max_age:
@@ -389,7 +394,7 @@ class StatsCache:
 
     async def _compute(self) -> dict[str, Any]:
         try:
-            snapshot, self._hours = await compute_with_hours(self.db, hours=self._hours, completed=self.completed)
+            snapshot = await compute(self.db, await self.base.get())
             self.computations += 1
             self._snapshot, self._at = snapshot, time.monotonic()
             return snapshot

@@ -60,11 +60,11 @@ async def test_a_request_that_goes_away_does_not_cancel_the_others(db: Database)
     assert snapshot["jobs"]["total"] == 0 and cache.computations == 1
 
 
-async def test_completed_counts_see_new_completions_at_once_and_old_changes_at_the_recount(
+async def test_finished_counts_see_new_jobs_at_once_and_old_changes_at_the_recount(
     db: Database, data: Data
 ) -> None:
-    """Completed jobs are most of the table: counted in one pass up to a cut (recounted every 30 s), plus
-    those completed since the cut through the index, so a completion shows in the next snapshot."""
+    """Finished jobs are most of the table: counted in one pass up to a cut (recounted in the background),
+    plus those finished since the cut through the index, so a completion shows in the next snapshot."""
     now = datetime.now(UTC)
     old = await data.job("a", status="completed", finished_at=now - timedelta(hours=2))
     await data.job("a", status="completed", finished_at=now - timedelta(seconds=5))
@@ -75,13 +75,35 @@ async def test_completed_counts_see_new_completions_at_once_and_old_changes_at_t
     await data.job("b", status="completed", finished_at=now)
     snapshot = await cache.get()
     assert snapshot["jobs"]["by_type"] == {"a": {"completed": 4}, "b": {"completed": 1}}
-    assert cache.completed.recounts == 1  # the new ones came from the index, not a second pass
+    assert cache.base.recounts == 1  # the new ones came from the index, not a second pass
     async with db.raw() as conn:  # an old completed job retried: pending now
         await conn.execute("UPDATE queue_jobs SET status = 'pending', finished_at = NULL WHERE id = %s", (old,))
-    cache.completed.max_age = 0.0  # the next snapshot starts a recount in the background, served after it
+    cache.base.max_age = 0.0  # the next snapshot starts a recount in the background, served after it
 
     async def counts() -> tuple[int, int]:
         by_status = (await cache.get())["jobs"]["by_status"]
         return by_status["completed"], by_status["pending"]
 
     await wait_for_async(counts, what="the recount", accept=lambda found: found == (4, 1))
+
+
+async def test_series_join_the_base_and_what_finished_since_its_cut(db: Database, data: Data) -> None:
+    """A job finished ten minutes ago is in the base (the cut is five minutes back), one finished now is
+    not: both are in the counts and in their minute and hour, once; a hostile instant is in no minute."""
+    now = datetime.now(UTC)
+    await data.job("a", status="completed", finished_at=now - timedelta(minutes=10))
+    await data.job("a", status="failed", finished_at=now - timedelta(minutes=10))
+    await data.job("a", status="completed", finished_at=now)
+    await data.job("a", status="completed", finished_at="infinity")
+    await data.job("a", status="cancelled", finished_at=now - timedelta(days=3))  # counted, outside the charts
+    snapshot = await StatsCache(db).get()
+    assert snapshot["jobs"]["by_status"] == {
+        "pending": 0, "processing": 0, "completed": 3, "failed": 1, "cancelled": 1}
+    minutes = {m["at"]: m for m in snapshot["throughput"]["per_minute"] if m["completed"] or m["failed"]}
+    ten_ago = (now - timedelta(minutes=10)).replace(second=0, microsecond=0).isoformat()
+    this_one = now.replace(second=0, microsecond=0).isoformat()
+    assert minutes == {ten_ago: {"at": ten_ago, "completed": 1, "failed": 1, "cancelled": 0},
+                       this_one: {"at": this_one, "completed": 1, "failed": 0, "cancelled": 0}}
+    hours = snapshot["throughput"]["per_hour"]
+    assert sum(h["completed"] for h in hours) == 2 and sum(h["failed"] for h in hours) == 1
+    assert sum(h["cancelled"] for h in hours) == 0
