@@ -172,6 +172,7 @@ class WebService:
     essential = True
 
     def __init__(self, db: Database, settings: Settings, *, host: str, port: int) -> None:
+        label_job_types()  # its /metrics labels the queue gauges by the application's job types too
         self.auth = web_auth(settings, host)
         self.sock = _bind(host, port)
         self.host, self.port = host, self.sock.getsockname()[1]

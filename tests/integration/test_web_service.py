@@ -13,11 +13,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 from pydantic import SecretStr
 
 from briefs import unsubscribe
 from briefs.app.services import WebService, web_auth
+from briefs.contract import BRIEF_JOB
 from briefs.db import ConfigError, Database
 from briefs.settings import Settings
 from briefs.web.app import create_app
@@ -73,6 +75,10 @@ def test_briefs_web_serves_the_console_and_stops_cleanly(database_url: str) -> N
             client.get(f"/login?token={token}")
             assert "briefs_session" in client.cookies
             assert client.get("/").status_code == 200
+            with psycopg.connect(database_url, autocommit=True) as conn:
+                conn.execute("INSERT INTO queue_jobs (job_type) VALUES (%s)", (BRIEF_JOB,))
+            metrics = client.get("/metrics").text  # the job types are labelled by name in this process too
+            assert f'briefs_queue_depth{{job_type="{BRIEF_JOB}",status="pending"}} 1.0' in metrics
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:
