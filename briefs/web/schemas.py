@@ -78,46 +78,35 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class UserCreate(_Body):
+class _UserFields(_Body):
+    """The checks of a user's fields, for creating and for changing one (an explicit null is refused)."""
+
+    @field_validator("name", mode="before", check_fields=False)
+    @classmethod
+    def _name(cls, value: Any) -> Any:
+        return check_name(value)
+
+    @field_validator("email", mode="before", check_fields=False)
+    @classmethod
+    def _email(cls, value: Any) -> Any:
+        return check_email(value)
+
+    @field_validator("timezone", mode="before", check_fields=False)
+    @classmethod
+    def _timezone(cls, value: Any) -> Any:
+        return check_timezone(value)
+
+
+class UserCreate(_UserFields):
     name: str = Field(description=f"1 to {NAME_MAX} printable characters")
     email: str = Field(description="one address (email-validator's rules, no DNS lookup)")
     timezone: str = Field("UTC", description="an IANA tz database name, e.g. Europe/Paris (case-sensitive)")
 
-    @field_validator("name", mode="before")
-    @classmethod
-    def _name(cls, value: Any) -> Any:
-        return check_name(value)  # an explicit null is refused too
 
-    @field_validator("email", mode="before")
-    @classmethod
-    def _email(cls, value: Any) -> Any:
-        return check_email(value)  # an explicit null is refused too
-
-    @field_validator("timezone", mode="before")
-    @classmethod
-    def _timezone(cls, value: Any) -> Any:
-        return check_timezone(value)  # an explicit null is refused too
-
-
-class UserPatch(_Body):
+class UserPatch(_UserFields):
     name: str | None = Field(None, description=f"1 to {NAME_MAX} printable characters")
     email: str | None = Field(None, description="one address")
     timezone: str | None = Field(None, description="an IANA tz database name")
-
-    @field_validator("name", mode="before")
-    @classmethod
-    def _name(cls, value: Any) -> Any:
-        return check_name(value)  # an explicit null is refused too
-
-    @field_validator("email", mode="before")
-    @classmethod
-    def _email(cls, value: Any) -> Any:
-        return check_email(value)  # an explicit null is refused too
-
-    @field_validator("timezone", mode="before")
-    @classmethod
-    def _timezone(cls, value: Any) -> Any:
-        return check_timezone(value)  # an explicit null is refused too
 
 
 class PreferencePut(_Body):
