@@ -34,8 +34,6 @@ from scheduler.plan import MAX_UPCOMING_DAYS, Preference, upcoming
 
 router = APIRouter(tags=["users"], responses=problems(401, 403, 422))
 
-RECONCILED = ("moved", "cancelled", "enqueued", "skipped", "skipped_locked", "briefs_failed")
-
 
 async def user_or_404(request: Request, user_id: int) -> dict[str, Any]:
     user = await queries.get_user(web(request).db, user_id)
@@ -112,14 +110,10 @@ async def patch_user(request: Request, user_id: int, body: UserPatch) -> dict[st
         raise Problem(404, f"no user with id {user_id}")
     reconciled = None
     if "timezone" in given:
-        reconciled = _reconciled((await web(request).after_preference_change(user_id)).to_dict())
+        reconciled = await web(request).after_preference_change(user_id)
     user = await user_or_404(request, user_id)
     user["reconciliation"] = reconciled
     return user
-
-
-def _reconciled(report: dict[str, Any]) -> dict[str, Any]:
-    return {key: report.get(key) for key in RECONCILED}
 
 
 _UPSERT = """
@@ -142,9 +136,9 @@ async def put_preference(request: Request, user_id: int, body: PreferencePut) ->
             await conn.execute(_UPSERT, params)
     except psycopg.errors.ForeignKeyViolation:
         raise Problem(404, f"no user with id {user_id}") from None
-    report = await web(request).after_preference_change(user_id)
+    reconciled = await web(request).after_preference_change(user_id)
     user = await user_or_404(request, user_id)
-    return {"preference": user["preference"], "reconciliation": _reconciled(report.to_dict())}
+    return {"preference": user["preference"], "reconciliation": reconciled}
 
 
 @router.get("/users/{user_id}/schedule", summary="A user's coming briefs: local and UTC times, and what DST "

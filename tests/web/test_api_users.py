@@ -4,10 +4,13 @@ preference that reconciles pending jobs at once, and the schedule with what DST 
 from __future__ import annotations
 
 from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
 
 import httpx
+import pytest
 
 from briefs.contract import MAX_TIMEZONE_CHARS
+from briefs.web import state
 from scheduler.plan import GAP_SHIFTED, Preference, upcoming
 from tests.web.conftest import Data, problem
 
@@ -208,3 +211,20 @@ async def test_the_schedule_without_a_usable_preference(client: httpx.AsyncClien
     problem(await client.get(f"/api/v1/users/{none}/schedule", params={"days": 367}), 422)
     problem(await client.get(f"/api/v1/users/{none}/schedule", params={"days": 0}), 422)
     problem(await client.get("/api/v1/users/77777/schedule"), 404)
+
+
+async def test_a_preference_is_saved_even_when_reconciling_it_fails(
+    client: httpx.AsyncClient, data: Data, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The change is committed before the one-user tick runs: a tick that fails is reported, not a 500,
+    and the scheduler's next tick reconciles (it reads the saved preference)."""
+    async def failing_tick(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("the tick failed")
+
+    monkeypatch.setattr(state, "run_tick", failing_tick)
+    uid = await data.user()
+    done = await client.put(f"/api/v1/users/{uid}/preference", json={"frequency": "daily", "time_of_day": "09:15"})
+    assert done.status_code == 200, done.text
+    reconciliation = done.json()["reconciliation"]
+    assert reconciliation == {"error": "not reconciled now (RuntimeError); the scheduler's next tick will"}
+    assert (await client.get(f"/api/v1/users/{uid}")).json()["preference"]["time_of_day"] == "09:15:00"
