@@ -36,6 +36,8 @@ def _schema_name(schema: dict[str, Any] | None) -> str:
         return ""
     if "$ref" in schema:
         return str(schema["$ref"]).rsplit("/", 1)[-1]
+    if schema.get("type") == "object" and "title" in schema:  # a model written inline (ProblemDetails)
+        return str(schema["title"])
     if "anyOf" in schema:
         return " | ".join(_schema_name(s) for s in schema["anyOf"])
     if schema.get("type") == "array":
@@ -44,6 +46,15 @@ def _schema_name(schema: dict[str, Any] | None) -> str:
     if "enum" in schema:
         kind += " (" + ", ".join(str(v) for v in schema["enum"]) + ")"
     return kind
+
+
+def _response_type(response: dict[str, Any]) -> str:
+    """The body of a response: its media type when not JSON (problem+json, HTML), and its schema."""
+    content = response.get("content", {})
+    for media, spec in content.items():
+        name = _schema_name(spec.get("schema"))
+        return name if media == "application/json" else f"{media}: {name}" if name else media
+    return ""
 
 
 def _operation(path: str, method: str, op: dict[str, Any]) -> dict[str, Any]:
@@ -58,8 +69,7 @@ def _operation(path: str, method: str, op: dict[str, Any]) -> dict[str, Any]:
                         "type": _schema_name(p.get("schema")), "description": p.get("description", "")}
                        for p in op.get("parameters", [])],
         "body": _schema_name(body) if body else None,
-        "responses": [{"status": code, "description": r.get("description", ""),
-                       "type": _schema_name(r.get("content", {}).get("application/json", {}).get("schema"))}
+        "responses": [{"status": code, "description": r.get("description", ""), "type": _response_type(r)}
                       for code, r in op.get("responses", {}).items()],
     }
 

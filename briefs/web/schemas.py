@@ -294,4 +294,11 @@ _PROBLEM_WHEN = {
 
 def problems(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` for the problems a route may answer with."""
-    return {code: {"model": ProblemDetails, "description": _PROBLEM_WHEN.get(code, "a problem")} for code in codes}
+    schema = ProblemDetails.model_json_schema()
+    return {
+        code: {
+            "description": _PROBLEM_WHEN.get(code, "a problem"),
+            "content": {"application/problem+json": {"schema": schema}},  # the media type the API sends
+        }
+        for code in codes
+    }

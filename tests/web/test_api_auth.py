@@ -45,6 +45,10 @@ async def test_the_openapi_document_lists_every_path(anon: httpx.AsyncClient) ->
     for path, methods in expected.items():
         assert set(paths[path]) == methods, path
         assert all(paths[path][m].get("summary") for m in methods), path
+    # Problems are documented with the media type they are sent with, and only that one.
+    missing = paths["/api/v1/jobs/{job_id}"]["get"]["responses"]["404"]["content"]
+    assert list(missing) == ["application/problem+json"]
+    assert set(missing["application/problem+json"]["schema"]["properties"]) >= {"type", "title", "status", "detail"}
 
 
 async def test_the_docs_page_is_behind_the_login_and_lists_paths_and_problem_types(
@@ -57,3 +61,4 @@ async def test_the_docs_page_is_behind_the_login_and_lists_paths_and_problem_typ
     html = page.text
     assert "/api/v1/users/{user_id}/schedule" in html and 'id="problem-validation"' in html
     assert 'id="problem-conflict"' in html and "<script>" not in html and "style=" not in html
+    assert "application/problem+json: ProblemDetails" in html
