@@ -28,7 +28,7 @@ from uuid import UUID
 
 import psycopg
 from psycopg.pq import Format
-from psycopg.rows import class_row
+from psycopg.rows import class_row, dict_row
 from psycopg.types.json import set_json_loads
 
 from briefs.backoff import job_retry
@@ -250,6 +250,30 @@ ON CONFLICT DO NOTHING
 RETURNING id, dedup_key
 """
 
+# The insert and its NOTIFY in one statement: one round trip, one commit. ``woke`` calls pg_notify
+# once, and only when a row went in (a deduplicated job wakes nobody); the cross join with its one
+# row of count makes the statement run it (a CTE nobody reads is never run).
+_ENQUEUE_AND_NOTIFY = f"""
+WITH ins AS ({_ENQUEUE}),
+woke AS MATERIALIZED (SELECT pg_notify(%s, '') FROM (SELECT FROM ins WHERE %s LIMIT 1) one)
+SELECT ins.id, ins.dedup_key FROM ins CROSS JOIN (SELECT count(*) FROM woke) w
+"""
+
+
+# One job: plain parameters rather than arrays (cheaper to send and to plan); its NOTIFY in the same
+# statement, once per row inserted: none when the job was deduplicated.
+_ENQUEUE_ONE = """
+WITH ins AS (
+    INSERT INTO queue_jobs (job_type, payload, priority, run_at, max_attempts, dedup_key, user_id, notify_at)
+    VALUES (%(job_type)s::text, %(payload)s::jsonb, %(priority)s::smallint,
+            coalesce(%(run_at)s::timestamptz, now()), %(max_attempts)s::int, %(dedup_key)s::text,
+            %(user_id)s::bigint, %(notify_at)s::timestamptz)
+    ON CONFLICT DO NOTHING
+    RETURNING id
+)
+SELECT id, pg_notify(%(channel)s, '') FROM ins
+"""
+
 
 def _int_in(value: Any, low: int, high: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
@@ -322,7 +346,8 @@ async def enqueue_many(
     a job that fails :func:`check_job` (a payload over ``max_payload_bytes``, pass
     ``settings.max_payload_bytes``; not a JSON object; a field out of range) is not
     inserted, never truncated; it is logged and listed in the result's ``rejected``,
-    and the other jobs go in. One NOTIFY wakes idle workers when the transaction commits.
+    and the other jobs go in. One NOTIFY, sent by the same statement when a job went in,
+    wakes idle workers when the transaction commits.
     """
     result = EnqueueResult()
     if not jobs:
@@ -333,7 +358,7 @@ async def enqueue_many(
         result.extend(ids)
         return result
     cur = await conn.execute(
-        _ENQUEUE,
+        _ENQUEUE_AND_NOTIFY,
         (
             [j.job_type for j, _ in accepted],
             [p for _, p in accepted],
@@ -343,6 +368,7 @@ async def enqueue_many(
             [j.dedup_key for j, _ in accepted],
             [j.user_id for j, _ in accepted],
             [j.notify_at for j, _ in accepted],
+            NOTIFY_CHANNEL, notify,
         ),
     )
     rows = await cur.fetchall()
@@ -354,8 +380,6 @@ async def enqueue_many(
         else:
             ids[index] = by_key.pop(job.dedup_key, None)  # pop: a batch duplicate gets None
     result.extend(ids)
-    if notify and rows:
-        await conn.execute("SELECT pg_notify(%s, '')", (NOTIFY_CHANNEL,))
     return result
 
 
@@ -382,12 +406,24 @@ def _accept(
 async def enqueue(
     conn: Conn, job: NewJob, *, default_max_attempts: int = 5, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
 ) -> int | None:
-    """Insert one job; the new id, or None when deduplicated. Raises :class:`JobRejected` for a bad job."""
-    result = await enqueue_many(conn, [job], default_max_attempts=default_max_attempts,
-                                max_payload_bytes=max_payload_bytes)
-    if result.rejected:
-        raise JobRejected(result.rejected[0].reason)
-    return result[0]
+    """Insert one job; the new id, or None when deduplicated. Raises :class:`JobRejected` for a bad job.
+
+    One statement (the insert and its NOTIFY): on an autocommit connection, one round trip and one commit.
+    """
+    try:
+        payload = check_job(job, max_payload_bytes=max_payload_bytes)
+    except JobRejected as exc:
+        log.warning("refused to enqueue job 1 of 1: %s", exc)
+        raise
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(
+        _ENQUEUE_ONE,
+        {"job_type": job.job_type, "payload": payload, "priority": job.priority, "run_at": job.run_at,
+         "max_attempts": job.max_attempts or default_max_attempts, "dedup_key": job.dedup_key,
+         "user_id": job.user_id, "notify_at": job.notify_at, "channel": NOTIFY_CHANNEL},
+    )
+    row = await cur.fetchone()
+    return None if row is None else int(row["id"])
 
 
 # --------------------------------------------------------------------------- claim and lease
@@ -703,6 +739,42 @@ async def next_runnable_in(conn: Executor, horizon: datetime | None = None) -> f
         return None
     (seconds,) = row
     return None if seconds is None else float(seconds)
+
+
+# The earliest pending job not runnable yet: the claim index leads with priority, so a plain
+# min(run_at) would read every pending row. A loose index scan instead: each priority in use
+# (one index probe per priority, skipping from one to the next), then the first future run_at
+# within it (one probe each). Times are the database's: the delay is computed against its now().
+_NEXT_DUE = """
+WITH RECURSIVE p AS (
+    (SELECT priority FROM queue_jobs WHERE status = 'pending' ORDER BY priority LIMIT 1)
+    UNION ALL
+    SELECT (SELECT q.priority FROM queue_jobs q WHERE q.status = 'pending' AND q.priority > p.priority
+            ORDER BY q.priority LIMIT 1)
+    FROM p WHERE p.priority IS NOT NULL
+)
+SELECT (extract(epoch FROM min(n.run_at)) - extract(epoch FROM now()))::float8 AS seconds
+FROM p CROSS JOIN LATERAL (
+    SELECT q.run_at FROM queue_jobs q
+    WHERE q.status = 'pending' AND q.priority = p.priority AND q.run_at > now()
+    ORDER BY q.run_at LIMIT 1) n
+"""
+
+
+async def next_due_in(conn: Executor) -> float | None:
+    """Seconds (> 0, maybe ``inf``) until the earliest pending job that is not runnable yet, or None.
+
+    What an idle worker sets its timer by, so a job scheduled for T starts at T rather than at
+    the next poll. Index probes only (a few per priority in use), whatever the number of pending jobs.
+    """
+    cur = await conn.execute(_NEXT_DUE)
+    row = await cur.fetchone()
+    if row is None:
+        return None
+    (seconds,) = row
+    if seconds is None or math.isnan(seconds):
+        return None
+    return max(float(seconds), 0.0)
 
 
 # --------------------------------------------------------------------------- finish

@@ -6,6 +6,10 @@ One :class:`Worker` runs up to ``concurrency`` jobs at once. Its pieces:
   slot as soon as one frees (no batch barrier); it sleeps on LISTEN/NOTIFY with a
   polling fallback, and marks ``stats.last_cycle`` at least every poll interval
   (the health check reads it);
+- with slots free and nothing runnable, a timer wakes the claim loop when the next
+  job scheduled ahead comes due (``run_at``, asked of the database after every claim
+  that left slots free, so a NOTIFY of an earlier job re-arms it): a job scheduled
+  for T starts at T, not at the next poll;
 - each job runs as its own task under a timeout that really cancels it (a watchdog
   scans the running jobs, so a job costs no timer of its own);
 - successes are written in batches by the :class:`~worker.completer.Completer`,
@@ -144,6 +148,7 @@ class Worker:
         self._running: dict[UUID, _Running] = {}
         self._kick = asyncio.Event()  # the claim loop has something to look at
         self._wake = True  # runnable jobs may be waiting (a NOTIFY, a rescue, the poll)
+        self._due_at: float | None = None  # loop time at which the next job scheduled ahead is due
         self._stopping = asyncio.Event()
         self._aborting = False
         self._retry_horizon: datetime | None = None  # latest retry this worker scheduled (burst waits for it)
@@ -239,6 +244,7 @@ class Worker:
             free = self.concurrency - len(self._running)
             if free > 0 and self._wake:
                 self._wake = False  # a NOTIFY during the claim sets it again
+                self._due_at = None  # the claim takes what is due; a claim that leaves slots free re-arms
                 try:
                     jobs = await self._claim(free)
                 except BaseException as exc:
@@ -262,13 +268,40 @@ class Worker:
                     if await self._burst_finished():
                         return
                     continue
-            # Wait for a free slot, a wake-up or the poll interval, whichever comes first.
+                if not self.burst:
+                    await self._arm_timer()
+            # Wait for a free slot, a wake-up, the next job due or the poll interval, whichever comes first.
             self._kick.clear()
             if self._wake and len(self._running) < self.concurrency:
                 continue  # a NOTIFY arrived while the claim was in flight
-            kicked = await self._wait_kick(self.settings.poll_interval)
+            kicked = await self._wait_kick(self._wait_timeout())
             if not kicked or self.burst:
                 self._wake = True
+
+    async def _arm_timer(self) -> None:
+        """Set the timer to the next job scheduled ahead (its delay computed by the database, on its clock).
+
+        Left unset when nothing is due within the poll interval, or when asking fails: the poll
+        and the NOTIFY still wake the claim loop.
+        """
+        try:
+            conn = await self._claim_conn.cursor()
+            due_in = await queue.next_due_in(conn)
+        except Exception as exc:
+            if is_connection_error(exc):
+                await self._claim_conn.close()
+            level = logging.WARNING if retryable(exc) else logging.ERROR
+            log.log(level, "could not read when the next job is due (%s); polling", first_line(exc))
+            return
+        if due_in is not None and due_in < self.settings.poll_interval:
+            self._due_at = asyncio.get_running_loop().time() + due_in
+
+    def _wait_timeout(self) -> float:
+        """How long the claim loop may sleep: the poll interval, or less when a job is due sooner and a slot is free."""
+        due_at = self._due_at
+        if due_at is None or len(self._running) >= self.concurrency:
+            return self.settings.poll_interval
+        return min(self.settings.poll_interval, max(due_at - asyncio.get_running_loop().time(), 0.0))
 
     async def _claim(self, free: int) -> queue.Claimed | None:
         """Claim up to ``free`` jobs; the completions waiting ride along (one statement, one commit).
