@@ -102,6 +102,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import importlib
 import logging
 import math
 import time as time_mod
@@ -143,6 +144,10 @@ SOURCE = "scheduler"  # payload["source"] of the jobs this module makes (the onl
 _MIN_ID = -(2**63)
 _LIVE_FIRST = {"pending": 0, "processing": 1, "completed": 2}
 USER_LOCK_TIMEOUT = 10.0  # seconds a one-user tick waits for a running tick to release the lock
+_MICROSECOND = timedelta(microseconds=1)
+# An indexed tick plans at most this many users (an id list of a few MB); when more are due (every next_due_at
+# was just set NULL: the migration, a new tz database) it scans every preference instead, as a full scan does.
+INDEXED_MAX_USERS = 100_000
 _WARN_SKIPS = 10  # per tick, the first users skipped for bad data are logged as warnings, the rest at debug
 
 _Row = TypeVar("_Row")
@@ -249,13 +254,15 @@ class _Due:
 class _Planner:
     """Plans for one tick, memoised per schedule (timezone, frequency, weekday, time)."""
 
-    def __init__(self, now: datetime, settings: Settings) -> None:
+    def __init__(self, now: datetime, settings: Settings, *, track: bool = False) -> None:
         self.now = now
         self.lookahead = timedelta(seconds=settings.lookahead)
         self.catch_up = timedelta(seconds=settings.catch_up)
         self.buffer = timedelta(seconds=settings.generation_buffer)
         self.cache: dict[_ScheduleKey, list[Occurrence] | Exception] = {}
         self.next_cache: dict[_ScheduleKey, dict[str, Any]] = {}
+        self.after_cache: dict[tuple[_ScheduleKey, datetime], datetime | None] = {}
+        self.track = track  # work out each planned user's next_due_at (a real tick; a dry run writes nothing)
         self.warned = 0
 
     def plan(self, key: _Schedule, user_id: int) -> list[Occurrence] | Exception:
@@ -299,6 +306,29 @@ class _Planner:
                 day, instant = nxt
                 found = {"brief_date": day, "notify_at": instant, "run_at": max(self.now, instant - self.buffer)}
             self.next_cache[key] = found
+        return found
+
+    def next_due_at(self, key: _ScheduleKey, user_id: int, occurrences: Sequence[Occurrence] = ()) -> datetime | None:
+        """A planned user's next_due_at: its first occurrence after the ones just planned (``occurrences``).
+
+        After the last occurrence planned for its instant; a catch-up's own instant has passed, and no other
+        occurrence lies between it and now (it would have been planned too), so with only catch-ups (or
+        nothing) planned it is the first occurrence at or after now. None (plan me at every tick) when there
+        is none: dates past year 9999.
+        """
+        ahead = [occ.notify_at for occ in occurrences if not occ.catch_up]
+        after = max(ahead) + _MICROSECOND if ahead else self.now
+        memo = (key, after)
+        if memo in self.after_cache:
+            return self.after_cache[memo]
+        tz, frequency, day_of_week, at = key
+        assert tz is not None and at is not None, "a planned schedule has a timezone and a time of day"
+        try:
+            nxt = next_occurrence(Preference(user_id, tz, frequency, day_of_week, at), after)
+        except (ValueError, OverflowError):
+            nxt = None
+        found = None if nxt is None else nxt[1]
+        self.after_cache[memo] = found
         return found
 
     def skip_bad(self, report: TickReport, user_id: int, reason: str) -> None:
@@ -396,7 +426,17 @@ def _instant(column: str) -> str:
 # Postgres, not in Python) comes back NULL, and the last visit comes back as epoch seconds (a float8: 'infinity'
 # and BC dates decode, and the per-row check in Python costs less than a timestamptz decode). NULLs make the
 # schedule key one the planner never caches, so these rows always take the checked path.
-_PAGE = """
+# Every page statement first stores the next_due_at values of the page before (see _Writer): no statement of its
+# own for them. Only where the row is still the version the tick planned (its xmin): a change committed since
+# (a trigger set next_due_at NULL) is never overwritten with a value planned from the old preference.
+_WRITE = """
+UPDATE brief_preferences p SET next_due_at = w.next_due_at
+FROM unnest(%(w_user)s::bigint[], %(w_due)s::timestamptz[], %(w_version)s::bigint[]) AS w(user_id, next_due_at, version)
+WHERE p.user_id = w.user_id AND p.xmin::text::bigint = w.version
+"""
+_WITH_WRITE = f"WITH written AS ({_WRITE.strip()})"
+
+_PAGE = _WITH_WRITE + f"""
 SELECT p.user_id,
        CASE WHEN octet_length(u.timezone) <= 255 THEN u.timezone END AS timezone,
        p.frequency, p.day_of_week,
@@ -404,7 +444,9 @@ SELECT p.user_id,
        p.email_enabled,
        date_part('epoch', u.last_visit_at) AS last_visit_epoch,
        CASE WHEN octet_length(u.timezone) > 255 THEN length(u.timezone) || ' ' || left(u.timezone, 40) END
-         AS long_timezone
+         AS long_timezone,
+       {_instant("p.next_due_at")} AS next_due_at,
+       p.xmin::text::bigint AS version
 FROM brief_preferences p
 JOIN users u ON u.id = p.user_id
 WHERE p.is_active AND p.user_id > %(after)s
@@ -417,6 +459,38 @@ LIMIT %(page)s
 # periodic tick's plan never carries an "is the filter NULL" condition.
 _PAGE_USER = _PAGE.replace("ORDER BY p.user_id", "  AND p.user_id = %(user)s\nORDER BY p.user_id")
 assert _PAGE_USER != _PAGE
+# An indexed tick's page: the preferences of a list of users (due, or with pending jobs), by primary key.
+_PAGE_IDS = _PAGE.replace(
+    "WHERE p.is_active AND p.user_id > %(after)s\n"
+    "  AND u.id > %(after)s  -- redundant, but lets the merge join start both index scans at the page (not at id 1)",
+    "WHERE p.is_active AND p.user_id = ANY(%(ids)s)",
+)
+assert _PAGE_IDS != _PAGE
+
+# An indexed tick's selection: the active preferences due before the end of the lookahead or unknown (NULL), by
+# the partial index brief_preferences_next_due. First it compares the tz database version the stored values were
+# computed with to the tick's: when it differs (or none is stored) it stores the tick's, sets every next_due_at
+# NULL, selects every active preference (the statement's own reads do not see its UPDATE) and returns a row
+# with a NULL user_id to say so. The one-time filters (EXISTS on stamp) keep both at no cost otherwise.
+_STAMP = """
+WITH stamp AS (
+    INSERT INTO scheduler_tzdata (version)
+    SELECT %(version)s WHERE NOT EXISTS (SELECT FROM scheduler_tzdata WHERE version = %(version)s)
+    ON CONFLICT (only_row) DO UPDATE SET version = EXCLUDED.version, changed_at = now()
+    RETURNING version
+), reset AS (
+    UPDATE brief_preferences SET next_due_at = NULL WHERE next_due_at IS NOT NULL AND EXISTS (SELECT FROM stamp)
+)"""
+_DUE = _STAMP + """
+SELECT NULL::bigint AS user_id FROM stamp
+UNION ALL
+(SELECT p.user_id FROM brief_preferences p
+ WHERE p.is_active AND (p.next_due_at IS NULL OR p.next_due_at < %(until)s) LIMIT %(cap)s)
+UNION ALL
+(SELECT p.user_id FROM brief_preferences p WHERE p.is_active AND EXISTS (SELECT FROM stamp) LIMIT %(cap)s)
+"""
+# A full scan that writes: the same version check, alone (it plans every preference anyway).
+_RESET = _STAMP + "\nSELECT count(*) AS changed FROM stamp\n"
 
 
 class _PageRow(NamedTuple):
@@ -430,6 +504,8 @@ class _PageRow(NamedTuple):
     email_enabled: bool
     last_visit_epoch: float | None
     long_timezone: str | None  # "<length> <first 40 characters>" of a timezone over 255 bytes, else NULL
+    next_due_at: datetime | None  # the stored next_due_at (NULL: unknown, or outside the instants Python holds)
+    version: int  # the row's xmin: the version of the preference planned (see _WRITE)
 
 
 # Scheduler-made jobs say so in their payload; hand-made ones are never moved or cancelled.
@@ -481,8 +557,9 @@ class _LiveJob(NamedTuple):
 # Briefs left 'processing' whose latest brief job (by the dedup key contract) ended failed or cancelled:
 # no job will finish them. Rows a running generator holds (FOR SHARE while it saves) are skipped.
 # The partial index daily_briefs_processing keeps this to the few processing rows.
-_ORPHANED_BRIEFS = f"""
-WITH stale AS (
+# It also stores the last page's next_due_at values (see _WRITE).
+_ORPHANED_BRIEFS = _WITH_WRITE + f""",
+stale AS (
     SELECT b.id, j.id AS job_id, j.status AS job_status, j.last_error
     FROM daily_briefs b
     JOIN LATERAL (
@@ -533,6 +610,7 @@ async def run_tick(
     dry_run: bool = False,
     detailed: bool | None = None,
     user_id: int | None = None,
+    full_scan: bool = False,
 ) -> TickReport:
     """Run one tick at the instant ``now`` (aware); see the module docstring.
 
@@ -540,6 +618,8 @@ async def run_tick(
     (``deduplicated_users``, ``not_due`` with the next due time), at the cost of planning every user.
     ``user_id``: a one-user tick (after a change to that user's preference): the same tick for that user
     alone, which waits up to :data:`USER_LOCK_TIMEOUT` seconds for a running tick to finish.
+    ``full_scan``: read every active preference instead of the due ones (``next_due_at``); always so for a
+    dry run and a detailed report. It does the same and writes the same.
     """
     if now.tzinfo is None or now.utcoffset() is None:
         raise ValueError("run_tick needs an aware datetime for now")
@@ -557,7 +637,7 @@ async def run_tick(
                 report.skipped_locked = True
                 log.info("%s skipped: another scheduler holds the lock", _what(report))
             else:
-                await _tick(conn, settings, now, report)
+                await _tick(conn, settings, now, report, full_scan or dry_run or report.detailed)
         finally:
             report.queries = conn.count
             if dry_run and not raw.closed:
@@ -600,33 +680,138 @@ async def _wait_lock(conn: _Counted, timeout: float) -> bool:
     return True
 
 
-async def _tick(conn: _Counted, settings: Settings, now: datetime, report: TickReport) -> None:
-    planner = _Planner(now, settings)
+async def _tick(conn: _Counted, settings: Settings, now: datetime, report: TickReport, full_scan: bool) -> None:
+    planner = _Planner(now, settings, track=not report.dry_run)
+    writer = _Writer()
     user_id = report.user_id
     pending = await _load_pending(conn, user_id)
+    ids = None
+    if user_id is None and not full_scan:
+        ids = await _select(conn, planner, pending)
+    elif user_id is None and not report.dry_run:
+        await _check_tzdata(conn)
+    if ids is None:
+        await _scan_pages(conn, settings, planner, pending, report, writer)
+    else:
+        await _id_pages(conn, settings, planner, ids, pending, report, writer)
+    # Pending scheduler jobs of users no page visited: their preference is inactive or gone.
+    leftovers = [_Change(job, True, "preference inactive or removed") for jobs in pending.values() for job in jobs]
+    await _apply(conn, leftovers, report)
+    if user_id is None:  # the sweep is for every user: the periodic tick's
+        await _fail_orphaned_briefs(conn, now, report, writer)
+    elif writer.users:
+        await conn.execute(_WRITE, writer.take())
+    if not report.dry_run and (report.enqueued or report.moved):
+        await conn.execute("SELECT pg_notify(%s, '')", (queue.NOTIFY_CHANNEL,))
+
+
+async def _scan_pages(
+    conn: _Counted,
+    settings: Settings,
+    planner: _Planner,
+    pending: dict[int, list[_Pending]],
+    report: TickReport,
+    writer: _Writer,
+) -> None:
+    """Every active preference (or the one-user tick's), page by page in user_id order (keyset)."""
+    user_id = report.user_id
     after = _MIN_ID
     page_size = settings.scheduler_page_size
     page_sql = _PAGE if user_id is None else _PAGE_USER
     while True:
-        rows = await conn.fetch(page_sql, {"after": after, "page": page_size, "user": user_id}, _rows_of(_PageRow))
+        params = {"after": after, "page": page_size, "user": user_id, **writer.take()}
+        rows = await conn.fetch(page_sql, params, _rows_of(_PageRow))
         if not rows:
             break
         report.pages += 1
         report.users_seen += len(rows)
         after = rows[-1].user_id
-        await _page(conn, settings, planner, rows, pending, report)
+        await _page(conn, settings, planner, rows, pending, report, writer)
         if len(rows) < page_size:
             break
-    # Pending scheduler jobs of users no page visited: their preference is inactive or gone.
-    leftovers = [_Change(job, True, "preference inactive or removed") for jobs in pending.values() for job in jobs]
-    await _apply(conn, leftovers, report)
-    if user_id is None:  # the sweep is for every user: the periodic tick's
-        await _fail_orphaned_briefs(conn, now, report)
-    if not report.dry_run and (report.enqueued or report.moved):
-        await conn.execute("SELECT pg_notify(%s, '')", (queue.NOTIFY_CHANNEL,))
 
 
-async def _fail_orphaned_briefs(conn: _Counted, now: datetime, report: TickReport) -> None:
+async def _id_pages(
+    conn: _Counted,
+    settings: Settings,
+    planner: _Planner,
+    ids: list[int],
+    pending: dict[int, list[_Pending]],
+    report: TickReport,
+    writer: _Writer,
+) -> None:
+    """The preferences of ``ids`` (sorted), page by page; an id whose preference is not active has no row."""
+    page_size = settings.scheduler_page_size
+    for start in range(0, len(ids), page_size):
+        params = {"ids": ids[start : start + page_size], "page": page_size, **writer.take()}
+        rows = await conn.fetch(_PAGE_IDS, params, _rows_of(_PageRow))
+        if not rows:
+            continue
+        report.pages += 1
+        report.users_seen += len(rows)
+        await _page(conn, settings, planner, rows, pending, report, writer)
+
+
+async def _select(conn: _Counted, planner: _Planner, pending: dict[int, list[_Pending]]) -> list[int] | None:
+    """The users an indexed tick plans, in order: due (or unknown) ones and those with pending scheduler jobs.
+
+    None when more than :data:`INDEXED_MAX_USERS` are due: the tick then scans every preference.
+    """
+    version = tzdata_version()
+    params = {"version": version, "until": planner.now + planner.lookahead, "cap": INDEXED_MAX_USERS}
+    rows = await conn.fetch(_DUE, params, dict_row)
+    selected = {row["user_id"] for row in rows}
+    if None in selected:
+        log.info("tz database %s: every next_due_at is recomputed", version)
+        selected.discard(None)
+    if len(rows) >= INDEXED_MAX_USERS:
+        return None
+    return sorted(selected.union(pending))
+
+
+async def _check_tzdata(conn: _Counted) -> None:
+    """A full scan that writes: store the tz database version, and set every next_due_at NULL if it changed."""
+    version = tzdata_version()
+    rows = await conn.fetch(_RESET, {"version": version}, dict_row)
+    if rows and rows[0]["changed"]:
+        log.info("tz database %s: every next_due_at is recomputed", version)
+
+
+@functools.cache
+def tzdata_version() -> str:
+    """The version of the tz database the planner reads (the ``tzdata`` package: briefs.contract.load_timezone)."""
+    try:
+        found = getattr(importlib.import_module("tzdata"), "IANA_VERSION", None)
+    except ImportError:
+        found = None
+    return found if isinstance(found, str) and found else "unknown"
+
+
+class _Writer:
+    """The next_due_at values a page planned, until the next statement that stores them (see _WRITE)."""
+
+    def __init__(self) -> None:
+        self.users: list[int] = []
+        self.due: list[datetime | None] = []
+        self.versions: list[int] = []
+
+    def add_page(self, rows: list[_PageRow], values: dict[int, datetime | None]) -> None:
+        """Keep the values of a page's rows that differ from the stored ones."""
+        for row in rows:
+            value = values.get(row.user_id, row.next_due_at)
+            if value != row.next_due_at:
+                self.users.append(row.user_id)
+                self.due.append(value)
+                self.versions.append(row.version)
+
+    def take(self) -> dict[str, list[Any]]:
+        """The parameters of _WRITE (``w_user``, ``w_due``, ``w_version``), and nothing kept."""
+        params: dict[str, list[Any]] = {"w_user": self.users, "w_due": self.due, "w_version": self.versions}
+        self.users, self.due, self.versions = [], [], []
+        return params
+
+
+async def _fail_orphaned_briefs(conn: _Counted, now: datetime, report: TickReport, writer: _Writer) -> None:
     """Mark failed the briefs that no job will ever finish: one statement per tick.
 
     A brief job's handler marks its brief failed when the job gives up; a worker killed on the
@@ -634,7 +819,8 @@ async def _fail_orphaned_briefs(conn: _Counted, now: datetime, report: TickRepor
     'processing' for ever. A dry run reports them and rolls back with the rest of the tick.
     """
     # Each row, {user_id, brief_date, job_id, job_status}, is the report's item as it is.
-    report.briefs_failed += await conn.fetch(_ORPHANED_BRIEFS, {"now": now, "job_type": BRIEF_JOB}, dict_row)
+    params = {"now": now, "job_type": BRIEF_JOB, **writer.take()}
+    report.briefs_failed += await conn.fetch(_ORPHANED_BRIEFS, params, dict_row)
     if report.briefs_failed and not report.dry_run:
         log.warning("marked %d brief(s) failed: left processing by a job that ended %s",
                     len(report.briefs_failed), ", ".join(sorted({b["job_status"] for b in report.briefs_failed})))
@@ -669,13 +855,21 @@ async def _page(
     rows: list[_PageRow],
     pending: dict[int, list[_Pending]],
     report: TickReport,
+    writer: _Writer,
 ) -> None:
-    """One page of users: plan, deduplicate, move or cancel pending jobs, check engagement and enqueue."""
+    """One page of users: plan, deduplicate, move or cancel pending jobs, check engagement and enqueue.
+
+    Then the page's next_due_at values go to ``writer``; a user whose brief was planned but not queued
+    (engagement, a refusal) is due again at the next tick (next_due_at = now), as a full scan would see it.
+    """
     page = _plan_page(planner, rows, pending, report)
     new = await _deduplicate(conn, page.due, planner.now, page.changes, report)
     await _apply(conn, page.changes, report)
     if new:
-        await _enqueue(conn, settings, new, report)
+        for user_id in await _enqueue(conn, settings, new, report):
+            page.next_due[user_id] = planner.now
+    if planner.track:
+        writer.add_page(rows, page.next_due)
 
 
 @dataclass(slots=True)
@@ -684,6 +878,7 @@ class _PagePlan:
 
     due: list[_Due] = field(default_factory=list)
     changes: list[_Change] = field(default_factory=list)
+    next_due: dict[int, datetime | None] = field(default_factory=dict)  # each user's (when the planner tracks)
 
 
 def _plan_page(
@@ -693,6 +888,7 @@ def _plan_page(
     page = _PagePlan()
     cache = planner.cache
     detailed = report.detailed
+    track = planner.track
     not_due = 0
     for row in rows:
         jobs = pending.pop(row.user_id, None)  # a skipped user's pending jobs are left as they are
@@ -702,6 +898,8 @@ def _plan_page(
             # The common case: nothing due and nothing queued (a bad last visit only matters when due).
             if not detailed or _list_not_due(planner, row, key, report):
                 not_due += 1
+            if track:
+                page.next_due[row.user_id] = planner.next_due_at(key, row.user_id)
         elif _plan_user(planner, row, occurrences, jobs or [], page, report):
             not_due += 1
     report.not_due_count += not_due
@@ -737,8 +935,11 @@ def _plan_user(
     """
     planned = _user_and_plan(planner, row, occurrences, report)
     if planned is None:
-        return False  # skipped, with its reason
+        page.next_due[row.user_id] = None  # skipped, with its reason: planned again at every tick
+        return False
     user, occurrences = planned
+    if planner.track:
+        page.next_due[user.user_id] = planner.next_due_at(user.schedule, user.user_id, occurrences)
     keys = set()
     for occ in occurrences:
         key = brief_dedup_key(user.user_id, occ.brief_date)
@@ -906,13 +1107,18 @@ def _change_params(changes: Sequence[_Change]) -> tuple[list[Any], ...]:
     )
 
 
-async def _enqueue(conn: _Counted, settings: Settings, new: list[_Due], report: TickReport) -> None:
-    """Check engagement for the briefs no job blocks and insert the jobs of those to send: one statement."""
+async def _enqueue(conn: _Counted, settings: Settings, new: list[_Due], report: TickReport) -> set[int]:
+    """Check engagement for the briefs no job blocks and insert the jobs of those to send: one statement.
+
+    Returns the users with a brief not queued: skipped by engagement or refused by the queue.
+    """
     histories = await engagement.load_histories(conn, _history_wanted(new))
     decisions = await _decide(new, histories)
     sends = _sends(new, decisions, report)
+    sent = {id(send.due) for send in sends}
+    unqueued = {d.user.user_id for d in new if id(d) not in sent}
     if not sends:
-        return
+        return unqueued
     jobs = [_new_job(settings, send) for send in sends]
     if report.dry_run:
         ids: Sequence[int | None] = [None] * len(jobs)
@@ -925,6 +1131,7 @@ async def _enqueue(conn: _Counted, settings: Settings, new: list[_Due], report: 
         ids = result
         refused = {r.index: r.reason for r in result.rejected}
     _report_inserted(report, sends, ids, refused)
+    return unqueued.union(sends[index].due.user.user_id for index in refused)
 
 
 def _history_wanted(new: list[_Due]) -> list[tuple[int, date, date]]:

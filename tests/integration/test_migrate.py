@@ -54,7 +54,7 @@ EXPECTED_COLUMNS: dict[str, list[tuple[str, str, str]]] = {
     "brief_preferences": [
         ("user_id", "bigint", NN), ("frequency", "text", NN), ("day_of_week", "smallint", NULL),
         ("time_of_day", "time without time zone", NN), ("is_active", "boolean", NN),
-        ("email_enabled", "boolean", NN), ("updated_at", TS, NN),
+        ("email_enabled", "boolean", NN), ("updated_at", TS, NN), ("next_due_at", TS, NULL),
     ],
     "daily_briefs": [
         ("id", "bigint", NN), ("user_id", "bigint", NN), ("brief_date", "date", NN), ("status", "text", NN),
@@ -75,6 +75,7 @@ EXPECTED_COLUMNS: dict[str, list[tuple[str, str, str]]] = {
         ("ok", "boolean", NN), ("user_id", "bigint", NULL), ("summary", "text", NULL), ("report", "jsonb", NULL),
         ("error", "text", NULL),
     ],
+    "scheduler_tzdata": [("only_row", "boolean", NN), ("version", "text", NN), ("changed_at", TS, NN)],
     # Views for humans (their columns are always nullable in information_schema).
     "queue_stats": [
         ("job_type", "text", NULL), ("status", "text", NULL), ("jobs", "bigint", NULL),
@@ -116,6 +117,7 @@ EXPECTED_INDEXES: dict[tuple[str, str], str] = {
     ("notes", "notes_project_recent"): "(project_id, updated_at DESC)",
     ("brief_preferences", "brief_preferences_pkey"): "UNIQUE (user_id)",
     ("brief_preferences", "brief_preferences_active"): "(user_id) WHERE is_active",
+    ("brief_preferences", "brief_preferences_next_due"): "(next_due_at) WHERE is_active",
     ("daily_briefs", "daily_briefs_pkey"): "UNIQUE (id)",
     ("daily_briefs", "daily_briefs_user_date"): "UNIQUE (user_id, brief_date)",
     ("daily_briefs", "daily_briefs_user_latest"): "(user_id, brief_date DESC)",
@@ -125,6 +127,7 @@ EXPECTED_INDEXES: dict[tuple[str, str], str] = {
     ("project_daily_briefs", "project_daily_briefs_unique"): "UNIQUE (daily_brief_id, project_id)",
     ("scheduler_ticks", "scheduler_ticks_pkey"): "UNIQUE (id)",
     ("scheduler_ticks", "scheduler_ticks_finished"): "(finished_at DESC, id DESC)",
+    ("scheduler_tzdata", "scheduler_tzdata_pkey"): "UNIQUE (only_row)",
 }
 
 # The enumerations of DESIGN §3, enforced by CHECK constraints.
