@@ -21,6 +21,17 @@ class RetryLater(Exception):
         self.delay = delay
 
 
+class Defer(RetryLater):
+    """Not now, and not a failure: run the job again after ``delay`` seconds without spending an attempt.
+
+    The worker records it like any transient error (pending again at now + ``delay``); the handler that
+    raises it gives the attempt back first (``briefs.jobs.defer``: ``queue_jobs.attempts - 1``, fenced by
+    the run's token), so a job deferred any number of times still has all its attempts for real failures.
+    """
+
+    refund = True
+
+
 # Errors that the same input raises again on every retry: arithmetic out of range (a date
 # past year 9999: OverflowError), structures nested too deeply, text that is not valid
 # Unicode, and values PostgreSQL or psycopg refuse (SQLSTATE class 22, "data exception", and

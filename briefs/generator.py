@@ -38,6 +38,15 @@ the Markdown escapes every user and model string. A batch of sections that still
 fails to save is saved one by one, and a section that cannot be saved becomes a
 ``failed`` fallback section with the error; never a failed brief.
 
+Circuit breaker (:mod:`briefs.circuit`). The brief reads the circuit of its LLM client first (cached
+per process). While it is open no call is made at all: every section and the summary are the
+deterministic rendering (``error_kind`` ``circuit_open``), and the brief's metadata says so —
+``llm_circuit`` (state, reason, since, next probe) and ``note`` ("the LLM provider is unavailable
+(circuit open since …): this brief was written without AI"). The same happens to what is left of a
+brief when the circuit opens during it. Whether to write such a brief now or later is the job's
+decision (:mod:`briefs.jobs` defers a brief whose ``notify_at`` is far enough away). The breaker's
+transitions are written to the shared ``llm_circuit`` row as soon as a section call returns.
+
 LLM health: a fallback section's metadata has ``error_kind`` (``LLMError.kind``,
 or ``internal``/``save``) and ``http_status``; the brief's metadata has
 ``summary_error_kind`` when the summary fell back, ``llm_requests`` (HTTP requests
@@ -72,6 +81,7 @@ from psycopg.types.json import Jsonb
 from pydantic import BaseModel
 
 from briefs import deterministic, render
+from briefs.circuit import CircuitState
 from briefs.contract import EMAIL_JOB, BriefRequest, EmailRequest
 from briefs.db import Database
 from briefs.errors import PermanentError
@@ -351,6 +361,8 @@ class _Run:
         self.revision = 1
         self.kept: dict[int, dict[str, Any]] = {}
         self.llm_broken: LLMError | None = None  # set after an auth error: skip the LLM for the rest
+        self.circuit = self.llm.circuit if self.llm is not None else None
+        self.circuit_note: CircuitState | None = None  # the open circuit that kept (part of) the brief from the LLM
         self.limits = Limits.of(settings)
         self.llm_requests = 0  # HTTP requests for this brief, retries included
         self.llm_failures = 0  # complete() calls that ended in LLMError
@@ -369,6 +381,7 @@ class _Run:
 
     async def run(self) -> BriefOutcome:
         req = self.req
+        await self._check_circuit()
         async with self.db.raw() as conn:
             # Loaded before the claim so the claim carries the first progress (projects_total): one
             # statement less. Nothing is visible before the commit, so the order is not observable.
@@ -387,7 +400,36 @@ class _Run:
         self.phase = "summary"
         await self._report()
         summary, actions, summary_meta = await self._summary(ctx, results)
+        await self._publish_circuit()
         return await self._finish(ctx, results, summary, actions, summary_meta)
+
+    async def _check_circuit(self) -> None:
+        """While the LLM circuit is open, the whole brief is written without a single call (and says so)."""
+        if self.circuit is None:
+            return
+        try:
+            state = await self.circuit.refresh(self.db)
+        except Exception as exc:  # the shared row unreadable: this process's own breaker still decides
+            log.warning("could not read the LLM circuit's state: %s", clip(render.clean(str(exc)), 200))
+            state = self.circuit.breaker.snapshot()
+        if self.circuit.breaker.blocked():
+            self._circuit_opened(LLMError(f"the LLM provider is unavailable (circuit {state.describe()})",
+                                          kind="circuit_open"))
+
+    def _circuit_opened(self, exc: LLMError) -> None:
+        """The circuit refused a call: the rest of the brief skips the LLM."""
+        self.llm_broken = exc
+        if self.circuit is not None:
+            self.circuit_note = self.circuit.breaker.snapshot()
+
+    async def _publish_circuit(self) -> None:
+        """The breaker's transitions into the shared row, for the other processes (never sinks the brief)."""
+        if self.circuit is None:
+            return
+        try:
+            await self.circuit.publish(self.db)
+        except Exception as exc:
+            log.warning("could not record the LLM circuit's state: %s", clip(render.clean(str(exc)), 200))
 
     async def _claim(self, conn: Conn, user: UserContext, projects: Sequence[ProjectContext]) -> BriefOutcome | None:
         """Take the brief row for this run; an outcome when there is nothing to do."""
@@ -483,6 +525,7 @@ class _Run:
                 self._count([result])
             else:
                 result = await self._project(ctx, project, limit)
+                await self._publish_circuit()
                 self._unsaved.append(result)
                 if self._at_llm:  # siblings still at the LLM: give them a moment to join this batch
                     try:
@@ -541,6 +584,8 @@ class _Run:
                     self._note_llm(exc.attempts, failed=True)
                     if exc.permanent and exc.status in AUTH_STATUSES:
                         self.llm_broken = exc
+                    elif exc.kind == "circuit_open":
+                        self._circuit_opened(exc)
                     log.warning("project %s: LLM failed, using the deterministic section: %s", project.id, exc)
                     return self._llm_fallback(project, exc)
                 finally:
@@ -690,6 +735,8 @@ class _Run:
             summary = "\n\n".join(render.paragraphs(reply.value.summary))
         except LLMError as exc:
             self._note_llm(exc.attempts, failed=True)
+            if exc.kind == "circuit_open":
+                self._circuit_opened(exc)
             log.warning("executive summary: LLM failed, using the deterministic summary: %s", exc)
             return plain, actions, {"summary_source": "fallback", "summary_error": clip(str(exc), 2000),
                                     "summary_error_kind": exc.kind}
@@ -816,7 +863,18 @@ class _Run:
         }
         if self.llm is None:
             meta["note"] = "generated without an LLM (no API key): deterministic brief"
+        elif self.circuit_note is not None:
+            meta.update(self._circuit_meta(sources))
         return meta
+
+    def _circuit_meta(self, sources: dict[str, int]) -> dict[str, Any]:
+        """The marker of a brief (partly) written without the LLM because its circuit was open."""
+        assert self.circuit_note is not None
+        note = self.circuit_note
+        since = note.to_dict()["since"] or "?"
+        what = "parts of this brief were" if sources.get("llm") else "this brief was"
+        return {"llm_circuit": note.to_dict(), "mode": "deterministic" if not sources.get("llm") else "llm",
+                "note": f"the LLM provider is unavailable (circuit open since {since}): {what} written without AI"}
 
     async def _write_final(
         self, final: dict[str, Any], follow: list[FollowUp], progress: dict[str, Any]

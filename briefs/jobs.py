@@ -14,6 +14,13 @@ brief's final transaction, so a brief is never marked done without its email job
 One ``LLMClient`` is shared by every job of the process (``services["llm"]``,
 created on first use; the worker closes services with ``aclose`` when it stops),
 so its process-wide limits apply across briefs.
+
+While the client's LLM circuit is open (:mod:`briefs.circuit`), a brief whose ``notify_at`` is far
+enough away — more than the brief's own time budget plus :data:`DEFER_MARGIN` — is deferred
+(:func:`defer_delay`): the job gives its attempt back and raises :class:`~briefs.errors.Defer`, to run
+again when the circuit's next probe is due (or, for a circuit with no automatic probe, when the brief
+must be written to be on time). A brief that would otherwise be late is written now, without the
+LLM, and marked so (:mod:`briefs.generator`).
 """
 
 from __future__ import annotations
@@ -21,14 +28,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from briefs import email as brief_email
 from briefs import generator
+from briefs.circuit import CircuitState
 from briefs.contract import BRIEF_JOB, EMAIL_JOB, BriefRequest, EmailRequest
-from briefs.errors import is_permanent
+from briefs.errors import Defer, is_permanent
 from briefs.llm import LLMClient
 from worker import queue
 from worker.runner import Handler, JobContext
@@ -44,6 +53,15 @@ GIVE_UP_MARGIN = 5.0  # seconds, at most a tenth of the job's timeout
 
 
 ABANDON_CHECK_TIMEOUT = 5.0  # seconds for the check (and mark) when the job was stopped from outside
+# While the LLM circuit is open, a brief is deferred only if, after the retry, there is still the brief's budget
+# plus this margin before its notify_at; otherwise it is written now, without the LLM, to be on time.
+DEFER_MARGIN = 60.0
+MIN_DEFER = 5.0  # seconds: a shorter deferral is not worth a round trip through the queue
+
+_REFUND_ATTEMPT = """
+UPDATE queue_jobs SET attempts = greatest(attempts - 1, 0), updated_at = now()
+WHERE id = %s AND processing_token = %s AND status = 'processing'
+"""
 
 
 def brief_budget(job_timeout: float) -> float:
@@ -74,6 +92,37 @@ def llm_client(ctx: JobContext) -> LLMClient:
     if client is None:
         client = ctx.services["llm"] = LLMClient(ctx.settings)
     return client
+
+
+def defer_delay(state: CircuitState, notify_at: datetime | None, now: float, budget: float) -> float | None:
+    """Seconds to defer a brief while its circuit is open, or None to write it now (deterministically).
+
+    ``now`` is epoch seconds. The brief can wait while ``notify_at`` is more than ``budget`` (the time a
+    brief may take) + :data:`DEFER_MARGIN` away; it waits until the circuit's next probe, or, when the
+    circuit has none (401/403: open until reset), until it must be written to be on time.
+    """
+    if notify_at is None:
+        return None
+    spare = notify_at.timestamp() - now - budget - DEFER_MARGIN
+    if spare < MIN_DEFER:
+        return None
+    wait = state.next_probe_at - now if state.next_probe_at is not None else spare
+    return max(MIN_DEFER, min(wait, spare))
+
+
+async def defer(ctx: JobContext, request: BriefRequest, llm: LLMClient) -> None:
+    """Raise :class:`Defer` (the attempt given back) when the circuit is open and the brief can wait."""
+    if llm.circuit is None:
+        return
+    state = await llm.circuit.refresh(ctx.db)
+    if not llm.circuit.breaker.blocked():
+        return
+    delay = defer_delay(state, request.notify_at, time.time(), brief_budget(ctx.settings.job_timeout))
+    if delay is None:
+        return
+    async with ctx.db.raw() as conn:
+        await conn.execute(_REFUND_ATTEMPT, (ctx.job.id, ctx.job.token))
+    raise Defer(f"deferred {delay:.0f}s, attempt not spent: the LLM circuit is {state.describe()}", delay=delay)
 
 
 def settings_enqueue_hook(settings: Any) -> generator.EnqueueHook:
@@ -123,6 +172,9 @@ async def generate_daily_brief(ctx: JobContext) -> dict[str, Any]:
         await queue.set_progress(conn, job.id, job.token, data)
 
     budget = brief_budget(ctx.settings.job_timeout)
+    llm = llm_client(ctx) if ctx.settings.llm_enabled else None
+    if llm is not None:
+        await defer(ctx, request, llm)
     try:
         try:
             async with asyncio.timeout(budget):
@@ -130,7 +182,7 @@ async def generate_daily_brief(ctx: JobContext) -> dict[str, Any]:
                     ctx.db,
                     ctx.settings,
                     request,
-                    llm=llm_client(ctx) if ctx.settings.llm_enabled else None,
+                    llm=llm,
                     progress=progress,
                     enqueue=enqueue,
                 )

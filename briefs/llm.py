@@ -21,6 +21,12 @@ client is given its own with ``limits=``.
 
 Errors are ``LLMError``; ``permanent`` tells the caller whether trying the same
 request later can help. Messages never contain the API key.
+
+Every HTTP attempt first asks the client's circuit breaker (:mod:`briefs.circuit`; by default the
+process's circuit of this configuration, :data:`briefs.circuit.PROCESS_CIRCUITS`) and reports its
+outcome to it. While the circuit is open no request is sent: the call fails at once with
+``kind="circuit_open"`` (not permanent) and ``briefs_llm_circuit_refused_total`` counts it; the SDK
+does not retry while it is open either.
 """
 
 from __future__ import annotations
@@ -46,8 +52,9 @@ import httpx2  # the openai SDK's HTTP client (a dependency of openai 3.x)
 import openai
 from pydantic import BaseModel, BeforeValidator, Field, ValidationError
 
-from briefs import metrics
+from briefs import circuit, metrics
 from briefs.backoff import Backoff
+from briefs.circuit import PROCESS_CIRCUITS, CircuitBreaker, SharedCircuit
 from briefs.render import clean, clip
 from briefs.settings import Settings, redact_url
 
@@ -120,7 +127,8 @@ class ExecutiveSummary(BaseModel):
 
 
 ERROR_KINDS = frozenset(
-    {"auth", "quota", "rate_limit", "server", "timeout", "connection", "malformed", "rejected", "disabled"}
+    {"auth", "quota", "rate_limit", "server", "timeout", "connection", "malformed", "rejected", "disabled",
+     "circuit_open"}
 )
 
 
@@ -133,7 +141,8 @@ class LLMError(Exception):
     ``kind`` says what went wrong last, for health reports: ``auth`` (401/403), ``quota``
     (429 insufficient_quota), ``rate_limit`` (429), ``server`` (5xx, 408/409),
     ``timeout``, ``connection``, ``malformed`` (the reply was unusable), ``rejected``
-    (another 4xx) or ``disabled`` (no API key, or the client is closed). ``attempts`` is
+    (another 4xx), ``disabled`` (no API key, or the client is closed) or ``circuit_open`` (the
+    circuit breaker refused to send it: the provider is failing; see :mod:`briefs.circuit`). ``attempts`` is
     the number of HTTP requests made, retries included.
     """
 
@@ -555,10 +564,24 @@ class _Call:
     problem: str = ""
     ends: float = 0.0  # loop time by which the current attempt must be over
     slot: asyncio.Semaphore | None = None  # held from a 2xx reply's headers until its body is read
+    breaker: CircuitBreaker | None = None
 
     def failed(self, kind: str, problem: str, status: int | None = None) -> None:
         self.kind, self.problem, self.status = kind, problem, status
         metrics.LLM_ERRORS.labels(self.purpose, kind).inc()
+        if self.breaker is not None:
+            self.breaker.record(circuit.classify(kind), problem)
+
+    def answered(self) -> None:
+        """A 2xx reply arrived whole: the provider works (whatever the model wrote)."""
+        if self.breaker is not None:
+            self.breaker.record(circuit.SUCCESS)
+
+    def admit(self) -> None:
+        """Raise :class:`_CircuitOpen` when the breaker refuses this attempt."""
+        if self.breaker is not None and not self.breaker.allow():
+            metrics.LLM_CIRCUIT_REFUSED.labels(self.purpose).inc()
+            raise _CircuitOpen(self.breaker.snapshot().describe())
 
     def release(self) -> None:
         slot, self.slot = self.slot, None
@@ -580,12 +603,21 @@ class _Call:
 _CALL: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("briefs_llm_call", default=None)
 
 
+class _CircuitOpen(openai.OpenAIError):
+    """An attempt the circuit breaker refused (an OpenAIError: the SDK passes it on without retrying)."""
+
+
 async def _attempt(call: _Call, request: httpx2.Request,
                    send: Callable[[], Awaitable[httpx2.Response]]) -> httpx2.Response:
     """One HTTP attempt of ``call``: a slot and a rate token, counted, bounded by ``call.deadline``
     (the SDK's timeouts apply per phase: a server trickling bytes would hold a slot forever), its failure
     recorded. A 2xx reply keeps the slot until :meth:`LLMClient._post` has read its body."""
     slot = await call.limits.slot()
+    try:
+        call.admit()
+    except _CircuitOpen:
+        slot.release()
+        raise
     call.requests += 1
     metrics.LLM_CALLS.labels(call.purpose).inc()
     call.ends = asyncio.get_running_loop().time() + call.deadline
@@ -599,6 +631,8 @@ async def _attempt(call: _Call, request: httpx2.Request,
         slot.release()
         if response is not None:  # a 429 whose body did not arrive: the SDK never sees it, so close it here
             await response.aclose()
+        if call.breaker is not None and not isinstance(err, Exception):  # cancelled: no verdict
+            call.breaker.abandon()
         failure = _failure(call, err, request)
         if failure is err:
             raise
@@ -647,6 +681,9 @@ class _SDKClient(openai.AsyncOpenAI):
     def _should_retry(self, response: httpx2.Response) -> bool:
         if response.status_code == 429 and _error_code(response) == "insufficient_quota":
             return False  # out of credit: retrying will not help until someone pays
+        call = _CALL.get()
+        if call is not None and call.breaker is not None and call.breaker.blocked():
+            return False  # the circuit opened: the retry would be refused (no backoff to sit through)
         return super()._should_retry(response)
 
     def _calculate_retry_timeout(self, remaining_retries: int, options: Any,
@@ -697,6 +734,7 @@ class LLMClient:
         backoff_base: float = 0.5,
         backoff_cap: float = BACKOFF_CAP,
         limits: Limits | None = None,
+        circuit: SharedCircuit | None = None,
     ) -> None:
         self.settings = settings
         self.limits = limits if limits is not None else PROCESS_LIMITS.get(settings)
@@ -709,7 +747,10 @@ class LLMClient:
         self._key = key.get_secret_value() if self.enabled and key is not None else ""
         self._owns_http = http_client is None
         self._openai: _SDKClient | None = None
+        # The circuit breaker of this configuration (shared by the process's clients unless one is given).
+        self.circuit: SharedCircuit | None = None
         if self.enabled:
+            self.circuit = circuit if circuit is not None else PROCESS_CIRCUITS.get(settings)
             # Everything explicit: with api_key/base_url None the SDK would read OPENAI_API_KEY /
             # OPENAI_BASE_URL from the environment behind Settings' back.
             self._openai = _SDKClient(
@@ -792,7 +833,9 @@ class LLMClient:
                 options={"max_retries": call.max_retries - call.requests},
             )
             async with asyncio.timeout_at(call.ends):
-                return await _read_capped(response)
+                content = await _read_capped(response)
+            call.answered()
+            return content
         except TimeoutError:
             raise _Unusable(f"no complete response within {call.deadline:g}s", kind="timeout") from None
         except httpx2.TimeoutException:
@@ -846,7 +889,8 @@ class LLMClient:
             raise LLMError("LLM client is closed", permanent=True, kind="disabled")
         request = self.build_messages(messages, schema)
         call = _Call(purpose=purpose, limits=self.limits, backoff=self.backoff, timeout=self.timeout,
-                     deadline=self.timeout * 2 + 1, max_retries=self.max_retries)
+                     deadline=self.timeout * 2 + 1, max_retries=self.max_retries,
+                     breaker=self.circuit.breaker if self.circuit is not None else None)
         result = _Tally(started=time.monotonic())
         token = _CALL.set(call)
         try:
@@ -871,6 +915,9 @@ class LLMClient:
             content = await self._post(request, call)
         except openai.APIStatusError as err:
             raise self._rejected(err, call) from None
+        except _CircuitOpen as err:
+            raise LLMError(f"LLM provider unavailable, request not sent: circuit {err}", kind="circuit_open",
+                           attempts=call.requests) from None
         except openai.APIError as err:
             if not isinstance(err, openai.APIConnectionError):  # APITimeoutError is one too
                 call.kind, call.problem = "server", f"API error: {self._redact(_short(str(err)))}"

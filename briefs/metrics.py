@@ -75,6 +75,12 @@ TICK_USERS_SKIPPED = Counter("briefs_scheduler_skipped_total", "Users skipped by
 LLM_CALLS = Counter("briefs_llm_calls_total", "LLM requests sent", ["purpose"])
 LLM_ERRORS = Counter("briefs_llm_errors_total", "LLM requests that failed", ["purpose", "kind"])
 LLM_TOKENS = Counter("briefs_llm_tokens_total", "LLM tokens used", ["kind"])
+LLM_CIRCUIT_STATE = Gauge(
+    "briefs_llm_circuit_state", "The LLM circuit breaker: 0 closed, 1 half-open, 2 open (briefs.circuit)"
+)
+LLM_CIRCUIT_REFUSED = Counter(
+    "briefs_llm_circuit_refused_total", "LLM requests not sent because the circuit was open", ["purpose"]
+)
 LLM_LATENCY = Histogram(
     "briefs_llm_latency_seconds", "LLM request latency", ["purpose"], buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 )

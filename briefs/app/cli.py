@@ -30,6 +30,8 @@ from pydantic import ValidationError
 from briefs.app.demo import DemoService, demo_public_url, demo_settings, seed_demo
 from briefs.app.host import Host, Service
 from briefs.app.services import SchedulerService, WebService, WorkerService
+from briefs.circuit import circuit_key, process_name, read_status
+from briefs.circuit import reset as reset_circuit
 from briefs.db import Database, DatabaseUnavailable, is_connection_error, resolve_url
 from briefs.errors import PermanentError
 from briefs.jobs import settings_enqueue_hook
@@ -250,6 +252,8 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
             rows = await queue.stats(conn)
             failures = await queue.recent_failures(conn, 3600)
         llm = await llm_health(db)
+        async with db.raw() as conn:
+            circuit = await read_status(conn, settings)
         if args.json:
             queue_rows = [
                 {
@@ -263,7 +267,7 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
                 }
                 for r in rows
             ]
-            print(_json({"queue": queue_rows, "failures_last_hour": failures, "llm": llm}))
+            print(_json({"queue": queue_rows, "failures_last_hour": failures, "llm": llm, "llm_circuit": circuit}))
             return 0
         if not rows:
             print("queue is empty")
@@ -279,6 +283,23 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
             )
         print(f"\nfailures in the last hour: {failures}")
         print(_llm_text(llm))
+        print(f"LLM circuit: {one_line(str(circuit['detail']), 300)}")
+        return 0
+
+    return await _with_db(settings, go)
+
+
+async def cmd_llm_reset(settings: Settings, args: argparse.Namespace) -> int:
+    """Close the LLM circuit of this configuration (every configuration's with --all)."""
+    if not args.all and not settings.llm_enabled:
+        raise UsageError("no OPENAI_API_KEY: there is no LLM circuit to reset (or pass --all)")
+
+    async def go(db: Database) -> int:
+        async with db.raw() as conn:
+            key = None if args.all else circuit_key(settings)
+            closed = await reset_circuit(conn, key, f"reset by {process_name()}")
+        print(f"LLM circuit closed ({len(closed)} reset); workers follow within seconds" if closed
+              else "LLM circuit already closed")
         return 0
 
     return await _with_db(settings, go)
@@ -543,6 +564,12 @@ def _queue_commands(sub: Any) -> None:
     p = sub.add_parser("cancel", help="cancel a pending or running job")
     p.add_argument("job_id", type=_positive, metavar="JOB_ID")
     p.set_defaults(fn=cmd_cancel)
+
+    p = sub.add_parser("llm", help="the LLM provider's circuit breaker")
+    llm_sub = p.add_subparsers(dest="llm_command", required=True, metavar="ACTION")
+    r = llm_sub.add_parser("reset", help="close the LLM circuit (after fixing the key, or to probe now)")
+    r.add_argument("--all", action="store_true", help="every configuration's circuit, not only this one's")
+    r.set_defaults(fn=cmd_llm_reset)
 
 
 def _reading_commands(sub: Any) -> None:
