@@ -10,6 +10,11 @@ queue gauges (counted like the ``queue_stats`` view, labels bounded: see
 :mod:`briefs.metrics`) and serves the Prometheus exposition, rendered in a thread so
 a scrape never blocks the event loop. ``HEAD`` gets the headers without the body.
 Bound to ``BRIEFS_HEALTH_HOST`` (default all interfaces) unless a host is given.
+
+Both health routes also report the LLM circuit breaker (``checks.llm_circuit``: state, reason,
+since, next probe; :mod:`briefs.circuit`) — reported, never failing: an open circuit means the
+LLM provider is down, not this process, which goes on writing briefs on time without AI (a
+restart would change nothing). ``/metrics`` sets ``briefs_llm_circuit_state`` from the same row.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import psycopg
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from briefs import metrics
+from briefs.circuit import STATE_VALUES, read_status
 from briefs.db import ConfigError, Database
 from briefs.migrate import pending_migrations
 from briefs.terminal import one_line
@@ -172,7 +178,23 @@ class HealthServer:
         good, detail = await self._database(schema=ready)
         checks["database"] = {"ok": good, "detail": detail}
         ok = ok and good
+        checks["llm_circuit"] = await self.llm_circuit()  # reported; never fails the check (module docstring)
         return ok, {"status": "ok" if ok else "failing", "checks": checks}
+
+    async def llm_circuit(self) -> dict[str, Any]:
+        """The LLM circuit of this process's configuration, always ``ok`` (an open circuit is the provider's
+        trouble, not this process's); the ``briefs_llm_circuit_state`` gauge follows it."""
+        try:
+            async with asyncio.timeout(DB_TIMEOUT):
+                async with self._connection() as conn:
+                    status = await read_status(conn, self.db.settings)
+        except Exception as exc:
+            return {"ok": True, "state": "unknown", "detail": f"unreadable: {type(exc).__name__}"}
+        state = status["state"]
+        if state in STATE_VALUES:
+            metrics.LLM_CIRCUIT_STATE.set(STATE_VALUES[state])
+        return {"ok": True, "state": state, "reason": status["reason"], "since": status["since"],
+                "next_probe_at": status["next_probe_at"], "detail": status["detail"]}
 
     async def refresh_queue_gauges(self) -> None:
         """Refresh the queue gauges; scrapes arriving while a refresh runs share it.
@@ -267,6 +289,7 @@ class HealthServer:
                                  head=head)
             elif path == "/metrics":
                 await self.refresh_queue_gauges()
+                await self.llm_circuit()
                 exposition = await asyncio.to_thread(generate_latest)  # CPU work off the event loop
                 await self._send(writer, 200, exposition, CONTENT_TYPE_LATEST, head=head)
             else:

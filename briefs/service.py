@@ -373,6 +373,8 @@ ERROR_HINTS = {
     "malformed": "the model's replies do not fit the expected shape: check BRIEFS_MODEL",
     "rejected": "the provider refused the request: check BRIEFS_MODEL and the prompt limits",
     "disabled": "no OPENAI_API_KEY: briefs are deterministic",
+    "circuit_open": "the LLM circuit is open (the provider kept failing): no calls until it probes again; "
+                    "see `briefs status`, and `briefs llm reset` once the cause is fixed",
 }
 
 # Everything read from metadata is checked in SQL (jsonb_typeof) and cut (left()): a row

@@ -11,7 +11,8 @@ A snapshot is two parts, so that none of its queries reads the table on a reques
   the last hour's wait and run time percentiles, today's tokens;
 * **the live part**, counted with every snapshot through indexes: pending and running jobs (their
   partial indexes), the jobs finished since the cut (``queue_jobs_finished``), by type, status and
-  minute, the workers seen, the tick log, the LLM's health.
+  minute, the workers seen, the tick log, the LLM's health and its circuit breaker (``llm.circuit``: the
+  ``llm_circuit`` row of this configuration, read by its primary key; :mod:`briefs.circuit`).
 
 Counts and series are the base plus what finished since its cut, so a job that completes shows in the
 next snapshot. Every transaction that writes a ``finished_at`` before the cut has committed when the
@@ -34,6 +35,7 @@ from typing import Any
 from fastapi import FastAPI
 from psycopg.rows import dict_row
 
+from briefs.circuit import read_status
 from briefs.db import Database
 from briefs.service import llm_health
 from scheduler.report import recent_ticks
@@ -324,6 +326,16 @@ async def _workers(conn: Any, now: datetime) -> list[dict[str, Any]]:
             for row in rows]
 
 
+async def _circuit(db: Database) -> dict[str, Any]:
+    """The LLM circuit as the overview shows it; ``unknown`` when its row cannot be read."""
+    try:
+        async with db.raw() as conn:
+            return await read_status(conn, db.settings)
+    except Exception as exc:
+        log.warning("LLM circuit unreadable for the overview: %s", type(exc).__name__)
+        return {"state": "unknown", "reason": None, "since": None, "next_probe_at": None, "detail": "unknown"}
+
+
 def _scheduler(ticks: list[dict[str, Any]]) -> dict[str, Any]:
     """The scheduler's last tick (of every user) and the last one-user tick, from the tick log."""
     every = next((t for t in ticks if t["user_id"] is None), None)
@@ -345,6 +357,7 @@ async def compute(db: Database, base: Base | None = None) -> dict[str, Any]:
     finished, minutes, hours = _merge_finished(base, since)
     llm = await llm_health(db, now)
     llm["tokens_today"] = base.tokens
+    llm["circuit"] = await _circuit(db)
     return {
         "generated_at": now.isoformat(),
         "jobs": _counts(unfinished + finished),

@@ -26,7 +26,11 @@
     }, data);
   }
 
+  // The LLM circuit's state (briefs.circuit) and the colour it shows in.
+  var CIRCUIT_CLASS = { closed: "ok", half_open: "degraded", open: "down" };
+
   function format(value, kind) {
+    if (kind === "circuit") { return value === null || value === undefined ? "unknown" : String(value).replace("_", "-"); }
     if (kind === "okfail") { return value === null || value === undefined ? "no tick yet" : (value ? "ok" : "failed"); }
     if (value === null || value === undefined) { return "-"; }
     if (kind === "when" && typeof value === "string") { return value.replace("T", " ").replace(/\.\d+/, "").replace("+00:00", "Z"); }
@@ -48,6 +52,9 @@
       var text = format(value, el.getAttribute("data-format"));
       if (el.textContent !== text) { el.textContent = text; }
       if (el.hasAttribute("data-status")) { el.className = statusClass(value); }
+      if (el.getAttribute("data-format") === "circuit") {
+        el.className = statusClass(Object.prototype.hasOwnProperty.call(CIRCUIT_CLASS, value) ? CIRCUIT_CLASS[value] : "unknown");
+      }
       if (el.getAttribute("data-format") === "okfail") {
         el.className = statusClass(value === null ? "unknown" : (value ? "ok" : "failed"));
       }
