@@ -13,7 +13,8 @@
   (its task was cancelled) frees its place after ``probe_timeout`` seconds.
 
 What counts (:func:`classify`, on ``LLMError.kind``): only the provider's failures do — connection
-errors, timeouts, 5xx (and 408/409), 429 ``insufficient_quota``, 401/403. A 429 with Retry-After is
+errors, timeouts, 5xx (and 408/409), 401/403, and 429 ``insufficient_quota``, which opens the circuit
+at once (no call can succeed until someone pays; it probes after the cooldown like any other). A 429 with Retry-After is
 rate limiting, paced by the client: a few of them change nothing, a long run of them opens. A 2xx
 reply that arrived whole is a success, even when it is unusable (malformed JSON, a schema mismatch:
 the model's fault, not the provider's), and so is a 400/404 (the provider answered). **401/403** open
@@ -60,8 +61,8 @@ CLOSED, HALF_OPEN, OPEN = "closed", "half_open", "open"
 STATE_VALUES = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}  # briefs_llm_circuit_state
 
 # Outcomes of one HTTP attempt, as the breaker sees them.
-SUCCESS, FAILURE, RATE_LIMITED, AUTH = "success", "failure", "rate_limited", "auth"
-_OUTCOMES = {"auth": AUTH, "quota": FAILURE, "server": FAILURE, "timeout": FAILURE, "connection": FAILURE,
+SUCCESS, FAILURE, RATE_LIMITED, QUOTA, AUTH = "success", "failure", "rate_limited", "quota", "auth"
+_OUTCOMES = {"auth": AUTH, "quota": QUOTA, "server": FAILURE, "timeout": FAILURE, "connection": FAILURE,
              "rate_limit": RATE_LIMITED, "rejected": SUCCESS}  # malformed: its arrival counted already
 
 CACHE_SECONDS = 1.5  # how stale a process's view of the shared row may be
@@ -194,6 +195,9 @@ class CircuitBreaker:
             elif outcome == AUTH:
                 if not (state == OPEN and self._state.sticky):  # calls in flight report theirs too
                     self._open(reason or "credentials refused", sticky=True)
+            elif outcome == QUOTA:
+                if state != OPEN:
+                    self._open(reason or "insufficient quota")
             elif outcome == FAILURE:
                 self._failures += 1
                 self._recent.append(True)
@@ -400,6 +404,12 @@ class ProcessCircuits:
             if found is None:
                 found = self._circuits[key] = SharedCircuit(key, provider_of(settings))
             return found
+
+
+    def clear(self) -> None:
+        """Forget every circuit (tests: a later server on a reused port must not inherit one)."""
+        with self._lock:
+            self._circuits.clear()
 
 
 PROCESS_CIRCUITS = ProcessCircuits()

@@ -80,7 +80,7 @@ from psycopg.rows import namedtuple_row
 from psycopg.types.json import Jsonb
 from pydantic import BaseModel
 
-from briefs import deterministic, render
+from briefs import deterministic, metrics, render
 from briefs.circuit import CircuitState
 from briefs.contract import EMAIL_JOB, BriefRequest, EmailRequest
 from briefs.db import Database
@@ -568,14 +568,14 @@ class _Run:
                 return _ProjectResult(project, section, "completed", None, {"source": "deterministic",
                                                                              "reason": "llm disabled"})
             if self.llm_broken is not None:
-                return self._llm_fallback(project, self.llm_broken)
+                return self._broken_fallback(project)
             messages = render.project_messages(
                 project, ctx.brief_date, self.req.engagement_stage, max_text=self.limits.text,
                 max_chars=self._prompt_budget(ProjectBrief),
             )
             async with limit:
                 if self.llm_broken is not None:
-                    return self._llm_fallback(project, self.llm_broken)
+                    return self._broken_fallback(project)
                 self._at_llm += 1
                 self._llm_idle.clear()
                 try:
@@ -606,6 +606,17 @@ class _Run:
         except Exception as exc:  # isolation: one project's bug never sinks the brief
             log.exception("project %s: unexpected error; using the deterministic section", project.id)
             return self._fallback(project, f"{type(exc).__name__}: {exc}", permanent=False, kind="internal")
+
+    def _broken_fallback(self, project: ProjectContext, purpose: str = "project_brief") -> _ProjectResult:
+        """The section of a project whose call is skipped: the LLM is known broken for this brief."""
+        assert self.llm_broken is not None
+        self._refused(purpose)
+        return self._llm_fallback(project, self.llm_broken)
+
+    def _refused(self, purpose: str) -> None:
+        """A call not made because the circuit is open counts in ``briefs_llm_circuit_refused_total``."""
+        if self.llm_broken is not None and self.llm_broken.kind == "circuit_open":
+            metrics.LLM_CIRCUIT_REFUSED.labels(purpose).inc()
 
     def _llm_fallback(self, project: ProjectContext, exc: LLMError) -> _ProjectResult:
         return self._fallback(project, str(exc), permanent=exc.permanent, kind=exc.kind, http_status=exc.status)
@@ -721,6 +732,7 @@ class _Run:
         if all(p.quiet for p in ctx.projects):
             return plain, actions, {"summary_source": "deterministic", "summary_reason": "all projects quiet"}
         if self.llm_broken is not None:
+            self._refused("executive_summary")
             return plain, actions, {"summary_source": "fallback", "summary_error": clip(str(self.llm_broken), 2000),
                                     "summary_error_kind": self.llm_broken.kind}
         try:

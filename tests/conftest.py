@@ -26,8 +26,19 @@ from briefs.migrate import migrate_url
 from briefs.settings import Settings
 
 DOMAIN_AND_QUEUE_TABLES = (
-    "queue_jobs, project_daily_briefs, daily_briefs, brief_preferences, notes, tasks, projects, users, scheduler_ticks"
+    "queue_jobs, project_daily_briefs, daily_briefs, brief_preferences, notes, tasks, projects, users, scheduler_ticks,"
+    " llm_circuit"
 )
+
+
+@pytest.fixture(autouse=True)
+def _fresh_llm_circuits() -> Iterator[None]:
+    """Every test starts with closed LLM circuits: a circuit is keyed by base URL and key, and a test LLM
+    server may reuse the port of an earlier one whose circuit that test opened."""
+    from briefs.circuit import PROCESS_CIRCUITS
+
+    PROCESS_CIRCUITS.clear()
+    yield
 
 
 @pytest.fixture(autouse=True)

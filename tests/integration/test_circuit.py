@@ -12,6 +12,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from prometheus_client import REGISTRY
 
 from briefs.app.cli import main
 from briefs.circuit import CircuitBreaker, CircuitConfig, SharedCircuit, circuit_key
@@ -57,6 +58,10 @@ def projects(seed: Any, name: str, n: int) -> int:
     return uid
 
 
+def refused(purpose: str) -> float:
+    return REGISTRY.get_sample_value("briefs_llm_circuit_refused_total", {"purpose": purpose}) or 0.0
+
+
 async def circuit_row(h: Any, settings: Settings) -> dict[str, Any]:
     [row] = await h.rows("SELECT * FROM llm_circuit WHERE circuit_key = %s", circuit_key(settings))
     return row
@@ -91,9 +96,11 @@ async def test_a_failing_provider_gets_a_handful_of_calls_and_briefs_are_on_time
     assert row["state"] == "open" and not row["sticky"] and row["next_probe_at"] > row["since"]
 
     # A second brief, due now, while the circuit is open: not a single call, written and marked.
+    before = refused("project_brief"), refused("executive_summary")
     await h.enqueue(second)
     await h.run(settings, services=client(settings, circuit))
     assert fake_llm.calls == calls
+    assert (refused("project_brief") - before[0], refused("executive_summary") - before[1]) == (3, 1)
     other = await h.brief(second)
     assert other["completed_at"] is not None and other["metadata"]["llm_requests"] == 0
     assert other["metadata"]["llm_circuit"]["state"] == "open"

@@ -12,6 +12,7 @@ from briefs.circuit import (
     FAILURE,
     HALF_OPEN,
     OPEN,
+    QUOTA,
     RATE_LIMITED,
     SUCCESS,
     CircuitBreaker,
@@ -146,9 +147,21 @@ def test_credentials_refused_open_with_no_automatic_probe_until_reset(clock: Clo
     assert b.state == CLOSED and b.allow()
 
 
+def test_out_of_quota_opens_at_once_and_probes_after_the_cooldown(clock: Clock) -> None:
+    b = breaker(clock, cooldown=30)
+    b.record(QUOTA, "429 insufficient quota")
+    state = b.snapshot()
+    assert state.state == OPEN and not state.sticky and state.next_probe_at == clock.now + 30
+    b.record(QUOTA, "429 insufficient quota")  # a call that was in flight: nothing changes
+    assert b.snapshot() == state
+    clock.advance(30)
+    assert b.allow()
+
+
 def test_what_counts() -> None:
-    for kind in ("server", "timeout", "connection", "quota"):
+    for kind in ("server", "timeout", "connection"):
         assert classify(kind) == FAILURE
+    assert classify("quota") == QUOTA
     assert classify("auth") == AUTH
     assert classify("rate_limit") == RATE_LIMITED
     assert classify("rejected") == SUCCESS  # 400/404: the provider answered
