@@ -35,6 +35,7 @@ import resource
 import sys
 import time
 import tracemalloc
+from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -73,7 +74,7 @@ def _with_dbname(url: str, name: str) -> str:
     return urlunsplit(urlsplit(url)._replace(path="/" + name))
 
 
-def seed(url: str, users: int, now: datetime, history_days: int) -> float:
+def seed(url: str, users: int, now: datetime, history_days: int, due_every: int = 10) -> float:
     due = [(now + timedelta(minutes=10)).astimezone(ZoneInfo(z)).strftime("%H:%M") for z in ZONES]
     later = [(now + timedelta(hours=12)).astimezone(ZoneInfo(z)).strftime("%H:%M") for z in ZONES]
     started = time.perf_counter()
@@ -90,11 +91,11 @@ def seed(url: str, users: int, now: datetime, history_days: int) -> float:
         )
         conn.execute(
             """INSERT INTO brief_preferences (user_id, time_of_day, email_enabled)
-               SELECT g, CASE WHEN (g / 50) %% 10 = 0 THEN (%(due)s::time[])[1 + g %% 50]
+               SELECT g, CASE WHEN (g / 50) %% %(every)s = 0 THEN (%(due)s::time[])[1 + g %% 50]
                               ELSE (%(later)s::time[])[1 + g %% 50] END,
                       g %% 3 = 0
                FROM generate_series(1, %(n)s) g""",
-            {"due": due, "later": later, "n": users},
+            {"due": due, "later": later, "n": users, "every": due_every},
         )
         conn.execute(
             """INSERT INTO daily_briefs (user_id, brief_date, status, engagement_stage)
@@ -137,7 +138,7 @@ async def bench_size(server: str, users: int, args: argparse.Namespace) -> dict[
     url = _with_dbname(server, name)
     await migrate_url(url)
     now = datetime.now(UTC).replace(second=0, microsecond=0)
-    seconds = seed(url, users, now, args.history_days)
+    seconds = seed(url, users, now, args.history_days, args.due_every)
     print(f"{users:,} users: seeded in {seconds:.1f}s (db {name})")
     settings = Settings(_env_file=None, database_url=url, scheduler_page_size=args.page_size)  # type: ignore[call-arg]
     db = Database(settings, url, pool_size=2)
@@ -189,6 +190,67 @@ async def bench_size(server: str, users: int, args: argparse.Namespace) -> dict[
     return result
 
 
+async def bench_indexed(server: str, users: int, args: argparse.Namespace) -> dict[str, Any]:
+    """The indexed tick (next_due_at): one user in ``--due-every`` blocks of 50 is due at ``now``.
+
+    The seeded preferences have no next_due_at yet (as after the migration): a tick three hours before
+    ``now`` (nothing due then) plans everyone and stores it. Then, as in ``bench_size``, the first tick
+    (enqueues the due users), a steady tick five minutes later, and a full scan of the same (a dry run).
+    """
+    name = f"briefs_tickbench_{os.getpid()}_{users}"
+    with psycopg.connect(server, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = _with_dbname(server, name)
+    await migrate_url(url)
+    now = datetime.now(UTC).replace(second=0, microsecond=0)
+    seconds = seed(url, users, now, args.history_days, args.due_every)
+    print(f"{users:,} users, one block in {args.due_every} due: seeded in {seconds:.1f}s (db {name})")
+    settings = Settings(_env_file=None, database_url=url, scheduler_page_size=args.page_size)
+    db = Database(settings, url, pool_size=2)
+    try:
+        await db.check()
+        warm = await run_tick(db, settings, now - timedelta(hours=3))
+        print(_line("unknown -> stored (-3 h)", warm))
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("VACUUM ANALYZE brief_preferences")
+        first = await _profiled(args.profile, run_tick(db, settings, now))
+        print(_line("first tick (indexed)", first))
+        steady = await run_tick(db, settings, now + timedelta(minutes=5))
+        print(_line("steady tick (+5 min)", steady))
+        full = await run_tick(db, settings, now + timedelta(minutes=5), dry_run=True, detailed=False)
+        print(_line("full scan (dry run)", full))
+        return {"users": users, "warm_s": warm.duration_s, "first_s": first.duration_s,
+                "steady_s": steady.duration_s, "full_s": full.duration_s, "enqueued": len(first.enqueued)}
+    finally:
+        await db.dispose()
+        if not args.keep:
+            with psycopg.connect(server, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def _profiled(profile: bool, tick: Awaitable[TickReport]) -> TickReport:
+    """Await a tick, under cProfile when ``profile`` (the 30 costliest calls printed)."""
+    if not profile:
+        return await tick
+    prof = cProfile.Profile()
+    prof.enable()
+    report = await tick
+    prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(30)
+    print(out.getvalue())
+    return report
+
+
+def _ratio(results: list[dict[str, Any]]) -> None:
+    """The largest size's tick times over the smallest's (the same number due: the point of --indexed)."""
+    small, large = min(results, key=lambda r: r["users"]), max(results, key=lambda r: r["users"])
+    for key in ("first_s", "steady_s"):
+        print(f"  {key[:-2]} tick at {large['users']:,} / at {small['users']:,} users: "
+              f"{large[key]:.3f}s / {small[key]:.3f}s = {large[key] / small[key]:.2f}")
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--db", default=DEFAULT_SERVER, help="a libpq URL on the server to use")
@@ -197,9 +259,18 @@ async def main() -> None:
     parser.add_argument("--history-days", type=int, default=2)
     parser.add_argument("--profile", action="store_true", help="cProfile the first tick")
     parser.add_argument("--keep", action="store_true", help="keep the database")
+    parser.add_argument("--indexed", action="store_true", help="the indexed tick: store next_due_at first")
+    parser.add_argument("--due-every", type=int, action="append",
+                        help="one block of 50 users in N is due (default 10; with --indexed, one per --users)")
     args = parser.parse_args()
-    for users in args.users or [100_000]:
-        await bench_size(args.db, users, args)
+    sizes = args.users or [100_000]
+    every = args.due_every or [10] * len(sizes)
+    results = []
+    for users, due_every in zip(sizes, every, strict=True):
+        args.due_every = due_every
+        results.append(await (bench_indexed if args.indexed else bench_size)(args.db, users, args))
+    if args.indexed and len(results) > 1:
+        _ratio(results)
 
 
 if __name__ == "__main__":

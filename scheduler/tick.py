@@ -14,7 +14,7 @@ One transaction per tick
     can never outlive a crashed scheduler or leak on a pooled connection, and a
     crash mid-tick leaves nothing half done (the next tick redoes it). The price is
     that jobs become visible to workers at commit, i.e. up to one tick duration
-    (about a second per 100,000 users, see bench/README-scheduler.md) after they
+    (about a second per 10,000 users due, see bench/README-scheduler.md) after they
     were planned; jobs are planned ``generation_buffer`` ahead, so that is slack.
     A dry run is the same transaction, with no writes, rolled back. The unique
     index on live dedup keys remains the guarantee if two ticks ever overlap.
@@ -35,8 +35,41 @@ The tick log
     :func:`scheduler.report.record_tick`, after the tick's transaction; whoever runs a one-user
     tick records it the same way. Dry runs are never logged.
 
-Per page of active preferences (keyset pagination, ``settings.scheduler_page_size``)
-    1. one SELECT: preferences joined with users (timezone, last visit);
+What a tick reads: the due preferences (``brief_preferences.next_due_at``, migration 0008)
+    Each active preference keeps ``next_due_at``: the instant from which a tick must plan it again, NULL
+    for "unknown: plan me". A periodic tick selects, through the partial index on it, the preferences
+    with ``next_due_at IS NULL OR next_due_at < now + lookahead``, adds the users with pending scheduler
+    jobs (so their jobs are checked as below and never taken for leftovers), sorts the ids and plans
+    them page by page by primary key, with the code a full scan uses. At 1,000,000 users with 1 % due
+    it reads 10,000 (bench/README-scheduler.md). After planning, each user's value is stored in the
+    tick's transaction (one batched UPDATE per page, carried by the next statement, see _WRITE):
+
+    * nothing due in the window: its first occurrence at or after ``now``;
+    * briefs planned and all queued (enqueued, or blocked by a live job): its first occurrence after the
+      last one planned (a catch-up's instant has passed: after ``now``);
+    * a brief planned but not queued (an engagement skip, a refusal): ``now``, i.e. the next tick
+      decides again, as a full scan would while the brief is in its window;
+    * skipped for bad data: NULL, so it is planned (and reported) at every tick, as today, at the cost
+      of one plan per tick (plans are memoised per schedule).
+
+    The value is a cache and never trusted blindly. Applications write ``users`` and
+    ``brief_preferences`` directly, so triggers set it NULL in the transaction of every change that can
+    move a brief: a new preference, a change of frequency, weekday, time or activity, a change of
+    timezone, and a brief job that ends failed or cancelled or is deleted while live (a full scan makes a
+    new job for such a brief while it is in its window). A value is stored only if the row is still the
+    version that was planned (its ``xmin``): a change committed meanwhile keeps its NULL. The tz database
+    version the values were computed with is kept in ``scheduler_tzdata``; a tick running with another
+    one stores its own and sets every ``next_due_at`` NULL, in its transaction (in the selection
+    statement). When more than :data:`INDEXED_MAX_USERS` are due (after the migration or a new tz
+    database) the tick scans every preference instead, and stores every value.
+
+    A full scan (``run_tick(…, full_scan=True)``, and always a dry run or a detailed report, which
+    account for every user) reads every active preference in user_id order (keyset pagination); a
+    real one stores the values that changed. A one-user tick plans its user whatever the value.
+
+Per page of preferences (``settings.scheduler_page_size``)
+    1. one SELECT: preferences joined with users (timezone, last visit); it also stores the previous
+       page's next_due_at values;
     2. plan every user in Python (memoised per tick on (timezone, frequency,
        weekday, time): users that share a schedule share a plan); an invalid
        timezone or an unusable row skips that user with a reason, never the tick;
@@ -48,7 +81,8 @@ Per page of active preferences (keyset pagination, ``settings.scheduler_page_siz
        new job), then the engagement decisions, isolated per user;
     6. one ``enqueue_many`` (a multi-row INSERT … ON CONFLICT DO NOTHING).
     Five statements per page at most, whatever the page size. One NOTIFY per tick
-    (notifications are delivered at commit anyway).
+    (notifications are delivered at commit anyway). The last page's next_due_at values ride on the
+    orphaned-briefs sweep (a one-user tick, which has no sweep, stores them with one UPDATE).
 
 Hostile rows
     psycopg decodes a whole result at once, so one value Python cannot hold (a
@@ -71,7 +105,8 @@ The report
     run: ``briefs schedule --once --dry-run --json``) accounts for every user it looked
     at: also ``deduplicated_users`` (user, date, the existing job) and ``not_due``
     (each user's next brief date, ``notify_at`` and ``run_at``; a weekly user's may be
-    days ahead). Planning the next occurrence of every user is what a real tick avoids.
+    days ahead). A detailed tick is a full scan: it is a diagnostic of every user. A real tick
+    plans only the users it selected (``users_seen``).
 
 Moving and cancelling pending jobs
     Only jobs the scheduler made are touched (their payload says ``"source":
@@ -94,8 +129,8 @@ Moving and cancelling pending jobs
     A job's brief date never changes (it is the job's dedup key): a preference
     change that moves the brief to another date cancels or moves the old date's job
     and plans the new date's job under its own key. Pending scheduler jobs of users
-    that no page visited (their preference is inactive or gone) are cancelled by
-    one UPDATE at the end of the tick.
+    that no page visited (their preference is inactive or gone: every user with a pending job is
+    selected) are cancelled by one UPDATE at the end of the tick.
 """
 
 from __future__ import annotations
