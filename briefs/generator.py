@@ -81,7 +81,7 @@ from psycopg.types.json import Jsonb
 from pydantic import BaseModel
 
 from briefs import deterministic, metrics, render
-from briefs.circuit import CircuitState
+from briefs.circuit import HALF_OPEN, CircuitState
 from briefs.contract import EMAIL_JOB, BriefRequest, EmailRequest
 from briefs.db import Database
 from briefs.errors import PermanentError
@@ -417,10 +417,14 @@ class _Run:
                                           kind="circuit_open"))
 
     def _circuit_opened(self, exc: LLMError) -> None:
-        """The circuit refused a call: the rest of the brief skips the LLM."""
-        self.llm_broken = exc
-        if self.circuit is not None:
-            self.circuit_note = self.circuit.breaker.snapshot()
+        """The circuit refused a call: the brief is marked, and while the circuit is open (not merely
+        half-open, its probe in flight: that may close it) the rest of the brief skips the LLM."""
+        if self.circuit is None:
+            self.llm_broken = exc
+            return
+        self.circuit_note = self.circuit.breaker.snapshot()
+        if self.circuit.breaker.state != HALF_OPEN:
+            self.llm_broken = exc
 
     async def _publish_circuit(self) -> None:
         """The breaker's transitions into the shared row, for the other processes (never sinks the brief)."""
