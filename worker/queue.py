@@ -741,7 +741,7 @@ async def next_runnable_in(conn: Executor, horizon: datetime | None = None) -> f
     return None if seconds is None else float(seconds)
 
 
-# The earliest pending job not runnable yet: the claim index leads with priority, so a plain
+# The earliest pending job due after a moment (the worker's last claim): the claim index leads with priority, so a plain
 # min(run_at) would read every pending row. A loose index scan instead: each priority in use
 # (one index probe per priority, skipping from one to the next), then the first future run_at
 # within it (one probe each). Times are the database's: the delay is computed against its now().
@@ -756,18 +756,23 @@ WITH RECURSIVE p AS (
 SELECT (extract(epoch FROM min(n.run_at)) - extract(epoch FROM now()))::float8 AS seconds
 FROM p CROSS JOIN LATERAL (
     SELECT q.run_at FROM queue_jobs q
-    WHERE q.status = 'pending' AND q.priority = p.priority AND q.run_at > now()
+    WHERE q.status = 'pending' AND q.priority = p.priority AND q.run_at > now() - make_interval(secs => %s)
     ORDER BY q.run_at LIMIT 1) n
 """
 
 
-async def next_due_in(conn: Executor) -> float | None:
-    """Seconds (> 0, maybe ``inf``) until the earliest pending job that is not runnable yet, or None.
+async def next_due_in(conn: Executor, since: float = 0.0) -> float | None:
+    """Seconds (0: due already; maybe ``inf``) until the earliest pending job due later than ``since``
+    seconds ago, or None.
 
     What an idle worker sets its timer by, so a job scheduled for T starts at T rather than at
-    the next poll. Index probes only (a few per priority in use), whatever the number of pending jobs.
+    the next poll. ``since`` covers the time since its last claim: a job that came due between
+    that claim and this call was not claimable then and is due now (0), not forgotten. Jobs due
+    before that are the claim's to take (or locked by another worker): not counted, or a job
+    locked elsewhere would wake the worker again and again. Index probes only (a few per
+    priority in use), whatever the number of pending jobs.
     """
-    cur = await conn.execute(_NEXT_DUE)
+    cur = await conn.execute(_NEXT_DUE, (clamp_delay(since),))
     row = await cur.fetchone()
     if row is None:
         return None

@@ -86,6 +86,9 @@ HandlerFn = Callable[["JobContext"], Awaitable[Any]]
 CLAIM_APPLICATION_NAME = "briefs-claim"
 COMPLETE_APPLICATION_NAME = "briefs-complete"
 LEASE_APPLICATION_NAME = "briefs-lease"
+# Seconds added to the time since the last claim when asking what is due next: the two statements' clocks
+# (the database's now() at each) may be further apart than the worker measured between sending them.
+DUE_SLACK = 0.1
 
 
 @dataclass(frozen=True)
@@ -149,6 +152,7 @@ class Worker:
         self._kick = asyncio.Event()  # the claim loop has something to look at
         self._wake = True  # runnable jobs may be waiting (a NOTIFY, a rescue, the poll)
         self._due_at: float | None = None  # loop time at which the next job scheduled ahead is due
+        self._claimed_at = 0.0  # loop time at which the last claim was sent
         self._stopping = asyncio.Event()
         self._aborting = False
         self._retry_horizon: datetime | None = None  # latest retry this worker scheduled (burst waits for it)
@@ -245,6 +249,7 @@ class Worker:
             if free > 0 and self._wake:
                 self._wake = False  # a NOTIFY during the claim sets it again
                 self._due_at = None  # the claim takes what is due; a claim that leaves slots free re-arms
+                self._claimed_at = asyncio.get_running_loop().time()
                 try:
                     jobs = await self._claim(free)
                 except BaseException as exc:
@@ -284,9 +289,12 @@ class Worker:
         Left unset when nothing is due within the poll interval, or when asking fails: the poll
         and the NOTIFY still wake the claim loop.
         """
+        loop = asyncio.get_running_loop()
+        # Since a little before the claim: a job that came due meanwhile (the claim did not see it) is due now.
+        since = loop.time() - self._claimed_at + DUE_SLACK
         try:
             conn = await self._claim_conn.cursor()
-            due_in = await queue.next_due_in(conn)
+            due_in = await queue.next_due_in(conn, since)
         except Exception as exc:
             if is_connection_error(exc):
                 await self._claim_conn.close()
@@ -294,7 +302,7 @@ class Worker:
             log.log(level, "could not read when the next job is due (%s); polling", first_line(exc))
             return
         if due_in is not None and due_in < self.settings.poll_interval:
-            self._due_at = asyncio.get_running_loop().time() + due_in
+            self._due_at = loop.time() + due_in
 
     def _wait_timeout(self) -> float:
         """How long the claim loop may sleep: the poll interval, or less when a job is due sooner and a slot is free."""

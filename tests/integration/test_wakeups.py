@@ -138,7 +138,28 @@ async def test_next_due_in_is_the_earliest_future_run_at_over_every_priority(db:
         due_in = await queue.next_due_in(conn)
         assert due_in is not None
         assert 3000 < due_in <= 3600  # the priority-500 job, an hour ahead (whatever else leads the index)
+        assert await queue.next_due_in(conn, since=60) == 0  # came due within the last minute: due now
         await conn.execute("UPDATE queue_jobs SET run_at = 'infinity' WHERE priority = 500")
         later = await queue.next_due_in(conn)
         assert later is not None
         assert 3600 < later <= 7200
+
+
+async def test_jobs_due_close_together_all_start_on_time(db: Database) -> None:
+    """A job that comes due between a claim and the question "what is due next" is due now, not forgotten
+    (it would otherwise wait for the next job's timer, or for the poll when it is the last one)."""
+    w = idle_worker(db)
+    run = asyncio.create_task(w.run())
+    try:
+        await asyncio.sleep(0.3)
+        base = await db_now(db)
+        async with db.raw() as conn:
+            ids = await queue.enqueue_many(
+                conn, [NewJob("noop", run_at=base + timedelta(seconds=1 + i * 0.007)) for i in range(40)])
+        rows = [await completed(db, job_id) for job_id in ids if job_id is not None]
+    finally:
+        w.stop()
+        await run
+    assert len(rows) == 40
+    for row in rows:
+        assert row["run_at"] <= row["started_at"] < row["run_at"] + TIMER_BOUND
