@@ -183,6 +183,10 @@ _MICROSECOND = timedelta(microseconds=1)
 # An indexed tick plans at most this many users (an id list of a few MB); when more are due (every next_due_at
 # was just set NULL: the migration, a new tz database) it scans every preference instead, as a full scan does.
 INDEXED_MAX_USERS = 100_000
+# A stored next_due_at is at most this far after the lookahead of the tick that wrote it (the first occurrence
+# after one planned inside the lookahead: a week, plus a day for offsets and gaps); one later than that after
+# the current tick's lookahead was not written by a tick.
+_LATEST_NEXT = timedelta(days=9)
 _WARN_SKIPS = 10  # per tick, the first users skipped for bad data are logged as warnings, the rest at debug
 
 _Row = TypeVar("_Row")
@@ -503,10 +507,12 @@ _PAGE_IDS = _PAGE.replace(
 assert _PAGE_IDS != _PAGE
 
 # An indexed tick's selection: the active preferences due before the end of the lookahead or unknown (NULL), by
-# the partial index brief_preferences_next_due. First it compares the tz database version the stored values were
-# computed with to the tick's: when it differs (or none is stored) it stores the tick's, sets every next_due_at
-# NULL, selects every active preference (the statement's own reads do not see its UPDATE) and returns a row
-# with a NULL user_id to say so. The one-time filters (EXISTS on stamp) keep both at no cost otherwise.
+# the partial index brief_preferences_next_due. A value later than any a tick writes (_LATEST_NEXT) was not
+# written by one ('infinity', a typo): that preference is planned again too. First the statement compares the
+# tz database version the stored values were computed with to the tick's: when it differs (or none is stored)
+# it stores the tick's, sets every next_due_at NULL, selects every active preference (the statement's own reads
+# do not see its UPDATE) and returns a row with a NULL user_id to say so. The one-time filters (EXISTS on
+# stamp) make both cost nothing otherwise.
 _STAMP = """
 WITH stamp AS (
     INSERT INTO scheduler_tzdata (version)
@@ -520,7 +526,8 @@ _DUE = _STAMP + """
 SELECT NULL::bigint AS user_id FROM stamp
 UNION ALL
 (SELECT p.user_id FROM brief_preferences p
- WHERE p.is_active AND (p.next_due_at IS NULL OR p.next_due_at < %(until)s) LIMIT %(cap)s)
+ WHERE p.is_active AND (p.next_due_at IS NULL OR p.next_due_at < %(until)s OR p.next_due_at > %(implausible)s)
+ LIMIT %(cap)s)
 UNION ALL
 (SELECT p.user_id FROM brief_preferences p WHERE p.is_active AND EXISTS (SELECT FROM stamp) LIMIT %(cap)s)
 """
@@ -793,7 +800,8 @@ async def _select(conn: _Counted, planner: _Planner, pending: dict[int, list[_Pe
     None when more than :data:`INDEXED_MAX_USERS` are due: the tick then scans every preference.
     """
     version = tzdata_version()
-    params = {"version": version, "until": planner.now + planner.lookahead, "cap": INDEXED_MAX_USERS}
+    until = planner.now + planner.lookahead
+    params = {"version": version, "until": until, "implausible": until + _LATEST_NEXT, "cap": INDEXED_MAX_USERS}
     rows = await conn.fetch(_DUE, params, dict_row)
     selected = {row["user_id"] for row in rows}
     if None in selected:

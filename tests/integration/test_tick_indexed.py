@@ -137,6 +137,30 @@ async def test_a_new_tz_database_sets_every_next_due_at_again(
     assert {next_due(sched_seed, uid) for uid in users} == {datetime(2026, 3, 10, 20, tzinfo=UTC)}
 
 
+async def test_a_value_no_tick_writes_is_planned_again(
+    db: Database, settings: Settings, sched_seed: SchedulerSeed
+) -> None:
+    far = sched_seed.user("UTC", "20:00")
+    near = sched_seed.user("UTC", "20:00")
+    await run_tick(db, settings, NOW)
+    sched_seed.execute("UPDATE brief_preferences SET next_due_at = 'infinity' WHERE user_id = %s", (far,))
+    sched_seed.execute("UPDATE brief_preferences SET next_due_at = %s WHERE user_id = %s",
+                       (NOW + timedelta(days=7), near))  # a weekly user's may be that far: trusted
+    report = await run_tick(db, settings, NOW + timedelta(minutes=5))
+    assert report.users_seen == 1
+    assert next_due(sched_seed, far) == datetime(2026, 3, 10, 20, tzinfo=UTC)
+
+
+async def test_a_one_user_tick_stores_its_users_next_due_at(
+    db: Database, settings: Settings, sched_seed: SchedulerSeed
+) -> None:
+    uid = sched_seed.user("UTC", "20:00")
+    other = sched_seed.user("UTC", "20:00")
+    report = await run_tick(db, settings, NOW, user_id=uid)
+    assert report.users_seen == 1
+    assert (next_due(sched_seed, uid), next_due(sched_seed, other)) == (datetime(2026, 3, 10, 20, tzinfo=UTC), None)
+
+
 async def test_more_due_users_than_an_indexed_tick_takes_make_a_full_scan(
     db: Database, settings: Settings, sched_seed: SchedulerSeed, monkeypatch: pytest.MonkeyPatch
 ) -> None:
