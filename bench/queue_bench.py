@@ -10,6 +10,9 @@ Workloads (same sizes for every system):
 - ``latency``  an idle worker (10 slots); 200 jobs enqueued one by one, 20 ms apart, by another process:
                time from the start of the enqueue call to the handler starting (median and p95).
 - ``enqueue``  one bulk enqueue of 20,000 jobs (one call, committed): jobs/s.
+- ``single``   2,000 jobs enqueued one at a time, each its own call and its own commit: jobs/s.
+- ``wakeup``   an idle worker (10 slots, the default 5 s poll interval); 200 jobs scheduled 0.5–5 s ahead:
+               lateness ``started_at - run_at``, both written by the database (p50, p99, max). Ours only.
 - ``memory``   200,000 no-op jobs, 10 slots: the worker process's RSS before, at its peak and after.
 
 Every measurement runs in a fresh child process: ours with this interpreter, the competitors
@@ -39,6 +42,7 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -51,6 +55,8 @@ WORKLOADS: dict[str, dict[str, Any]] = {
     "sleep": {"jobs": 2_000, "slots": 50, "kind": "sleep"},
     "latency": {"jobs": 200, "slots": 10, "kind": "stamp", "spacing": 0.02},
     "enqueue": {"jobs": 20_000},
+    "single": {"jobs": 2_000},
+    "wakeup": {"jobs": 200, "slots": 10, "kind": "noop", "ahead": (0.5, 5.0)},
     "memory": {"jobs": 200_000, "slots": 10, "kind": "noop"},
 }
 SLEEP_SECONDS = 0.05
@@ -162,6 +168,54 @@ async def ours_enqueue(url: str, kind: str, n: int) -> float:
         return time.perf_counter() - started
 
 
+async def ours_enqueue_one_by_one(url: str, kind: str, n: int) -> float:
+    """``n`` enqueues, each its own statement and commit (an autocommit connection, as pgqueuer's asyncpg)."""
+    import psycopg
+
+    from worker import queue
+
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        started = time.perf_counter()
+        for _ in range(n):
+            await queue.enqueue(conn, queue.NewJob(kind))
+        return time.perf_counter() - started
+
+
+async def ours_wakeup(url: str, spec: dict[str, Any], worker: Any) -> dict[str, Any]:
+    """An idle worker; jobs scheduled ahead (run_at from the database's clock); lateness measured in the database."""
+    import random
+
+    import psycopg
+
+    from worker import queue
+
+    run = asyncio.ensure_future(worker.run())
+    await asyncio.sleep(1.5)  # connected, LISTENing, idle
+    low, high = spec["ahead"]
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        cur = await conn.execute("SELECT clock_timestamp()")
+        (now,) = await cur.fetchone()  # type: ignore[misc]
+        jobs = [queue.NewJob(spec["kind"], run_at=now + timedelta(seconds=random.uniform(low, high)))
+                for _ in range(spec["jobs"])]
+        await queue.enqueue_many(conn, jobs)
+        deadline = time.monotonic() + high + 15
+        while time.monotonic() < deadline:
+            cur = await conn.execute("SELECT count(*) FROM queue_jobs WHERE started_at IS NULL")
+            (left,) = await cur.fetchone()  # type: ignore[misc]
+            if left == 0:
+                break
+            await asyncio.sleep(0.2)
+        cur = await conn.execute("SELECT extract(epoch FROM started_at - run_at)::float8 * 1000 FROM queue_jobs"
+                                 " WHERE started_at IS NOT NULL ORDER BY 1")
+        late = [ms for (ms,) in await cur.fetchall()]
+    worker.stop()
+    await asyncio.wait_for(run, 30)
+    if not late:
+        return {"jobs": spec["jobs"], "started": 0}
+    return {"jobs": spec["jobs"], "started": len(late), "p50_ms": statistics.median(late),
+            "p99_ms": late[int(0.99 * (len(late) - 1))], "max_ms": late[-1], "min_ms": late[0]}
+
+
 async def ours_child(workload: str, url: str) -> dict[str, Any]:
     import logging
 
@@ -180,6 +234,9 @@ async def ours_child(workload: str, url: str) -> dict[str, Any]:
     if workload == "enqueue":
         elapsed = await ours_enqueue(url, "noop", spec["jobs"])
         return {"jobs": spec["jobs"], "seconds": elapsed, "rate": spec["jobs"] / elapsed}
+    if workload == "single":
+        elapsed = await ours_enqueue_one_by_one(url, "noop", spec["jobs"])
+        return {"jobs": spec["jobs"], "seconds": elapsed, "rate": spec["jobs"] / elapsed}
     settings = Settings(_env_file=None, database_url=url, log_level="WARNING")  # type: ignore[call-arg]
     db = await Database.connect(settings)
     try:
@@ -190,6 +247,8 @@ async def ours_child(workload: str, url: str) -> dict[str, Any]:
                 worker.stop()
 
             return await latency_run("ours", url, spec, worker.run, stop)
+        if workload == "wakeup":
+            return await ours_wakeup(url, spec, Worker(db, settings, ours_handlers(), concurrency=spec["slots"]))
         await ours_enqueue(url, spec["kind"], spec["jobs"])
         async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
             await conn.execute("ANALYZE queue_jobs")
@@ -268,10 +327,18 @@ async def pgqueuer_child(workload: str, url: str) -> dict[str, Any]:
     from pgqueuer.domain.types import QueueExecutionMode
 
     spec = WORKLOADS[workload]
+    if workload == "wakeup":
+        return {"error": "not measured for this system"}
     conn, queries = await pgqueuer_setup(url, fresh=True)
     try:
         if workload == "enqueue":
             elapsed = await pgqueuer_enqueue(queries, "noop", spec["jobs"])
+            return {"jobs": spec["jobs"], "seconds": elapsed, "rate": spec["jobs"] / elapsed}
+        if workload == "single":
+            started = time.perf_counter()
+            for _ in range(spec["jobs"]):
+                await queries.enqueue("noop", None, 0)
+            elapsed = time.perf_counter() - started
             return {"jobs": spec["jobs"], "seconds": elapsed, "rate": spec["jobs"] / elapsed}
         worker_conn = await asyncpg.connect(url)
         qm = pgqueuer_manager(worker_conn)
@@ -340,6 +407,8 @@ async def procrastinate_child(workload: str, url: str) -> dict[str, Any]:
     import psycopg
 
     spec = WORKLOADS[workload]
+    if workload == "wakeup":
+        return {"error": "not measured for this system"}
     app = procrastinate_app(url)
     async with app.open_async():
         async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
@@ -351,6 +420,12 @@ async def procrastinate_child(workload: str, url: str) -> dict[str, Any]:
             await conn.execute("TRUNCATE procrastinate_jobs CASCADE")
         if workload == "enqueue":
             elapsed = await procrastinate_enqueue(app, "noop", spec["jobs"])
+            return {"jobs": spec["jobs"], "seconds": elapsed, "rate": spec["jobs"] / elapsed}
+        if workload == "single":
+            started = time.perf_counter()
+            for _ in range(spec["jobs"]):
+                await app.tasks["noop"].defer_async()
+            elapsed = time.perf_counter() - started
             return {"jobs": spec["jobs"], "seconds": elapsed, "rate": spec["jobs"] / elapsed}
         worker_kw = {"concurrency": spec["slots"], "install_signal_handlers": False}
         if workload == "latency":
@@ -430,7 +505,7 @@ def summarize(workload: str, runs: list[dict[str, Any]]) -> str:
     ok = [r for r in runs if "error" not in r]
     if not ok:
         return f"error: {runs[-1]['error']}"
-    if workload in ("drain", "enqueue"):
+    if workload in ("drain", "enqueue", "single"):
         rates = sorted(r["rate"] for r in ok)
         extra = ""
         if workload == "drain" and ok[-1].get("statuses"):
@@ -446,6 +521,13 @@ def summarize(workload: str, runs: list[dict[str, Any]]) -> str:
         p95 = statistics.median(r["p95_ms"] for r in ok)
         started = min(r["started"] for r in ok)
         return f"median {med:.2f} ms, p95 {p95:.2f} ms ({started}/{ok[0]['jobs']} started)"
+    if workload == "wakeup":
+        ok = [r for r in ok if r["started"]]
+        if not ok:
+            return "error: no job started"
+        return (f"lateness p50 {statistics.median(r['p50_ms'] for r in ok):.1f} ms, "
+                f"p99 {statistics.median(r['p99_ms'] for r in ok):.1f} ms, max {max(r['max_ms'] for r in ok):.1f} ms "
+                f"(medians of {len(ok)} runs; {min(r['started'] for r in ok)}/{ok[0]['jobs']} started)")
     if workload == "memory":
         r = ok[-1]
         return (f"RSS start {r['rss_start_mb']:.1f} MB, peak {r['rss_peak_mb']:.1f} MB, end {r['rss_end_mb']:.1f} MB "
