@@ -573,13 +573,14 @@ class _PendingRow(NamedTuple):
     email: bool
 
 
+# The keys go in binary (%b): a text array in text form costs psycopg a regex escape per element.
 _DEDUP = f"""
 SELECT j.dedup_key, j.id, j.status, j.user_id, {_instant("j.notify_at")} AS notify_at,
        coalesce(j.payload->>'source' = %s, false) AS by_scheduler,
        coalesce(j.payload->'catch_up' = 'true'::jsonb, false) AS catch_up,
        coalesce(j.payload->'email' = 'true'::jsonb, false) AS email
 FROM queue_jobs j
-WHERE j.dedup_key = ANY(%s) AND j.job_type = %s AND j.status IN ('pending', 'processing', 'completed')
+WHERE j.dedup_key = ANY(%b) AND j.job_type = %s AND j.status IN ('pending', 'processing', 'completed')
 """
 
 
