@@ -24,9 +24,9 @@ class RetryLater(Exception):
 class Defer(RetryLater):
     """Not now, and not a failure: run the job again after ``delay`` seconds without spending an attempt.
 
-    The worker records it like any transient error (pending again at now + ``delay``); the handler that
-    raises it gives the attempt back first (``briefs.jobs.defer``: ``queue_jobs.attempts - 1``, fenced by
-    the run's token), so a job deferred any number of times still has all its attempts for real failures.
+    The worker sees ``refund`` and records the run as deferred (``worker.queue.fail(refund=True)``: pending
+    again at now + ``delay``, its attempt given back, counted apart from failures), so a job deferred any
+    number of times still has all its attempts for real failures.
     """
 
     refund = True

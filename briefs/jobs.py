@@ -17,7 +17,7 @@ so its process-wide limits apply across briefs.
 
 While the client's LLM circuit is open (:mod:`briefs.circuit`), a brief whose ``notify_at`` is far
 enough away — more than the brief's own time budget plus :data:`DEFER_MARGIN` — is deferred
-(:func:`defer_delay`): the job gives its attempt back and raises :class:`~briefs.errors.Defer`, to run
+(:func:`defer_delay`): the job raises :class:`~briefs.errors.Defer` (the worker gives its attempt back), to run
 again when the circuit's next probe is due (or, for a circuit with no automatic probe, when the brief
 must be written to be on time). A brief that would otherwise be late is written now, without the
 LLM, and marked so (:mod:`briefs.generator`).
@@ -57,12 +57,6 @@ ABANDON_CHECK_TIMEOUT = 5.0  # seconds for the check (and mark) when the job was
 # plus this margin before its notify_at; otherwise it is written now, without the LLM, to be on time.
 DEFER_MARGIN = 60.0
 MIN_DEFER = 5.0  # seconds: a shorter deferral is not worth a round trip through the queue
-
-_REFUND_ATTEMPT = """
-UPDATE queue_jobs SET attempts = greatest(attempts - 1, 0), updated_at = now()
-WHERE id = %s AND processing_token = %s AND status = 'processing'
-"""
-
 
 def brief_budget(job_timeout: float) -> float:
     return job_timeout - min(GIVE_UP_MARGIN, job_timeout / 10)
@@ -111,7 +105,7 @@ def defer_delay(state: CircuitState, notify_at: datetime | None, now: float, bud
 
 
 async def defer(ctx: JobContext, request: BriefRequest, llm: LLMClient) -> None:
-    """Raise :class:`Defer` (the attempt given back) when the circuit is open and the brief can wait."""
+    """Raise :class:`Defer` (the worker gives the attempt back) when the circuit is open and the brief can wait."""
     if llm.circuit is None:
         return
     state = await llm.circuit.refresh(ctx.db)
@@ -120,8 +114,6 @@ async def defer(ctx: JobContext, request: BriefRequest, llm: LLMClient) -> None:
     delay = defer_delay(state, request.notify_at, time.time(), brief_budget(ctx.settings.job_timeout))
     if delay is None:
         return
-    async with ctx.db.raw() as conn:
-        await conn.execute(_REFUND_ATTEMPT, (ctx.job.id, ctx.job.token))
     raise Defer(f"deferred {delay:.0f}s, attempt not spent: the LLM circuit is {state.describe()}", delay=delay)
 
 

@@ -14,6 +14,7 @@ class WorkerStats:
     completed: int = 0
     failed: int = 0
     retried: int = 0
+    deferred: int = 0  # runs a handler put off without spending an attempt (not failures)
     lost: int = 0
     released: int = 0
     claims: int = 0

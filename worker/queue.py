@@ -809,21 +809,27 @@ def _split_done(done: Sequence[tuple[int, UUID, Any]]) -> tuple[list[int], list[
 
 
 async def fail(
-    conn: Conn, job: Job, error: str, *, permanent: bool, retry_delay: float
+    conn: Conn, job: Job, error: str, *, permanent: bool, retry_delay: float, refund: bool = False
 ) -> FailOutcome | None:
     """Record a failed run: back to pending after ``retry_delay`` seconds, or failed for good.
 
-    Failed for good when the error is permanent or the attempts are used up.
+    Failed for good when the error is permanent or the attempts are used up. ``refund``: the run was
+    deferred, not failed (the handler said "not now"): the attempt is given back, so the job is pending
+    again whatever its attempts (a deferral is never the last straw).
     Returns None when the token no longer holds (the job was rescued or cancelled).
     """
     cur = conn.cursor(row_factory=class_row(FailOutcome))
+    # Every expression reads the row as it was: the attempts compared are those before any refund.
     await cur.execute(
         """
         UPDATE queue_jobs
-        SET status = CASE WHEN %(permanent)s OR attempts >= max_attempts THEN 'failed' ELSE 'pending' END,
-            run_at = CASE WHEN %(permanent)s OR attempts >= max_attempts THEN run_at
-                          ELSE now() + make_interval(secs => %(delay)s) END,  -- delay: see retry_delay()
-            finished_at = CASE WHEN %(permanent)s OR attempts >= max_attempts THEN now() END,
+        SET status = CASE WHEN %(permanent)s OR (NOT %(refund)s AND attempts >= max_attempts)
+                          THEN 'failed' ELSE 'pending' END,
+            run_at = CASE WHEN %(permanent)s OR (NOT %(refund)s AND attempts >= max_attempts)
+                          THEN run_at ELSE now() + make_interval(secs => %(delay)s) END,  -- see retry_delay()
+            attempts = CASE WHEN %(refund)s AND NOT %(permanent)s THEN greatest(attempts - 1, 0) ELSE attempts END,
+            finished_at = CASE WHEN %(permanent)s OR (NOT %(refund)s AND attempts >= max_attempts)
+                               THEN now() END,
             last_error = %(error)s,
             lease_expires_at = NULL,
             locked_by = NULL,
@@ -831,8 +837,8 @@ async def fail(
         WHERE id = %(id)s AND processing_token = %(token)s AND status = 'processing'
         RETURNING status, CASE WHEN status = 'pending' THEN run_at END AS run_at, attempts
         """,
-        {"permanent": permanent, "delay": clamp_delay(retry_delay), "error": safe_text(error), "id": job.id,
-         "token": job.token},
+        {"permanent": permanent, "refund": refund, "delay": clamp_delay(retry_delay), "error": safe_text(error),
+         "id": job.id, "token": job.token},
     )
     return await cur.fetchone()
 

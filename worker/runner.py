@@ -470,6 +470,8 @@ class Worker:
 
     async def _record_failure(self, job: Job, error: BaseException) -> None:
         permanent = is_permanent(error)
+        # A handler's "not now" (``refund = True``, e.g. briefs.errors.Defer): run again later, attempt not spent.
+        deferred = getattr(error, "refund", False) is True and not permanent
         message = _error_message(error)
         delay = getattr(error, "delay", None)
         if isinstance(delay, bool) or not isinstance(delay, int | float):  # None, or not a number
@@ -479,7 +481,8 @@ class Worker:
         for attempt in range(5):
             try:
                 conn = await self._lease_conn.get()
-                result = await queue.fail(conn, job, message, permanent=permanent, retry_delay=delay)
+                result = await queue.fail(conn, job, message, permanent=permanent, retry_delay=delay,
+                                          refund=deferred)
                 break
             except Exception as exc:
                 if not retryable(exc) or attempt == 4:
@@ -501,10 +504,14 @@ class Worker:
                 message,
             )
         else:
-            self.stats.retried += 1
-            type_metrics.retried.inc()
             if result.run_at is not None and delay <= self.settings.retry_max:
                 self._note_retry(result.run_at)  # a burst worker waits for it (not for a RetryLater days ahead)
+            if deferred:
+                self.stats.deferred += 1
+                log.info("job %s deferred to %s (attempt not spent): %s", job.id, result.run_at, message)
+                return
+            self.stats.retried += 1
+            type_metrics.retried.inc()
             log.warning("job %s attempt %d failed, retrying at %s: %s", job.id, result.attempts, result.run_at, message)
 
     def _note_retry(self, run_at: datetime) -> None:

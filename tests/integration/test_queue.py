@@ -16,6 +16,7 @@ import psycopg
 import pytest
 
 from briefs.db import Database
+from briefs.errors import Defer
 from tests import handlers_for_tests as th
 from tests.conftest import make_settings
 from tests.polling import wait_for_async as until
@@ -600,3 +601,23 @@ async def test_a_crashing_claim_loop_still_hands_running_jobs_back(
     row = await job(db, job_id)
     assert (row["status"], row["attempts"]) == ("pending", 0)
     assert events("cancelled", job_id) == [1]
+
+
+async def test_a_deferred_run_spends_no_attempt_even_on_the_last_one(db: Database) -> None:
+    """A handler's "not now" (an error with ``refund = True``, like briefs.errors.Defer) puts the job back
+    without spending its attempt: on its only attempt it is pending again, not failed, and it is counted
+    as deferred, not as a failure."""
+    deferrals: list[int] = []
+
+    async def later(ctx: JobContext) -> str:
+        deferrals.append(ctx.job.attempts)
+        if len(deferrals) < 3:
+            raise Defer("not now", delay=0.05)
+        return "done"
+
+    [job_id] = await enqueue(db, NewJob("later", max_attempts=1))
+    stats = await drain(db, extra={"later": Handler(later)})
+    row = await job(db, job_id)
+    assert (row["status"], row["attempts"], row["result"]) == ("completed", 1, "done")
+    assert deferrals == [1, 1, 1]  # every run was its first attempt
+    assert (stats.deferred, stats.retried, stats.failed, stats.completed) == (2, 0, 0, 1)
