@@ -9,6 +9,8 @@ that only its owner can write); it may set exactly these variables, nothing else
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 import stat
@@ -33,6 +35,8 @@ MIN_INTERVAL = 0.01  # a loop's period: 1e-9 made an idle worker spin on claim q
 MAX_COUNT = 100_000  # slots, pool connections, concurrency, items in a brief
 MAX_WORKER_ID_CHARS = 200
 MIN_ADMIN_TOKEN_CHARS = 16
+MAX_PRICED_MODELS = 500  # models in BRIEFS_LLM_PRICES
+MAX_PRICE = 1e12  # any price per million tokens, and the daily budget
 
 
 def _default_data_dir() -> Path:
@@ -110,6 +114,11 @@ class Settings(BaseSettings):
     llm_concurrency: int = Field(default=8, ge=1, le=MAX_COUNT)
     llm_brief_concurrency: int = Field(default=4, ge=1, le=MAX_COUNT)
     llm_rpm: int = Field(default=0, ge=0, le=1_000_000)  # 0 = unlimited
+    # Cost accounting: model -> {"input": price, "output": price} per million tokens (JSON); a model
+    # missing from it has its tokens counted and its cost reported as unknown (never 0).
+    llm_prices: Annotated[dict[str, dict[str, float]], NoDecode] = Field(default_factory=dict)
+    llm_currency: str = "USD"  # the prices' and the budget's currency (a label)
+    llm_daily_budget: float | None = Field(default=None, gt=0, le=MAX_PRICE)  # per UTC day; unset: no limit
 
     # Worker.
     worker_concurrency: int = Field(default=10, ge=1, le=MAX_COUNT)
@@ -243,6 +252,24 @@ class Settings(BaseSettings):
             raise ValueError("BRIEFS_MODEL must be a model name: 1 to 200 printable characters on one line")
         return value
 
+    @field_validator("llm_prices", mode="before")
+    @classmethod
+    def _llm_prices(cls, value: object) -> object:
+        return parse_prices(value)
+
+    @field_validator("llm_currency")
+    @classmethod
+    def _llm_currency(cls, value: str) -> str:
+        value = value.strip()
+        if not value or len(value) > 10 or not value.isprintable():
+            raise ValueError("BRIEFS_LLM_CURRENCY must be a short label: 1 to 10 printable characters (e.g. USD)")
+        return value
+
+    @field_validator("llm_daily_budget", mode="before")
+    @classmethod
+    def _llm_daily_budget(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("worker_id")
     @classmethod
     def _worker_id(cls, value: str | None) -> str | None:
@@ -289,6 +316,41 @@ class Settings(BaseSettings):
     @cached_property
     def llm_enabled(self) -> bool:
         return bool(self.openai_api_key and self.openai_api_key.get_secret_value())
+
+
+def parse_prices(value: object) -> dict[str, dict[str, float]]:
+    """``BRIEFS_LLM_PRICES``: a JSON object (or a dict) of model name -> {"input": n, "output": n}, the price
+    per million prompt and completion tokens: finite numbers >= 0. A ValueError says what is wrong, on one line."""
+    name = "BRIEFS_LLM_PRICES"
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return {}
+    if isinstance(value, str | bytes):
+        try:
+            value = json.loads(value)
+        except (ValueError, RecursionError):
+            raise ValueError(f'{name} is not valid JSON; expected e.g. {{"gpt-4o-mini": {{"input": 0.15, '
+                             f'"output": 0.6}}}}') from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a JSON object of model name -> {{\"input\": n, \"output\": n}}")
+    if len(value) > MAX_PRICED_MODELS:
+        raise ValueError(f"{name} prices {len(value)} models; at most {MAX_PRICED_MODELS}")
+    prices: dict[str, dict[str, float]] = {}
+    for model, price in value.items():
+        if not isinstance(model, str) or not model.strip() or len(model) > 200 or not model.isprintable():
+            raise ValueError(f"{name}: a model name must be 1 to 200 printable characters")
+        if not isinstance(price, dict) or set(price) != {"input", "output"}:
+            raise ValueError(f'{name}: {model[:80]!r} must be {{"input": n, "output": n}} (per million tokens)')
+        prices[model.strip()] = {part: _price(price[part], f"{name}: {model[:80]!r} {part}") for part in price}
+    return prices
+
+
+def _price(value: object, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{where} must be a number")
+    number = float(value) if not isinstance(value, int) or abs(value) <= MAX_PRICE else math.inf
+    if not math.isfinite(number) or number < 0 or number > MAX_PRICE:
+        raise ValueError(f"{where} must be a finite number from 0 to {MAX_PRICE:g}")
+    return number
 
 
 _SECRET_PARAM = re.compile(

@@ -287,3 +287,48 @@ def test_a_blank_api_key_means_no_llm() -> None:
     assert settings.openai_api_key is None and not settings.llm_enabled
     key = Settings(_env_file=None, openai_api_key=" sk-ok_123 ").openai_api_key  # type: ignore[call-arg]
     assert key is not None and key.get_secret_value() == "sk-ok_123"
+
+
+@pytest.mark.parametrize(
+    ("prices", "says"),
+    [
+        ("{not json", "BRIEFS_LLM_PRICES is not valid JSON"),
+        ("[1, 2]", "BRIEFS_LLM_PRICES must be a JSON object"),
+        ('{"m": 1}', "'m' must be"),
+        ('{"m": {"input": 1}}', "'m' must be"),
+        ('{"m": {"input": 1, "output": 2, "cached": 1}}', "'m' must be"),
+        ('{"m": {"input": "1", "output": 2}}', "'m' input must be a number"),
+        ('{"m": {"input": true, "output": 2}}', "'m' input must be a number"),
+        ('{"m": {"input": 1, "output": -2}}', "'m' output must be a finite number"),
+        ('{"m": {"input": 1e400, "output": 2}}', "'m' input must be a finite number"),
+        ('{"m": {"input": 1, "output": NaN}}', "'m' output must be a finite number"),
+        ('{"m": {"input": 10000000000000000000000000000, "output": 2}}', "'m' input must be a finite number"),
+        ('{"": {"input": 1, "output": 2}}', "a model name must be"),
+        ("{" + ",".join(f'"m{i}": {{"input": 1, "output": 1}}' for i in range(501)) + "}", "at most 500"),
+    ],
+)
+def test_bad_llm_prices_are_refused_on_one_line(prices: str, says: str) -> None:
+    with pytest.raises(ValidationError, match=says) as err:
+        Settings(_env_file=None, llm_prices=prices)
+    message = next(e["msg"] for e in err.value.errors())
+    assert "\n" not in message and "BRIEFS_LLM_PRICES" in message
+
+
+def test_llm_prices_budget_and_currency_are_read() -> None:
+    settings = Settings(_env_file=None, llm_prices='{"gpt-x": {"input": 0.15, "output": 0.6}, "free": '
+                                                  '{"input": 0, "output": 0}}', llm_daily_budget="2.5")
+    assert settings.llm_prices == {"gpt-x": {"input": 0.15, "output": 0.6}, "free": {"input": 0.0, "output": 0.0}}
+    assert settings.llm_daily_budget == 2.5 and settings.llm_currency == "USD"
+    assert Settings(_env_file=None, llm_daily_budget="").llm_daily_budget is None
+    assert Settings(_env_file=None).llm_prices == {}
+
+
+@pytest.mark.parametrize("budget", ["0", "-1", "inf", "nan", "1e400", "ten"])
+def test_bad_daily_budgets_are_refused_by_name(budget: str) -> None:
+    with pytest.raises(ValidationError, match="llm_daily_budget"):
+        Settings(_env_file=None, llm_daily_budget=budget)
+
+
+def test_bad_currency_is_refused() -> None:
+    with pytest.raises(ValidationError, match="BRIEFS_LLM_CURRENCY"):
+        Settings(_env_file=None, llm_currency="a currency name far too long")
