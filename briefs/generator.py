@@ -68,11 +68,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -85,7 +86,17 @@ from briefs.circuit import HALF_OPEN, CircuitState
 from briefs.contract import EMAIL_JOB, BriefRequest, EmailRequest
 from briefs.db import Database
 from briefs.errors import PermanentError
-from briefs.llm import TOKENS_MAX, ExecutiveSummary, LLMClient, LLMError, ProjectBrief, instructions, token_count
+from briefs.llm import (
+    TOKENS_MAX,
+    ExecutiveSummary,
+    LLMClient,
+    LLMError,
+    LLMResult,
+    ProjectBrief,
+    call_cost,
+    instructions,
+    token_count,
+)
 from briefs.loading import BriefContext, Limits, ProjectContext, UserContext, load_brief_context
 from briefs.render import BriefView, Section, clip, scrub
 
@@ -102,6 +113,9 @@ SECTION_BATCH_WINDOW = 0.1
 # Transactions per brief: one to load the data and claim the row (the first progress rides in the
 # claim), one per batch of finished project sections (usually one: see SECTION_BATCH_WINDOW;
 # throttled progress rides along), one to finish (with the last progress and the email job).
+# What the reader of a brief written without AI because the day's LLM budget was spent is told.
+BUDGET_NOTICE = ("The service's daily AI budget has been reached, so this brief lists your tasks as they are "
+                 "instead of summarising them; AI summaries resume tomorrow (UTC).")
 AUTH_STATUSES = frozenset({401, 403})  # after one of these, the rest of the brief skips the LLM
 
 
@@ -159,6 +173,7 @@ class BriefOutcome:
     sources: dict[str, int] = field(default_factory=dict)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cost: float | None = 0.0  # in settings.llm_currency; None: unknown (a model without a price)
     follow_ups: list[FollowUp] = field(default_factory=list)
 
     def result(self) -> dict[str, Any]:
@@ -170,6 +185,8 @@ class BriefOutcome:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
         }
+        if not self.skipped:
+            out["cost"] = self.cost
         if self.skipped:
             out["skipped"] = True
             out["reason"] = self.reason
@@ -202,6 +219,7 @@ class _Tally:
     prompt: int
     completion: int
     model: str | None
+    cost: float | None  # None: some tokens had no price (unknown, never counted as 0)
 
     @classmethod
     def of(cls, results: Sequence[_ProjectResult], summary_meta: dict[str, Any]) -> _Tally:
@@ -209,16 +227,29 @@ class _Tally:
         prompt = token_count(summary_meta.get("summary_prompt_tokens"))
         completion = token_count(summary_meta.get("summary_completion_tokens"))
         model = summary_meta.get("summary_model")
+        costs = [_part_cost(prompt, completion, summary_meta.get("summary_cost"))]
         for r in results:
             src = str(r.meta.get("source"))
             sources[src] = sources.get(src, 0) + 1
             p, c = r.tokens
             prompt += p
             completion += c
+            costs.append(_part_cost(p, c, r.meta.get("cost")))
             model = model or r.meta.get("model")
         if not isinstance(model, str):
             model = None  # a kept section's metadata may hold anything
-        return cls(sources, min(prompt, TOKENS_MAX), min(completion, TOKENS_MAX), model)
+        cost = None if None in costs else math.fsum(c for c in costs if c is not None)
+        return cls(sources, min(prompt, TOKENS_MAX), min(completion, TOKENS_MAX), model, cost)
+
+
+def _part_cost(prompt: int, completion: int, cost: Any) -> float | None:
+    """The cost of a section's (or the summary's) tokens as stored in its metadata: 0 without tokens, None
+    (unknown) when the tokens had no price or the value is not a cost (a kept section may hold anything)."""
+    if not prompt and not completion:
+        return 0.0
+    if isinstance(cost, int | float) and not isinstance(cost, bool) and math.isfinite(cost) and cost >= 0:
+        return float(cost)
+    return None
 
 
 def _partial_error(
@@ -290,10 +321,15 @@ _SQL = {
         UPDATE daily_briefs
         SET status = %(status)s, subject = %(subject)s, summary_markdown = %(markdown)s,
             executive_summary = %(summary)s, priority_actions = %(actions)s, model = %(model)s,
-            prompt_tokens = %(prompt)s, completion_tokens = %(completion)s, error = %(error)s,
+            prompt_tokens = %(prompt)s, completion_tokens = %(completion)s, cost = %(cost)s, error = %(error)s,
             metadata = metadata || %(meta)s, progress = %(progress)s, completed_at = now(), updated_at = now()
         WHERE id = %(brief)s AND status = 'processing' AND metadata->>'run_id' = %(run)s
         RETURNING email_sent_at IS NOT NULL AS emailed  -- only whether: the instant may be one Python cannot hold
+    """,
+    # Today's spend (the daily budget): briefs finished in this UTC day, through daily_briefs_completed.
+    "spent": """
+        SELECT coalesce(sum(cost), 0)::float8 AS spent FROM daily_briefs
+        WHERE completed_at >= %(start)s AND completed_at < %(end)s AND completed_at IS NOT NULL
     """,
     "mark_failed": """
         UPDATE daily_briefs SET status = 'failed', error = %s, completed_at = now(), updated_at = now()
@@ -363,6 +399,7 @@ class _Run:
         self.llm_broken: LLMError | None = None  # set after an auth error: skip the LLM for the rest
         self.circuit = self.llm.circuit if self.llm is not None else None
         self.circuit_note: CircuitState | None = None  # the open circuit that kept (part of) the brief from the LLM
+        self.budget_note: dict[str, Any] | None = None  # the daily budget was reached: the whole brief without AI
         self.limits = Limits.of(settings)
         self.llm_requests = 0  # HTTP requests for this brief, retries included
         self.llm_failures = 0  # complete() calls that ended in LLMError
@@ -383,6 +420,7 @@ class _Run:
         req = self.req
         await self._check_circuit()
         async with self.db.raw() as conn:
+            await self._check_budget(conn)
             # Loaded before the claim so the claim carries the first progress (projects_total): one
             # statement less. Nothing is visible before the commit, so the order is not observable.
             ctx = await load_brief_context(conn, req.user_id, req.brief_date, req.notify_at, self.limits)
@@ -415,6 +453,27 @@ class _Run:
         if self.circuit.breaker.blocked():
             self._circuit_opened(LLMError(f"the LLM provider is unavailable (circuit {state.describe()})",
                                           kind="circuit_open"))
+
+    async def _check_budget(self, conn: Conn) -> None:
+        """Once, before the brief: when today's spend (UTC) has reached ``llm_daily_budget``, the whole brief
+        is written without AI (and says so). A brief under way is never stopped by the budget; the next UTC
+        day's briefs use the LLM again."""
+        budget = self.settings.llm_daily_budget
+        if self.llm is None or budget is None:
+            return
+        start = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+        cur = await conn.execute(_SQL["spent"], {"start": start, "end": start + timedelta(days=1)})
+        cur.row_factory = namedtuple_row
+        row = await cur.fetchone()
+        spent = float(row.spent) if row is not None else 0.0
+        if spent < budget:
+            return
+        currency = self.settings.llm_currency
+        self.budget_note = {"budget": budget, "spent": round(spent, 6), "currency": currency,
+                            "day": start.date().isoformat()}
+        log.warning("brief for user %s on %s: today's LLM spend (%g %s) has reached the daily budget (%g %s): "
+                    "written without AI; the LLM is used again from the next UTC day", self.req.user_id,
+                    self.req.brief_date, spent, currency, budget, currency)
 
     def _circuit_opened(self, exc: LLMError) -> None:
         """The circuit refused a call: the brief is marked, and while the circuit is open (not merely
@@ -563,14 +622,10 @@ class _Run:
     async def _project(self, ctx: BriefContext, project: ProjectContext, limit: asyncio.Semaphore) -> _ProjectResult:
         """One project's section. Never raises (except cancellation): failures become fallback sections."""
         try:
-            if project.quiet:
-                section = deterministic.project_section(project)
-                return _ProjectResult(project, section, "completed", None, {"source": "deterministic",
-                                                                             "reason": "quiet"})
-            if self.llm is None:
-                section = deterministic.project_section(project)
-                return _ProjectResult(project, section, "completed", None, {"source": "deterministic",
-                                                                             "reason": "llm disabled"})
+            plain = self._plain(project)
+            if plain is not None:
+                return plain
+            assert self.llm is not None  # _plain writes the sections of an LLM-less brief
             if self.llm_broken is not None:
                 return self._broken_fallback(project)
             messages = render.project_messages(
@@ -605,11 +660,38 @@ class _Run:
                 "completion_tokens": reply.completion_tokens,
                 "attempts": reply.attempts,
                 "latency": round(reply.latency, 3),
+                **self._priced(reply, ""),
             }
             return _ProjectResult(project, section, "completed", None, meta)
         except Exception as exc:  # isolation: one project's bug never sinks the brief
             log.exception("project %s: unexpected error; using the deterministic section", project.id)
             return self._fallback(project, f"{type(exc).__name__}: {exc}", permanent=False, kind="internal")
+
+    def _plain(self, project: ProjectContext) -> _ProjectResult | None:
+        """The deterministic section of a project that goes without the LLM by design (quiet, no API key,
+        the daily budget reached), or None: the LLM writes it."""
+        if project.quiet:
+            reason = "quiet"
+        elif self.llm is None:
+            reason = "llm disabled"
+        elif self.budget_note is not None:
+            reason = "daily budget reached"
+        else:
+            return None
+        section = deterministic.project_section(project)
+        return _ProjectResult(project, section, "completed", None, {"source": "deterministic", "reason": reason})
+
+    def _priced(self, reply: LLMResult[Any], prefix: str) -> dict[str, Any]:
+        """A call's cost by ``settings.llm_prices`` (the reported model's price, else the requested one's) for
+        its metadata (``cost``: None when unknown), counted in ``briefs_llm_cost_total``."""
+        prices = self.settings.llm_prices
+        model, cost = call_cost(prices, [reply.model, self.settings.model], reply.prompt_tokens,
+                                reply.completion_tokens)
+        if model is None or cost is None:
+            metrics.LLM_UNPRICED.inc()
+        else:
+            metrics.LLM_COST.labels(model).inc(cost)
+        return {f"{prefix}cost": cost, f"{prefix}cost_model": model, f"{prefix}currency": self.settings.llm_currency}
 
     def _broken_fallback(self, project: ProjectContext, purpose: str = "project_brief") -> _ProjectResult:
         """The section of a project whose call is skipped: the LLM is known broken for this brief."""
@@ -735,6 +817,8 @@ class _Run:
             return plain, actions, {"summary_source": "deterministic"}
         if all(p.quiet for p in ctx.projects):
             return plain, actions, {"summary_source": "deterministic", "summary_reason": "all projects quiet"}
+        if self.budget_note is not None:
+            return plain, actions, {"summary_source": "deterministic", "summary_reason": "daily budget reached"}
         if self.llm_broken is not None:
             self._refused("executive_summary")
             return plain, actions, {"summary_source": "fallback", "summary_error": clip(str(self.llm_broken), 2000),
@@ -765,6 +849,7 @@ class _Run:
             "summary_model": reply.model,
             "summary_prompt_tokens": reply.prompt_tokens,
             "summary_completion_tokens": reply.completion_tokens,
+            **self._priced(reply, "summary_"),
         }
         return summary or plain, llm_actions or actions, meta
 
@@ -798,6 +883,7 @@ class _Run:
             "model": render.clean(tally.model) if tally.model is not None else None,
             "prompt": tally.prompt,
             "completion": tally.completion,
+            "cost": tally.cost,
             "error": render.clean(error) if error is not None else None,
             "meta": Jsonb(scrub(meta)),
             "progress": Jsonb(progress),
@@ -823,6 +909,7 @@ class _Run:
             sources=tally.sources,
             prompt_tokens=tally.prompt,
             completion_tokens=tally.completion,
+            cost=tally.cost,
             follow_ups=follow,
         )
 
@@ -844,6 +931,7 @@ class _Run:
             stage=req.engagement_stage,
             subject=subject,
             llm_enabled=self.llm is not None,
+            llm_off_reason=BUDGET_NOTICE if self.budget_note is not None else None,
             executive_summary=summary,
             priority_actions=tuple(actions),
             sections=tuple(r.section for r in results),
@@ -875,13 +963,27 @@ class _Run:
             "llm_failures": self.llm_failures,
             "catch_up": self.req.catch_up,
             "anchor": ctx.anchor.isoformat(),
+            "cost_currency": self.settings.llm_currency,
             **summary_meta,
         }
         if self.llm is None:
             meta["note"] = "generated without an LLM (no API key): deterministic brief"
+        elif self.budget_note is not None:
+            meta.update(self._budget_meta())
         elif self.circuit_note is not None:
             meta.update(self._circuit_meta(sources))
         return meta
+
+    def _budget_meta(self) -> dict[str, Any]:
+        """The marker of a brief written without the LLM because the day's budget was spent."""
+        note = self.budget_note
+        assert note is not None
+        return {"llm_budget": note, "mode": "deterministic", "note": self._budget_notice()}
+
+    def _budget_notice(self) -> str:
+        note = self.budget_note or {}
+        return (f"the daily LLM budget ({note.get('budget'):g} {note.get('currency')}) was reached: this brief was "
+                "written without AI; AI-written briefs resume on the next UTC day")
 
     def _circuit_meta(self, sources: dict[str, int]) -> dict[str, Any]:
         """The marker of a brief (partly) written without the LLM because its circuit was open."""

@@ -42,7 +42,7 @@ import select
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Annotated, Any, Generic, TypeVar
@@ -70,6 +70,7 @@ __all__ = [
     "ProcessLimits",
     "ProjectBrief",
     "TokenBucket",
+    "call_cost",
     "instructions",
     "token_count",
 ]
@@ -351,6 +352,18 @@ TOKENS_MAX = 2**31 - 1  # daily_briefs.prompt_tokens / completion_tokens are int
 def token_count(value: Any) -> int:
     """A count read from a reply or a stored row: an int clamped to 0 .. TOKENS_MAX; anything else is 0."""
     return min(max(value, 0), TOKENS_MAX) if type(value) is int else 0
+
+
+def call_cost(prices: Mapping[str, Mapping[str, float]], models: Sequence[str | None], prompt_tokens: int,
+              completion_tokens: int) -> tuple[str | None, float | None]:
+    """The priced model and the cost of a call's tokens by ``prices`` (``settings.llm_prices``: model ->
+    input/output price per million tokens), looking up each of ``models`` in turn (the model the API
+    reported, then the one requested); ``(None, None)`` when none has a price: the cost is unknown, not 0."""
+    for model in models:
+        price = prices.get(model) if model else None
+        if price is not None:
+            return model, (prompt_tokens * price["input"] + completion_tokens * price["output"]) / 1_000_000
+    return None, None
 
 
 class _Unusable(Exception):

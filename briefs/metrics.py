@@ -75,6 +75,10 @@ TICK_USERS_SKIPPED = Counter("briefs_scheduler_skipped_total", "Users skipped by
 LLM_CALLS = Counter("briefs_llm_calls_total", "LLM requests sent", ["purpose"])
 LLM_ERRORS = Counter("briefs_llm_errors_total", "LLM requests that failed", ["purpose", "kind"])
 LLM_TOKENS = Counter("briefs_llm_tokens_total", "LLM tokens used", ["kind"])
+# Priced by BRIEFS_LLM_PRICES: the label is a model of that table (bounded by it); calls of a model it
+# does not price count in briefs_llm_unpriced_calls_total instead (their cost is unknown, not 0).
+LLM_COST = Counter("briefs_llm_cost_total", "LLM cost of successful calls, in BRIEFS_LLM_CURRENCY", ["model"])
+LLM_UNPRICED = Counter("briefs_llm_unpriced_calls_total", "Successful LLM calls of a model without a price")
 LLM_CIRCUIT_STATE = Gauge(
     "briefs_llm_circuit_state", "The LLM circuit breaker: 0 closed, 1 half-open, 2 open (briefs.circuit)"
 )

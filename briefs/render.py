@@ -257,6 +257,7 @@ class BriefView:
     more_projects: int = 0  # active projects left out of the brief (brief_max_projects), as a count
     more_names: tuple[str, ...] = ()  # the first few of those, by name
     truncated: bool = False  # lists were shortened to fit the brief's size limit
+    llm_off_reason: str | None = None  # an LLM is configured, yet this brief was written without it (and why)
 
     @property
     def fallback_sections(self) -> int:

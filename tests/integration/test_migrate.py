@@ -63,7 +63,7 @@ EXPECTED_COLUMNS: dict[str, list[tuple[str, str, str]]] = {
         ("error", "text", NULL), ("model", "text", NULL), ("prompt_tokens", "integer", NN),
         ("completion_tokens", "integer", NN), ("metadata", "jsonb", NN), ("notify_at", TS, NULL),
         ("email_sent_at", TS, NULL), ("started_at", TS, NULL), ("completed_at", TS, NULL),
-        ("created_at", TS, NN), ("updated_at", TS, NN),
+        ("created_at", TS, NN), ("updated_at", TS, NN), ("cost", "numeric", NULL),
     ],
     "project_daily_briefs": [
         ("id", "bigint", NN), ("daily_brief_id", "bigint", NN), ("project_id", "bigint", NN),
