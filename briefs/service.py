@@ -457,3 +457,61 @@ async def llm_health(db: Database, now: datetime | None = None, window: timedelt
         "fell_back_share": round(fell_back / briefs, 3) if briefs else None,
         "last_error": last_error,
     }
+
+
+# Today's and this month's LLM use (UTC), over the briefs finished in each: one scan of the month's rows
+# through daily_briefs_completed. A brief with tokens but no cost had a model without a price: unknown.
+_LLM_COST_SQL = """
+SELECT count(*) FILTER (WHERE today) AS day_briefs,
+       coalesce(sum(prompt_tokens) FILTER (WHERE today), 0)::bigint AS day_prompt,
+       coalesce(sum(completion_tokens) FILTER (WHERE today), 0)::bigint AS day_completion,
+       coalesce(sum(cost) FILTER (WHERE today), 0)::float8 AS day_cost,
+       count(*) FILTER (WHERE today AND unpriced) AS day_unpriced,
+       count(*) AS month_briefs,
+       coalesce(sum(prompt_tokens), 0)::bigint AS month_prompt,
+       coalesce(sum(completion_tokens), 0)::bigint AS month_completion,
+       coalesce(sum(cost), 0)::float8 AS month_cost,
+       count(*) FILTER (WHERE unpriced) AS month_unpriced
+FROM (SELECT prompt_tokens, completion_tokens, cost, completed_at >= %(day)s AS today,
+             cost IS NULL AND prompt_tokens + completion_tokens > 0 AS unpriced
+      FROM daily_briefs
+      WHERE completed_at >= %(month)s AND completed_at < %(end)s AND completed_at IS NOT NULL) AS finished
+"""
+
+
+async def llm_cost(db: Database, settings: Any, now: datetime | None = None) -> dict[str, Any]:
+    """Today's and this month's (UTC) LLM tokens and cost, with the daily budget and what is left of it.
+
+    ``cost`` is None ("unknown") when some brief's tokens had no price (``BRIEFS_LLM_PRICES``);
+    ``priced_cost`` is then the part that had one, and what the budget is counted against."""
+    now = (now or datetime.now(UTC)).astimezone(UTC)
+    day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    month = day.replace(day=1)
+    async with db.raw() as conn:
+        cur = await conn.execute(_LLM_COST_SQL, {"day": day, "month": month, "end": day + timedelta(days=1)})
+        cur.row_factory = namedtuple_row
+        row = await cur.fetchone()
+    assert row is not None
+    budget = settings.llm_daily_budget
+    today = _cost_part(row.day_briefs, row.day_prompt, row.day_completion, row.day_cost, row.day_unpriced)
+    today["remaining"] = None if budget is None else round(max(budget - row.day_cost, 0.0), 6)
+    today["budget_reached"] = budget is not None and row.day_cost >= budget
+    return {
+        "currency": settings.llm_currency,
+        "daily_budget": budget,
+        "today": {"day": day.date().isoformat(), **today},
+        "month": {"month": month.strftime("%Y-%m"),
+                  **_cost_part(row.month_briefs, row.month_prompt, row.month_completion, row.month_cost,
+                               row.month_unpriced)},
+    }
+
+
+def _cost_part(briefs: int, prompt: int, completion: int, cost: float, unpriced: int) -> dict[str, Any]:
+    return {
+        "briefs": int(briefs),
+        "prompt_tokens": int(prompt),
+        "completion_tokens": int(completion),
+        "cost": None if unpriced else round(cost, 6),
+        "priced_cost": round(cost, 6),
+        "unpriced_briefs": int(unpriced),
+    }

@@ -38,7 +38,7 @@ from briefs.jobs import settings_enqueue_hook
 from briefs.logs import redact, setup_logging, truncate
 from briefs.migrate import MigrationError, migrate_url, require_schema
 from briefs.progress import Progress
-from briefs.service import enqueue_all, enqueue_brief, llm_health, show_brief
+from briefs.service import enqueue_all, enqueue_brief, llm_cost, llm_health, show_brief
 from briefs.settings import MAX_COUNT, Settings
 from briefs.terminal import one_line, printable
 from scheduler.tick import run_tick
@@ -252,6 +252,7 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
             rows = await queue.stats(conn)
             failures = await queue.recent_failures(conn, 3600)
         llm = await llm_health(db)
+        cost = await llm_cost(db, settings)
         async with db.raw() as conn:
             circuit = await read_status(conn, settings)
         if args.json:
@@ -267,7 +268,8 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
                 }
                 for r in rows
             ]
-            print(_json({"queue": queue_rows, "failures_last_hour": failures, "llm": llm, "llm_circuit": circuit}))
+            print(_json({"queue": queue_rows, "failures_last_hour": failures, "llm": llm, "llm_circuit": circuit,
+                         "llm_cost": cost}))
             return 0
         if not rows:
             print("queue is empty")
@@ -284,6 +286,7 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         print(f"\nfailures in the last hour: {failures}")
         print(_llm_text(llm))
         print(f"LLM circuit: {one_line(str(circuit['detail']), 300)}")
+        print(_cost_text(cost))
         return 0
 
     return await _with_db(settings, go)
@@ -303,6 +306,28 @@ async def cmd_llm_reset(settings: Settings, args: argparse.Namespace) -> int:
         return 0
 
     return await _with_db(settings, go)
+
+
+def _cost_text(cost: dict[str, Any]) -> str:
+    """Today's and this month's LLM tokens and cost for ``briefs status`` (UTC days)."""
+    currency = one_line(str(cost["currency"]), 10)
+
+    def part(label: str, p: dict[str, Any]) -> str:
+        money = f"{p['cost']:.4f} {currency}" if p["cost"] is not None else (
+            f"unknown ({p['unpriced_briefs']} brief(s) of a model without a price; "
+            f"{p['priced_cost']:.4f} {currency} priced)")
+        return (f"  {label}: {p['prompt_tokens']:,} prompt + {p['completion_tokens']:,} completion tokens, "
+                f"{money}")
+
+    lines = ["LLM cost (UTC):", part(f"today ({cost['today']['day']})", cost["today"]),
+             part(f"this month ({cost['month']['month']})", cost["month"])]
+    budget = cost["daily_budget"]
+    if budget is not None:
+        today = cost["today"]
+        state = "reached: new briefs are written without AI until the next UTC day" if today["budget_reached"] \
+            else f"{today['remaining']:.4f} {currency} left"
+        lines.append(f"  daily budget: {budget:g} {currency}, {state}")
+    return "\n".join(lines)
 
 
 def _llm_text(llm: dict[str, Any]) -> str:

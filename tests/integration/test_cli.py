@@ -15,6 +15,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -338,6 +339,46 @@ def test_status_without_an_llm_says_so(cli: Cli, seed: BriefSeed, clean_db: str)
     _brief(clean_db, uid, date(2026, 11, 20), "# plain", metadata=meta)
     code, out, _ = cli("status")
     assert code == 0 and "LLM, last hour: disabled (no OPENAI_API_KEY); 1 deterministic brief(s)" in out
+
+
+def test_status_reports_todays_and_this_months_llm_cost(cli: Cli, seed: BriefSeed, clean_db: str) -> None:
+    now = datetime.now(UTC)
+    month_start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    first_of_month = month_start + timedelta(seconds=1)
+    uid = seed.user("Spender")
+    _brief(clean_db, uid, date(2026, 11, 1), "# a", prompt_tokens=1000, completion_tokens=100, cost=Decimal("0.25"))
+    _brief(clean_db, uid, date(2026, 11, 2), "# b", prompt_tokens=10, completion_tokens=1, cost=Decimal("0.5"),
+           completed_at=first_of_month)
+    _brief(clean_db, uid, date(2026, 11, 3), "# c", prompt_tokens=7, completion_tokens=7, cost=Decimal("9"),
+           completed_at=month_start - timedelta(seconds=1))  # last month: counts nowhere
+    _brief(clean_db, uid, date(2026, 11, 4), "# d", cost=None)  # no tokens, no cost: nothing unknown
+    in_today = first_of_month.date() == now.date()
+    cli.monkeypatch.setenv("BRIEFS_LLM_DAILY_BUDGET", "1")
+    cli.monkeypatch.setenv("BRIEFS_LLM_CURRENCY", "EUR")
+
+    code, out, _ = cli("status", "--json")
+    cost = json.loads(out)["llm_cost"]
+    assert code == 0 and cost["currency"] == "EUR" and cost["daily_budget"] == 1
+    today, month = cost["today"], cost["month"]
+    assert today["day"] == now.date().isoformat() and month["month"] == now.strftime("%Y-%m")
+    assert (month["briefs"], month["prompt_tokens"], month["completion_tokens"], month["cost"]) == (3, 1010, 101, 0.75)
+    expected = 0.75 if in_today else 0.25
+    assert today["cost"] == expected and today["prompt_tokens"] == (1010 if in_today else 1000)
+    assert today["remaining"] == 1 - expected and today["budget_reached"] is False
+    code, out, _ = cli("status")
+    assert "LLM cost (UTC):" in out and f"today ({today['day']}): " in out
+    assert f"this month ({month['month']}): 1,010 prompt + 101 completion tokens, 0.7500 EUR" in out
+    assert f"daily budget: 1 EUR, {1 - expected:.4f} EUR left" in out
+
+    # A brief of a model without a price: its tokens count, the cost is unknown (never 0).
+    _brief(clean_db, uid, date(2026, 11, 5), "# e", prompt_tokens=5, completion_tokens=5, cost=None)
+    _brief(clean_db, uid, date(2026, 11, 6), "# f", prompt_tokens=1, completion_tokens=1, cost=Decimal("0.5"))
+    code, out, _ = cli("status", "--json")
+    today = json.loads(out)["llm_cost"]["today"]
+    assert today["cost"] is None and today["unpriced_briefs"] == 1 and today["priced_cost"] == expected + 0.5
+    assert today["budget_reached"] is (expected + 0.5 >= 1)
+    code, out, _ = cli("status")
+    assert "unknown (1 brief(s) of a model without a price;" in out
 
 
 # --------------------------------------------------------------------------- enqueue: date range, resend
