@@ -21,7 +21,9 @@ Reverse scheduling (latest deadline first)
     tick to tick), and never before ``now`` nor ``notify_at - max_lead``. A slot that would start before that
     floor is cut there: the demand before it is more than the capacity, and the briefs of that window will be
     late; earlier windows are planned as if it were not there (the queue claims deadline first, so the late
-    work waits, not theirs). Briefs already past their ``notify_at`` start ``now``.
+    work waits, not theirs). Briefs already past their ``notify_at`` (catch-ups) start ``now``; their work is
+    not reserved ahead of the others' slots (nor is work queued before this plan), but the forward run below
+    counts it first, so any lateness it causes is reported. Instants are kept to the microsecond, rounded down.
 
 The planned finish
     The briefs are then run forward in deadline order through the pipe (past ones first), each from its
@@ -42,6 +44,8 @@ Key = str | int
 # Instants are kept this far inside Python's datetime range, so every sum the planner makes stays in it.
 _EDGE = timedelta(days=800)
 MAX_LEAD_LIMIT = timedelta(days=366)
+MAX_COUNT = 10**9  # calls of a brief, requests in flight (also keeps every product a float can hold)
+MAX_TOKENS = 10**15
 _LATEST_LATE = 366 * 86400.0  # a planned finish is shown at most this many seconds after its notify_at
 
 
@@ -53,9 +57,9 @@ def _aware(value: datetime, what: str) -> datetime:
     return value.astimezone(UTC)
 
 
-def _count(value: object, what: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{what} must be an integer >= 0, got {value!r}")
+def _count(value: object, what: str, high: int = MAX_COUNT) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
+        raise ValueError(f"{what} must be an integer from 0 to {high:,}, got {value!r}")
 
 
 def _number(value: object, what: str, low: float, high: float = math.inf) -> None:
@@ -78,7 +82,7 @@ class Demand:
             raise ValueError(f"key must be a string or an integer, got {self.key!r}")
         object.__setattr__(self, "notify_at", _aware(self.notify_at, "notify_at"))
         _count(self.calls, "calls")
-        _count(self.tokens, "tokens")
+        _count(self.tokens, "tokens", MAX_TOKENS)
         if self.already_planned_run_at is not None:
             object.__setattr__(self, "already_planned_run_at", _aware(self.already_planned_run_at, "run_at"))
 

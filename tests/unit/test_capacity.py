@@ -112,10 +112,13 @@ def test_an_already_planned_brief_never_moves_later() -> None:
         lambda: Demand(1, SEVEN, calls=-1, tokens=1),
         lambda: Demand(1, SEVEN, calls=1, tokens=True),
         lambda: Demand(True, SEVEN, calls=1, tokens=1),
+        lambda: Demand(1, SEVEN, calls=10**400, tokens=1),
+        lambda: Demand(1, SEVEN, calls=1, tokens=10**400),
         lambda: Demand(1, datetime.max.replace(tzinfo=UTC), calls=1, tokens=1),
         lambda: Capacity(calls_per_minute=math.nan, tokens_per_minute=0, concurrency=1, call_latency_s=1),
         lambda: Capacity(calls_per_minute=1, tokens_per_minute=-1, concurrency=1, call_latency_s=1),
         lambda: Capacity(calls_per_minute=1, tokens_per_minute=0, concurrency=0, call_latency_s=1),
+        lambda: Capacity(calls_per_minute=1, tokens_per_minute=0, concurrency=10**400, call_latency_s=1),
         lambda: Capacity(calls_per_minute=1, tokens_per_minute=0, concurrency=1, call_latency_s=1, margin=0),
     ],
 )
