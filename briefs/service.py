@@ -484,13 +484,18 @@ async def llm_cost(db: Database, settings: Any, now: datetime | None = None) -> 
 
     ``cost`` is None ("unknown") when some brief's tokens had no price (``BRIEFS_LLM_PRICES``);
     ``priced_cost`` is then the part that had one, and what the budget is counted against."""
+    async with db.raw() as conn:
+        return await llm_cost_on(conn, settings, now)
+
+
+async def llm_cost_on(conn: Conn, settings: Any, now: datetime | None = None) -> dict[str, Any]:
+    """:func:`llm_cost` on the caller's connection."""
     now = (now or datetime.now(UTC)).astimezone(UTC)
     day = now.replace(hour=0, minute=0, second=0, microsecond=0)
     month = day.replace(day=1)
-    async with db.raw() as conn:
-        cur = await conn.execute(_LLM_COST_SQL, {"day": day, "month": month, "end": day + timedelta(days=1)})
-        cur.row_factory = namedtuple_row
-        row = await cur.fetchone()
+    cur = await conn.execute(_LLM_COST_SQL, {"day": day, "month": month, "end": day + timedelta(days=1)})
+    cur.row_factory = namedtuple_row
+    row = await cur.fetchone()
     assert row is not None
     budget = settings.llm_daily_budget
     today = _cost_part(row.day_briefs, row.day_prompt, row.day_completion, row.day_cost, row.day_unpriced)

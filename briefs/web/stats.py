@@ -37,7 +37,7 @@ from psycopg.rows import dict_row
 
 from briefs.circuit import read_status
 from briefs.db import Database
-from briefs.service import llm_health
+from briefs.service import llm_cost_on, llm_health
 from scheduler.report import recent_ticks
 from worker import queue
 
@@ -177,6 +177,7 @@ class Base:
     hours: Buckets  # per hour, the day before the cut
     durations: dict[str, Any]  # the last hour's, at the count
     tokens: dict[str, Any]  # today's, at the count
+    cost: dict[str, Any]  # today's and this month's LLM tokens and cost (briefs.service.llm_cost), at the count
     at: float  # time.monotonic() of the count
 
 
@@ -197,7 +198,8 @@ async def count_base(db: Database) -> Base:
         hours = await _rows(conn, _SERIES, {"unit": "hour", "since": _floor(now, _HOUR) - 24 * _HOUR, "cut": cut})
         durations = await _durations(conn, now)
         tokens = await _tokens(conn, now)
-    return Base(cut, finished, _buckets_of(minutes), _buckets_of(hours), durations, tokens, time.monotonic())
+        cost = await llm_cost_on(conn, db.settings, now)
+    return Base(cut, finished, _buckets_of(minutes), _buckets_of(hours), durations, tokens, cost, time.monotonic())
 
 
 def _percentiles(values: Any) -> dict[str, float | None]:
@@ -336,6 +338,28 @@ async def _circuit(db: Database) -> dict[str, Any]:
         return {"state": "unknown", "reason": None, "since": None, "next_probe_at": None, "detail": "unknown"}
 
 
+def _cost_view(cost: dict[str, Any]) -> dict[str, Any]:
+    """The LLM cost with a ``display`` text per period and the budget's (the overview shows them as they are):
+    an unknown cost (a model without a price) says so, never 0."""
+    currency = cost["currency"]
+
+    def shown(part: dict[str, Any]) -> str:
+        if part["cost"] is None:
+            return f"unknown ({part['unpriced_briefs']} unpriced brief(s); {part['priced_cost']:.4f} {currency} priced)"
+        return f"{part['cost']:.4f} {currency}"
+
+    budget = cost["daily_budget"]
+    today = cost["today"]
+    if budget is None:
+        budget_text = "none"
+    elif today["budget_reached"]:
+        budget_text = f"{budget:g} {currency}: reached, briefs are written without AI until the next UTC day"
+    else:
+        budget_text = f"{budget:g} {currency}: {today['remaining']:.4f} {currency} left today"
+    return {**cost, "today": {**today, "display": shown(today)}, "month": {**cost["month"], "display":
+            shown(cost["month"])}, "budget_display": budget_text}
+
+
 def _scheduler(ticks: list[dict[str, Any]]) -> dict[str, Any]:
     """The scheduler's last tick (of every user) and the last one-user tick, from the tick log."""
     every = next((t for t in ticks if t["user_id"] is None), None)
@@ -357,6 +381,7 @@ async def compute(db: Database, base: Base | None = None) -> dict[str, Any]:
     finished, minutes, hours = _merge_finished(base, since)
     llm = await llm_health(db, now)
     llm["tokens_today"] = base.tokens
+    llm["cost"] = _cost_view(base.cost)
     llm["circuit"] = await _circuit(db)
     return {
         "generated_at": now.isoformat(),

@@ -66,3 +66,12 @@ async def test_queue_depth_by_type_is_charted_with_hostile_type_names_as_text(
     # recounted: within briefs.web.stats.BASE_MAX_AGE (15 s) of the server's last count.
     await expect(page.locator("#chart-minutes rect.bar-bad")).not_to_have_count(0, timeout=25_000)
     await page.screenshot(path=str(screenshot_path("console-overview.png")), full_page=True)
+
+
+async def test_the_llm_panel_shows_todays_and_this_months_cost(page: Any, console_server: ConsoleServer) -> None:
+    await login(page, console_server, "/")
+    panel = page.locator("#llm")
+    await expect(panel.get_by_text("Cost today (UTC)")).to_be_visible()
+    await expect(panel.locator("[data-field='llm.cost.today.display']")).to_contain_text("USD")
+    await expect(panel.locator("[data-field='llm.cost.month.display']")).to_contain_text("USD")
+    await expect(panel.locator("[data-field='llm.cost.budget_display']")).to_have_text("none")

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 
 import httpx
 
 from briefs.db import Database
-from briefs.web.stats import StatsCache
+from briefs.web.stats import StatsCache, compute
 from tests.polling import wait_for_async
 from tests.web.conftest import Data
 
@@ -107,3 +108,20 @@ async def test_series_join_the_base_and_what_finished_since_its_cut(db: Database
     hours = snapshot["throughput"]["per_hour"]
     assert sum(h["completed"] for h in hours) == 2 and sum(h["failed"] for h in hours) == 1
     assert sum(h["cancelled"] for h in hours) == 0
+
+
+async def test_todays_and_this_months_llm_cost(db: Database, data: Data) -> None:
+    now = datetime.now(UTC)
+    uid = await data.user()
+    await data.brief(uid, now.date(), prompt_tokens=100, completion_tokens=20, completed_at=now, cost=Decimal("0.5"))
+    llm = (await compute(db))["llm"]
+    cost = llm["cost"]
+    assert cost["currency"] == "USD" and cost["daily_budget"] is None and cost["budget_display"] == "none"
+    assert (cost["today"]["prompt_tokens"], cost["today"]["cost"], cost["today"]["display"]) == (100, 0.5, "0.5000 USD")
+    assert cost["month"]["cost"] == 0.5 and cost["month"]["display"] == "0.5000 USD"
+
+    # Tokens of a model without a price: the cost is unknown, never 0.
+    await data.brief(await data.user(), now.date(), prompt_tokens=7, completion_tokens=3, completed_at=now)
+    today = (await compute(db))["llm"]["cost"]["today"]
+    assert today["cost"] is None and today["prompt_tokens"] == 107
+    assert today["display"] == "unknown (1 unpriced brief(s); 0.5000 USD priced)"
