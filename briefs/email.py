@@ -280,7 +280,7 @@ _SQL = {
                 WHERE a.n <= {ACTIONS_MAX} AND jsonb_typeof(a.value) = 'string') AS actions,
                left(b.engagement_stage, 40) AS stage, left(b.metadata ->> 'revision', 12) AS revision,
                left(b.metadata ->> 'llm', 20) AS llm, left(b.metadata ->> 'summary_source', 20) AS summary_source,
-               left(b.metadata ->> 'catch_up', 8) AS catch_up,
+               left(b.metadata ->> 'catch_up', 8) AS catch_up, b.metadata ? 'llm_budget' AS over_budget,
                CASE WHEN b.email_sent_at > '9999-12-30' THEN '9999-12-30'::timestamptz  -- one Python holds
                     WHEN b.email_sent_at < '0001-01-03' THEN '0001-01-03'::timestamptz ELSE b.email_sent_at END
                    AS email_sent_at,
@@ -363,6 +363,7 @@ class LoadedBrief:
     db_now: datetime
     sections: tuple[LoadedSection, ...] = ()
     total_sections: int = 0
+    over_budget: bool = False  # written without AI: the day's LLM budget was spent (metadata.llm_budget)
 
 
 def _int_or(value: Any, default: int) -> int:
@@ -395,7 +396,7 @@ async def load(conn: Any, user_id: int, brief_date: date, *, lock: bool, limits:
         revision=_int_or(row.revision, 1), llm=row.llm == "enabled", summary_source=row.summary_source or "llm",
         catch_up=row.catch_up == "true", email_sent_at=row.email_sent_at, brief_date=row.brief_date,
         user_id=row.user_id, address=row.address, name=row.name, sending_token=row.sending_token,
-        sending_at=_when(row.sending_at), db_now=row.db_now,
+        sending_at=_when(row.sending_at), db_now=row.db_now, over_budget=row.over_budget is True,
     )
     return await load_sections(conn, brief, limits) if sections else brief
 
@@ -607,6 +608,7 @@ def build_email(config: EmailConfig, brief: LoadedBrief, now: datetime) -> Email
         stage=stage,
         subject=subject,
         llm_enabled=brief.llm,
+        llm_off_reason=render.BUDGET_NOTICE if brief.over_budget else None,
         executive_summary=brief.summary or "",
         priority_actions=tuple(brief.actions),
         sections=tuple(_section(s) for s in shown),

@@ -98,7 +98,7 @@ from briefs.llm import (
     token_count,
 )
 from briefs.loading import BriefContext, Limits, ProjectContext, UserContext, load_brief_context
-from briefs.render import BriefView, Section, clip, scrub
+from briefs.render import BUDGET_NOTICE, BriefView, Section, clip, scrub
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +113,6 @@ SECTION_BATCH_WINDOW = 0.1
 # Transactions per brief: one to load the data and claim the row (the first progress rides in the
 # claim), one per batch of finished project sections (usually one: see SECTION_BATCH_WINDOW;
 # throttled progress rides along), one to finish (with the last progress and the email job).
-# What the reader of a brief written without AI because the day's LLM budget was spent is told.
-BUDGET_NOTICE = ("The service's daily AI budget has been reached, so this brief lists your tasks as they are "
-                 "instead of summarising them; AI summaries resume tomorrow (UTC).")
 AUTH_STATUSES = frozenset({401, 403})  # after one of these, the rest of the brief skips the LLM
 
 

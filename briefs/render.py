@@ -234,6 +234,12 @@ class Section:
         return Section(self.project_id, self.name, self.summary, tuple(groups), self.source, self.note)
 
 
+# What the reader of a brief written without AI because the day's LLM budget was spent is told
+# (BriefView.llm_off_reason; the brief's metadata has ``llm_budget``).
+BUDGET_NOTICE = ("The service's daily AI budget has been reached, so this brief lists your tasks as they are "
+                 "instead of summarising them; AI summaries resume tomorrow (UTC).")
+
+
 @dataclass(frozen=True)
 class BriefView:
     """Everything the brief and email templates show."""

@@ -9,7 +9,9 @@ from typing import Any
 
 import pytest
 
-from briefs.generator import BUDGET_NOTICE
+from briefs import email as brief_email
+from briefs import metrics
+from briefs.render import BUDGET_NOTICE
 from tests.fakellm import FakeLLM
 from tests.integration.test_generator import NAMES, seed_five
 
@@ -38,6 +40,7 @@ async def test_every_section_and_the_brief_cost_what_their_tokens_are_priced_at(
     h = briefs_harness
     uid = seed_five(brief_seed)
     settings = h.settings(fake_llm, llm_prices=PRICES, llm_currency="EUR")
+    counted = metrics.LLM_COST.labels("gpt-4o-mini")._value.get()
     await h.enqueue(uid)
     await h.run(settings)
 
@@ -60,6 +63,7 @@ async def test_every_section_and_the_brief_cost_what_their_tokens_are_priced_at(
     assert meta["cost_currency"] == "EUR"
     [job] = await h.jobs("generate_daily_brief")
     assert job["result"]["cost"] == pytest.approx(float(brief["cost"]))
+    assert metrics.LLM_COST.labels("gpt-4o-mini")._value.get() - counted == pytest.approx(float(brief["cost"]))
 
 
 async def test_a_fixed_usage_is_priced_exactly(briefs_harness: Any, brief_seed: Any, fake_llm: FakeLLM) -> None:
@@ -79,8 +83,10 @@ async def test_a_model_without_a_price_counts_its_tokens_and_an_unknown_cost(
 ) -> None:
     h = briefs_harness
     uid = seed_five(brief_seed)
+    unpriced = metrics.LLM_UNPRICED._value.get()
     await h.enqueue(uid)
     await h.run(h.settings(fake_llm, llm_prices={"another-model": {"input": 1, "output": 1}}))
+    assert metrics.LLM_UNPRICED._value.get() - unpriced == len(NAMES) + 1
 
     brief = await h.brief(uid)
     assert brief["status"] == "completed"
@@ -125,6 +131,15 @@ async def test_a_spent_daily_budget_writes_the_next_brief_without_ai(
     assert "No LLM is configured" not in brief["summary_markdown"]
     budget_lines = [r for r in caplog.records if "daily budget" in r.getMessage()]
     assert len(budget_lines) == 1 and str(uid) in budget_lines[0].getMessage()
+
+    # The email says it too (text and HTML).
+    mail_settings = h.settings(fake_llm, smtp_url="smtp://127.0.0.1:25", secret_key="k" * 32)
+    async with h.db.raw() as conn:
+        loaded = await brief_email.load(conn, uid, brief["brief_date"], lock=False)
+    assert loaded is not None and loaded.over_budget
+    mail = brief_email.build_email(brief_email.EmailConfig.from_settings(mail_settings), loaded, datetime.now(UTC))
+    assert BUDGET_NOTICE in mail.text and "daily AI budget has been reached" in mail.html
+    assert "No LLM is configured" not in mail.text
 
 
 async def test_a_budget_reached_during_a_brief_does_not_stop_it(
