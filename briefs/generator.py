@@ -47,6 +47,17 @@ brief when the circuit opens during it. Whether to write such a brief now or lat
 decision (:mod:`briefs.jobs` defers a brief whose ``notify_at`` is far enough away). The breaker's
 transitions are written to the shared ``llm_circuit`` row as soon as a section call returns.
 
+Cost and the daily budget. A section's metadata has ``cost`` (its tokens priced by
+``settings.llm_prices``: the model the API reported, else the one requested; None when neither has a
+price: unknown, never 0), ``cost_model`` and ``currency``; the summary's has ``summary_cost``; the brief's
+``daily_briefs.cost`` is their sum (None as soon as one part is unknown; 0 without LLM calls) and its
+metadata ``cost_currency``. With ``settings.llm_daily_budget``, the brief first sums today's (UTC)
+``daily_briefs.cost`` of finished briefs (``daily_briefs_completed``): when that has reached the budget, the
+whole brief is deterministic (sections' ``reason`` and ``summary_reason`` "daily budget reached"), its
+metadata has ``llm_budget`` and a ``note``, the brief and its email say so (``render.BUDGET_NOTICE``) and
+one warning is logged. Checked once per brief, at its start: a brief under way is never cut short, and
+briefs running at the same moment may together go past the budget by what they cost.
+
 LLM health: a fallback section's metadata has ``error_kind`` (``LLMError.kind``,
 or ``internal``/``save``) and ``http_status``; the brief's metadata has
 ``summary_error_kind`` when the summary fell back, ``llm_requests`` (HTTP requests

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import logging
+import threading
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+import psycopg
 import pytest
 
 from briefs import email as brief_email
 from briefs import metrics
 from briefs.render import BUDGET_NOTICE
-from tests.fakellm import FakeLLM
+from tests.fakellm import FakeLLM, default_responder
 from tests.integration.test_generator import NAMES, seed_five
 
 PRICES = {"gpt-4o-mini": {"input": 0.15, "output": 0.6}}
@@ -162,6 +164,35 @@ async def test_a_budget_reached_during_a_brief_does_not_stop_it(
     await h.run(settings)
     assert len(fake_llm.requests) == calls  # the next brief: the budget is spent
     assert (await h.brief(second))["metadata"]["mode"] == "deterministic"
+
+
+async def test_a_budget_spent_by_another_process_mid_brief_does_not_stop_it(
+    briefs_harness: Any, brief_seed: Any, fake_llm: FakeLLM
+) -> None:
+    """At the first section's call, another worker's brief spends the whole budget: this brief still uses
+    the LLM to its end (the budget is checked once, at its start)."""
+    h = briefs_harness
+    uid = seed_five(brief_seed)
+    spent = threading.Event()
+
+    def respond(body: dict[str, Any]) -> str:
+        if not spent.is_set():
+            spent.set()
+            with psycopg.connect(h.database_url, autocommit=True) as conn:
+                conn.execute("INSERT INTO users (email, name) VALUES ('other@example.com', 'Other')")
+                conn.execute("""INSERT INTO daily_briefs (user_id, brief_date, status, cost, completed_at)
+                                SELECT id, current_date, 'completed', 50, now() FROM users
+                                WHERE email = 'other@example.com'""")
+        return default_responder(body)
+
+    fake_llm.responder = respond
+    await h.enqueue(uid)
+    await h.run(h.settings(fake_llm, llm_prices=PRICES, llm_daily_budget=1, llm_brief_concurrency=1))
+    assert spent.is_set()
+    brief = await h.brief(uid)
+    assert len(fake_llm.requests) == len(NAMES) + 1  # every section and the summary
+    assert brief["status"] == "completed" and brief["metadata"]["mode"] == "llm"
+    assert {s["metadata"]["source"] for s in await h.sections(brief["id"])} == {"llm"}
 
 
 async def test_the_next_utc_day_uses_the_llm_again(briefs_harness: Any, brief_seed: Any, fake_llm: FakeLLM) -> None:
