@@ -78,6 +78,9 @@ LLM_TOKENS = Counter("briefs_llm_tokens_total", "LLM tokens used", ["kind"])
 # Priced by BRIEFS_LLM_PRICES: the label is a model of that table (bounded by it); calls of a model it
 # does not price count in briefs_llm_unpriced_calls_total instead (their cost is unknown, not 0).
 LLM_COST = Counter("briefs_llm_cost_total", "LLM cost of successful calls, in BRIEFS_LLM_CURRENCY", ["model"])
+# Set by the console's stats base (briefs.web.stats, every 15 s or so) in the web process: the day's (UTC)
+# priced spend over every process's finished briefs, what BRIEFS_LLM_DAILY_BUDGET is compared with.
+LLM_SPEND_TODAY = Gauge("briefs_llm_spend_today", "Today's (UTC) priced LLM spend of finished briefs, all processes")
 LLM_UNPRICED = Counter("briefs_llm_unpriced_calls_total", "Successful LLM calls of a model without a price")
 LLM_CIRCUIT_STATE = Gauge(
     "briefs_llm_circuit_state", "The LLM circuit breaker: 0 closed, 1 half-open, 2 open (briefs.circuit)"

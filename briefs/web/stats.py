@@ -35,6 +35,7 @@ from typing import Any
 from fastapi import FastAPI
 from psycopg.rows import dict_row
 
+from briefs import metrics
 from briefs.circuit import read_status
 from briefs.db import Database
 from briefs.service import llm_cost_on, llm_health
@@ -199,6 +200,7 @@ async def count_base(db: Database) -> Base:
         durations = await _durations(conn, now)
         tokens = await _tokens(conn, now)
         cost = await llm_cost_on(conn, db.settings, now)
+    metrics.LLM_SPEND_TODAY.set(cost["today"]["priced_cost"])
     return Base(cut, finished, _buckets_of(minutes), _buckets_of(hours), durations, tokens, cost, time.monotonic())
 
 

@@ -9,6 +9,7 @@ from decimal import Decimal
 
 import httpx
 
+from briefs import metrics
 from briefs.db import Database
 from briefs.web.stats import StatsCache, compute
 from tests.polling import wait_for_async
@@ -119,6 +120,7 @@ async def test_todays_and_this_months_llm_cost(db: Database, data: Data) -> None
     assert cost["currency"] == "USD" and cost["daily_budget"] is None and cost["budget_display"] == "none"
     assert (cost["today"]["prompt_tokens"], cost["today"]["cost"], cost["today"]["display"]) == (100, 0.5, "0.5000 USD")
     assert cost["month"]["cost"] == 0.5 and cost["month"]["display"] == "0.5000 USD"
+    assert metrics.LLM_SPEND_TODAY._value.get() == 0.5
 
     # Tokens of a model without a price: the cost is unknown, never 0.
     await data.brief(await data.user(), now.date(), prompt_tokens=7, completion_tokens=3, completed_at=now)
