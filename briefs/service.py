@@ -98,23 +98,6 @@ class BriefQueued:
         return f"queued job {self.job_id} for {what}{note}"
 
 
-async def enqueue_brief(
-    db: Database,
-    settings: Any,
-    user_id: int,
-    brief_date: date | None,
-    *,
-    force: bool,
-    enqueue: EnqueueHook,
-    now: datetime | None = None,
-    resend_email: bool = False,
-) -> str:
-    """Queue one brief to run now (:func:`queue_brief`); returns a line for humans."""
-    queued = await queue_brief(db, settings, user_id, brief_date, force=force, enqueue=enqueue, now=now,
-                               resend_email=resend_email)
-    return queued.line()
-
-
 async def queue_brief(
     db: Database,
     settings: Any,

@@ -38,7 +38,7 @@ from briefs.jobs import settings_enqueue_hook
 from briefs.logs import redact, setup_logging, truncate
 from briefs.migrate import MigrationError, migrate_url, require_schema
 from briefs.progress import Progress
-from briefs.service import enqueue_all, enqueue_brief, llm_cost, llm_health, show_brief
+from briefs.service import enqueue_all, llm_cost, llm_health, queue_brief, show_brief
 from briefs.settings import MAX_COUNT, Settings
 from briefs.terminal import one_line, printable
 from scheduler.tick import run_tick
@@ -226,10 +226,10 @@ async def cmd_enqueue(settings: Settings, args: argparse.Namespace) -> int:
                 report = await enqueue_all(db, force=force, enqueue=hook, on_progress=bar.update)
             print(printable(report.summary()))
             return 0
-        line = await enqueue_brief(
+        queued = await queue_brief(
             db, settings, args.user_id, brief_date, force=force, enqueue=hook, resend_email=args.resend_email
         )
-        print(line)
+        print(queued.line())
         return 0
 
     return await _with_db(settings, go)

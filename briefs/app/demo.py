@@ -17,7 +17,7 @@ from briefs.demo import seed, todays_brief_made
 from briefs.jobs import settings_enqueue_hook
 from briefs.logs import register_secret
 from briefs.progress import Progress
-from briefs.service import enqueue_brief, load_brief_markdown
+from briefs.service import load_brief_markdown, queue_brief
 from briefs.settings import Settings
 from briefs.terminal import printable
 
@@ -62,7 +62,7 @@ async def seed_demo(db: Database, settings: Settings, *, console: str | None = N
         )
     else:
         hook = settings_enqueue_hook(settings)
-        await enqueue_brief(db, settings, first_id, brief_date, force=True, enqueue=hook, now=now)
+        await queue_brief(db, settings, first_id, brief_date, force=True, enqueue=hook, now=now)
         how = (
             f"already has today's brief ({brief_date}) from an earlier demo run,\n"
             "      so a fresh one is being made now (regenerated, not re-mailed); it appears here in a few seconds."

@@ -9,14 +9,15 @@ from typing import Any
 import pytest
 
 from briefs.jobs import settings_enqueue_hook
-from briefs.service import BadRequest, enqueue_all
-from briefs.service import enqueue_brief as _enqueue_brief
+from briefs.service import BadRequest, enqueue_all, queue_brief
 
 NOW = datetime(2026, 11, 23, 23, 30, tzinfo=UTC)  # the user's today is 2026-11-23 in UTC
 
 
 async def enqueue_brief(h: Any, *args: Any, **kw: Any) -> str:
-    return await _enqueue_brief(h.db, h.settings(), *args, enqueue=settings_enqueue_hook(h.settings()), now=NOW, **kw)
+    """What `briefs enqueue` prints (:func:`briefs.service.queue_brief`'s line)."""
+    queued = await queue_brief(h.db, h.settings(), *args, enqueue=settings_enqueue_hook(h.settings()), now=NOW, **kw)
+    return queued.line()
 
 
 async def test_a_date_beyond_a_week_back_or_tomorrow_needs_force(briefs_harness: Any, brief_seed: Any) -> None:

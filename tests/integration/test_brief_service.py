@@ -9,12 +9,12 @@ import pytest
 
 from briefs.errors import PermanentError
 from briefs.jobs import settings_enqueue_hook as hook
-from briefs.service import BadRequest, enqueue_all, load_brief_markdown
-from briefs.service import enqueue_brief as _enqueue_brief
+from briefs.service import BadRequest, enqueue_all, load_brief_markdown, queue_brief
 
 
 async def enqueue_brief(db: Any, settings: Any, *args: Any, **kw: Any) -> str:
-    return await _enqueue_brief(db, settings, *args, enqueue=hook(settings), **kw)
+    """What `briefs enqueue` prints (:func:`briefs.service.queue_brief`'s line)."""
+    return (await queue_brief(db, settings, *args, enqueue=hook(settings), **kw)).line()
 
 NOW = datetime(2026, 11, 23, 23, 30, tzinfo=UTC)  # already the 24th in Tokyo
 

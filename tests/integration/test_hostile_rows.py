@@ -167,15 +167,15 @@ async def test_a_brief_date_no_window_can_cover_fails_once_with_the_reason(
 ) -> None:
     """Dates at Python's limits: the windows (7 days back, 8 ahead) would overflow mid-run."""
     from briefs.jobs import settings_enqueue_hook
-    from briefs.service import BadRequest, enqueue_brief
+    from briefs.service import BadRequest, queue_brief
     from worker import queue
 
     h = briefs_harness
     uid = brief_seed.user("Gus")
     brief_seed.busy_project(uid, "p", datetime.now(UTC).date())
     with pytest.raises(BadRequest, match="outside the dates a brief can cover"):
-        await enqueue_brief(h.db, h.settings(), uid, date(9999, 12, 31), force=True,
-                            enqueue=settings_enqueue_hook(h.settings()))
+        await queue_brief(h.db, h.settings(), uid, date(9999, 12, 31), force=True,
+                          enqueue=settings_enqueue_hook(h.settings()))
     payloads = [
         ({"brief_date": "9999-12-31"}, "brief_date 9999-12-31 is outside the dates a brief can cover"),
         ({"brief_date": "0001-01-01"}, "brief_date 0001-01-01 is outside the dates a brief can cover"),
