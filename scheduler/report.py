@@ -106,7 +106,8 @@ class TickReport:
         if self.skipped_locked:
             return f"{head}: skipped, another scheduler holds the lock"
         lines = [
-            f"{head}: {self.users_seen} active preference(s) in {self.pages} page(s), "
+            # users_seen: the preferences this tick read (the indexed tick reads only those that may be due)
+            f"{head}: {self.users_seen} preference(s) read in {self.pages} page(s), "
             f"{self.queries} queries, {self.duration_s:.3f}s",
             f"  enqueued {len(self.enqueued)}, already queued {self.deduplicated}, "
             f"moved {len(self.moved)}, cancelled {len(self.cancelled)}, skipped {len(self.skipped)}, "
