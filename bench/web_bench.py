@@ -362,7 +362,6 @@ def _explain_cases(now: datetime) -> list[tuple[str, str, dict[str, Any]]]:
         ("stats base: series per hour", st._SERIES, {"unit": "hour", "since": hour - timedelta(hours=24), "cut": cut}),
         ("stats base: durations last hour", st._DURATIONS, {"since": now - timedelta(hours=1), "now": now}),
         ("stats: workers", st._WORKERS, {"since": now - st.WORKER_WINDOW}),
-        ("stats: tokens today", st._TOKENS, {"since": now.replace(hour=0, minute=0), "now": now}),
         ("stats: llm health", service._LLM_HEALTH_SQL, {"since": now - service.LLM_WINDOW, "now": now}),
         ("stats: recent ticks", report._RECENT.replace("%s", "%(limit)s"), {"limit": 50}),
         ("metrics: queue gauges", _gauges_sql(health), {"types": metrics.known_job_types(), "other": metrics.OTHER}),

@@ -115,13 +115,6 @@ ORDER BY 3 DESC NULLS LAST
 LIMIT {MAX_WORKERS}
 """
 
-_TOKENS = """
-SELECT count(*) AS briefs, coalesce(sum(prompt_tokens), 0) AS prompt_tokens,
-       coalesce(sum(completion_tokens), 0) AS completion_tokens
-FROM daily_briefs
-WHERE completed_at >= %(since)s AND completed_at <= %(now)s
-"""
-
 Buckets = dict[datetime, dict[str, int]]  # bucket start -> {"completed": n, "failed": n, "cancelled": n}
 
 
@@ -198,10 +191,10 @@ async def count_base(db: Database) -> Base:
         minutes = await _rows(conn, _SERIES, {"unit": "minute", "since": cut - 61 * _MINUTE, "cut": cut})
         hours = await _rows(conn, _SERIES, {"unit": "hour", "since": _floor(now, _HOUR) - 24 * _HOUR, "cut": cut})
         durations = await _durations(conn, now)
-        tokens = await _tokens(conn, now)
         cost = await llm_cost_on(conn, db.settings, now)
     metrics.LLM_SPEND_TODAY.set(cost["today"]["priced_cost"])
-    return Base(cut, finished, _buckets_of(minutes), _buckets_of(hours), durations, tokens, cost, time.monotonic())
+    return Base(cut, finished, _buckets_of(minutes), _buckets_of(hours), durations, _tokens(cost, now), cost,
+                time.monotonic())
 
 
 def _percentiles(values: Any) -> dict[str, float | None]:
@@ -214,12 +207,12 @@ async def _durations(conn: Any, now: datetime) -> dict[str, Any]:
     return {"jobs": int(row["jobs"]), "wait": _percentiles(row["wait"]), "run": _percentiles(row["run"])}
 
 
-async def _tokens(conn: Any, now: datetime) -> dict[str, Any]:
-    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
-    [row] = await _rows(conn, _TOKENS, {"since": midnight, "now": now})
-    prompt, completion = int(row["prompt_tokens"]), int(row["completion_tokens"])
-    return {"since": midnight.isoformat(), "briefs": int(row["briefs"]), "prompt_tokens": prompt,
-            "completion_tokens": completion, "total_tokens": prompt + completion}
+def _tokens(cost: dict[str, Any], now: datetime) -> dict[str, Any]:
+    """Today's (UTC) tokens, from the cost query's day (:func:`briefs.service.llm_cost_on`: one pass)."""
+    today = cost["today"]
+    prompt, completion = today["prompt_tokens"], today["completion_tokens"]
+    return {"since": now.replace(hour=0, minute=0, second=0, microsecond=0).isoformat(), "briefs": today["briefs"],
+            "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 class BaseCounts:
