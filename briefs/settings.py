@@ -113,7 +113,11 @@ class Settings(BaseSettings):
     llm_max_retries: int = Field(default=4, ge=0, le=MAX_COUNT)
     llm_concurrency: int = Field(default=8, ge=1, le=MAX_COUNT)
     llm_brief_concurrency: int = Field(default=4, ge=1, le=MAX_COUNT)
-    llm_rpm: int = Field(default=0, ge=0, le=1_000_000)  # 0 = unlimited
+    # The provider's limits for the whole deployment (0 = unlimited): each worker process paces itself at its
+    # share, the limit over workers_expected, and the scheduler plans the briefs' starts by them.
+    llm_rpm: int = Field(default=0, ge=0, le=1_000_000)  # requests per minute
+    llm_tpm: int = Field(default=0, ge=0, le=1_000_000_000)  # tokens (prompt and completion) per minute
+    workers_expected: int = Field(default=1, ge=1, le=MAX_COUNT)  # worker processes sharing the LLM limits
     # Cost accounting: model -> {"input": price, "output": price} per million tokens (JSON); a model
     # missing from it has its tokens counted and its cost reported as unknown (never 0).
     llm_prices: Annotated[dict[str, dict[str, float]], NoDecode] = Field(default_factory=dict)
@@ -138,9 +142,19 @@ class Settings(BaseSettings):
     scheduler_page_size: int = Field(default=1000, ge=1, le=MAX_COUNT)
     # The tick plans every occurrence in its window for each user on a page: ten years of lookahead
     # was 7,300 occurrences a user (2.5 s and 130 MB for five users). Days are plenty.
-    lookahead: float = Field(default=3600.0, gt=0, le=2 * 86400.0)
+    # Two hours and ten minutes: a brief is seen at least max_lead (2 h) ahead with five-minute ticks.
+    lookahead: float = Field(default=7800.0, gt=0, le=2 * 86400.0)
     catch_up: float = Field(default=6 * 3600.0, ge=0, le=7 * 86400.0)  # as far back as `briefs enqueue --date` goes
     generation_buffer: float = Field(default=300.0, ge=0, le=86400.0)
+    # Capacity-aware starts (scheduler/capacity.py): each brief starts as late as the LLM capacity allows for
+    # it to be done by its notify_at, at least generation_buffer and at most max_lead ahead (and never before
+    # the tick sees it: lookahead - scheduler_interval ahead). Off: every brief starts generation_buffer ahead.
+    capacity_planning: bool = True
+    max_lead: float = Field(default=7200.0, ge=0, le=86400.0)
+    capacity_margin: float = Field(default=0.8, ge=0.05, le=1.0)  # the share of the LLM capacity planned on
+    # What one LLM call takes until briefs have measured it (the last hour's briefs, when there are any).
+    llm_call_seconds: float = Field(default=5.0, gt=0, le=600.0)
+    llm_tokens_per_call: int = Field(default=2000, ge=1, le=10_000_000)
 
     # Limits on what one job, one brief and one prompt may hold (hostile or just huge data).
     # a job's JSON payload, checked at enqueue

@@ -107,6 +107,8 @@ def make_settings(database_url: str, **overrides: object) -> Settings:
         "retry_max": 1.0,
         "shutdown_grace": 5.0,
         "smtp_url": None,
+        # The scheduler tests were written for a one-hour window (the default covers BRIEFS_MAX_LEAD: 2 h 10 min).
+        "lookahead": 3600.0,
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
