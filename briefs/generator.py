@@ -668,6 +668,7 @@ class _Run:
                 "completion_tokens": reply.completion_tokens,
                 "attempts": reply.attempts,
                 "latency": round(reply.latency, 3),
+                "request_seconds": round(reply.request_seconds, 3),
                 **self._priced(reply, ""),
             }
             return _ProjectResult(project, section, "completed", None, meta)

@@ -14,9 +14,13 @@ retries, wait with a full-jitter :class:`~briefs.backoff.Backoff` unless the ser
 how long, and log each retry; every HTTP attempt is counted in ``briefs_llm_calls_total``
 and each failed one in ``briefs_llm_errors_total`` by kind (see "Retries" below).
 
-Limits are process-wide: every ``LLMClient`` in a process shares one :class:`Limits`
-(``settings.llm_concurrency`` requests in flight and, when ``settings.llm_rpm > 0``,
-a requests-per-minute token bucket), owned by :data:`PROCESS_LIMITS` unless the
+Limits are the deployment's, shared out per process: ``settings.llm_rpm`` (requests per minute)
+and ``settings.llm_tpm`` (prompt and completion tokens per minute) are the provider's limits for
+every worker together, and each process paces itself at its share, the limit over
+``settings.workers_expected``, so the deployment stays under them instead of learning them from
+429s. Every ``LLMClient`` in a process shares one :class:`Limits`
+(``settings.llm_concurrency`` requests in flight, a request bucket and a post-paid token bucket,
+each holding about one second's worth of its share), owned by :data:`PROCESS_LIMITS` unless the
 client is given its own with ``limits=``.
 
 Errors are ``LLMError``; ``permanent`` tells the caller whether trying the same
@@ -45,7 +49,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Annotated, Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, NamedTuple, TypeVar
 
 import httpcore2  # httpx2's connection pool
 import httpx2  # the openai SDK's HTTP client (a dependency of openai 3.x)
@@ -187,6 +191,9 @@ class LLMResult(Generic[T]):
     model: str  # as reported by the API (falls back to the requested model)
     attempts: int  # HTTP requests made, 1 = no retry
     latency: float  # seconds from the call to the result, waits included
+    # Mean seconds per HTTP request of the call, from sending it to its reply read: no wait for a slot or
+    # a rate token, no backoff sleep. What the provider takes per request, for the scheduler's planning.
+    request_seconds: float = 0.0
 
 
 @dataclass
@@ -199,12 +206,22 @@ class _Tally:
 
 
 # ---------------------------------------------------------------------------------------------
-# Process-wide limits
+# Limits: the deployment's, shared out per process
 # ---------------------------------------------------------------------------------------------
 
 
+BURST_SECONDS = 1.0  # a bucket holds this many seconds' worth of its rate (see TokenBucket.per_minute)
+
+
 class TokenBucket:
-    """An async token bucket: ``capacity`` tokens, refilled at ``rate`` tokens per second."""
+    """An async token bucket: at most ``capacity`` tokens, refilled at ``rate`` tokens per second.
+
+    Two ways to pay. :meth:`acquire` is prepaid: it waits for one token and takes it (requests).
+    :meth:`settle` and :meth:`debit` are post-paid: a caller goes ahead once the balance is not
+    negative, and what it used, known only from the reply, is debited afterwards; the balance may go
+    into debt, and later callers wait until the refill has paid it off (tokens of a completion).
+    Waiters are served in arrival order.
+    """
 
     def __init__(self, capacity: float, rate: float) -> None:
         if capacity < 1 or rate <= 0:
@@ -216,8 +233,21 @@ class TokenBucket:
         self._lock = asyncio.Lock()  # waiters are served in arrival order
 
     @classmethod
-    def per_minute(cls, rpm: int) -> TokenBucket:
-        return cls(capacity=rpm, rate=rpm / 60.0)
+    def per_minute(cls, per_minute: float) -> TokenBucket:
+        """A bucket paced at ``per_minute`` tokens a minute that holds ``BURST_SECONDS`` worth of it (at least 1).
+
+        Not a whole minute's worth: providers enforce a per-minute limit over shorter intervals too
+        (a minute's requests sent in its first second are refused even though the minute's total is
+        within the limit), so a process that bursts its whole minute at once meets 429s. Holding one
+        second's worth keeps the pace even, while a rate under one a second still lets one through."""
+        rate = per_minute / 60.0
+        return cls(capacity=max(rate * BURST_SECONDS, 1.0), rate=rate)
+
+    @property
+    def balance(self) -> float:
+        """The tokens there are now (negative: the debt still to be refilled)."""
+        self._refill()
+        return self._tokens
 
     def _refill(self) -> None:
         now = time.monotonic()
@@ -225,6 +255,7 @@ class TokenBucket:
         self._updated = now
 
     async def acquire(self) -> None:
+        """Wait for a token and take it."""
         async with self._lock:
             self._refill()
             while self._tokens < 1:
@@ -232,57 +263,124 @@ class TokenBucket:
                 self._refill()
             self._tokens -= 1
 
+    async def settle(self) -> None:
+        """Wait until the bucket is not in debt (balance >= 0); nothing is taken (see :meth:`debit`)."""
+        async with self._lock:
+            self._refill()
+            while self._tokens < 0:
+                await asyncio.sleep(-self._tokens / self.rate)
+                self._refill()
+
+    def debit(self, tokens: float) -> None:
+        """Take ``tokens`` already used, going into debt if there are not that many."""
+        self._refill()
+        self._tokens -= tokens
+
+
+class _Gates(NamedTuple):
+    """One event loop's primitives of a :class:`Limits`."""
+
+    semaphore: asyncio.Semaphore
+    requests: TokenBucket | None  # prepaid, one token per HTTP request
+    tokens: TokenBucket | None  # post-paid, the tokens each reply reports
+
 
 class Limits:
     """Request limits shared by every :class:`LLMClient` holding this object: at most ``concurrency``
-    requests in flight and, when ``rpm > 0``, at most ``rpm`` started per minute (a token bucket).
+    requests in flight and, paced at this process's share of the deployment's limits:
+
+    - when ``rpm > 0``, at most ``rpm / workers_expected`` requests started per minute (a token bucket);
+    - when ``tpm > 0``, at most ``tpm / workers_expected`` prompt and completion tokens per minute,
+      post-paid: a request starts while the token bucket is not in debt, and each reply's reported
+      usage is debited from it afterwards (:meth:`debit`), so one call may overdraw it and the next
+      ones wait until the refill has covered it.
+
+    Each bucket holds about one second's worth of its share (:meth:`TokenBucket.per_minute`): the
+    provider enforces its per-minute limits over shorter intervals too.
 
     asyncio primitives belong to the event loop that first waits on them, so each running loop gets
-    its own semaphore and bucket (a service has one loop; tests and benchmarks run several in turn).
+    its own semaphore and buckets (a service has one loop; tests and benchmarks run several in turn).
     """
 
-    def __init__(self, concurrency: int, rpm: int = 0) -> None:
-        if concurrency < 1 or rpm < 0:
-            raise ValueError("Limits needs concurrency >= 1 and rpm >= 0")
+    def __init__(self, concurrency: int, rpm: int = 0, *, tpm: int = 0, workers_expected: int = 1) -> None:
+        if concurrency < 1 or rpm < 0 or tpm < 0 or workers_expected < 1:
+            raise ValueError("Limits needs concurrency >= 1, rpm >= 0, tpm >= 0 and workers_expected >= 1")
         self.concurrency = concurrency
-        self.rpm = rpm
-        self._per_loop: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, tuple[asyncio.Semaphore, TokenBucket | None]
-        ] = weakref.WeakKeyDictionary()  # weak: a closed loop's primitives go with it
+        self.rpm = rpm  # the deployment's limits
+        self.tpm = tpm
+        self.workers_expected = workers_expected
+        self._per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Gates] = (
+            weakref.WeakKeyDictionary()  # weak: a closed loop's primitives go with it
+        )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Limits:
-        return cls(settings.llm_concurrency, settings.llm_rpm)
+        return cls(settings.llm_concurrency, settings.llm_rpm, tpm=settings.llm_tpm,
+                   workers_expected=settings.workers_expected)
+
+    @staticmethod
+    def key_of(settings: Settings) -> tuple[int, int, int, int]:
+        """What :meth:`from_settings` makes limits of: (concurrency, rpm, tpm, workers_expected)."""
+        return settings.llm_concurrency, settings.llm_rpm, settings.llm_tpm, settings.workers_expected
+
+    @property
+    def key(self) -> tuple[int, int, int, int]:
+        return self.concurrency, self.rpm, self.tpm, self.workers_expected
+
+    @property
+    def rpm_share(self) -> float:
+        """Requests per minute this process may start (0: no limit)."""
+        return self.rpm / self.workers_expected
+
+    @property
+    def tpm_share(self) -> float:
+        """Tokens per minute this process may use (0: no limit)."""
+        return self.tpm / self.workers_expected
 
     def __repr__(self) -> str:
-        return f"Limits(concurrency={self.concurrency}, rpm={self.rpm})"
+        return (f"Limits(concurrency={self.concurrency}, rpm={self.rpm}, tpm={self.tpm}, "
+                f"workers_expected={self.workers_expected})")
 
-    def _primitives(self) -> tuple[asyncio.Semaphore, TokenBucket | None]:
+    def gates(self) -> _Gates:
+        """The running loop's semaphore and buckets (made on first use)."""
         loop = asyncio.get_running_loop()
-        pair = self._per_loop.get(loop)
-        if pair is None:
-            bucket = TokenBucket.per_minute(self.rpm) if self.rpm else None
-            pair = self._per_loop[loop] = (asyncio.Semaphore(self.concurrency), bucket)
-        return pair
+        gates = self._per_loop.get(loop)
+        if gates is None:
+            gates = self._per_loop[loop] = _Gates(
+                asyncio.Semaphore(self.concurrency),
+                TokenBucket.per_minute(self.rpm_share) if self.rpm else None,
+                TokenBucket.per_minute(self.tpm_share) if self.tpm else None,
+            )
+        return gates
 
     async def slot(self) -> asyncio.Semaphore:
-        """Wait for a free request slot, then for a rate token; the caller releases the returned semaphore.
+        """Wait for a free request slot, then for a rate token, then until the token bucket is out of
+        debt; the caller releases the returned semaphore.
 
-        The token is taken once a slot is held, so the pace is that of requests actually sent."""
-        semaphore, bucket = self._primitives()
-        await semaphore.acquire()
-        if bucket is not None:
-            try:
-                await bucket.acquire()
-            except BaseException:  # cancelled while waiting for a token: give the slot back
-                semaphore.release()
-                raise
-        return semaphore
+        The buckets are waited on once a slot is held, so the pace is that of requests actually sent. A
+        waiter cancelled at any step gives its slot back."""
+        gates = self.gates()
+        await gates.semaphore.acquire()
+        try:
+            if gates.requests is not None:
+                await gates.requests.acquire()
+            if gates.tokens is not None:
+                await gates.tokens.settle()
+        except BaseException:  # cancelled while waiting: give the slot back
+            gates.semaphore.release()
+            raise
+        return gates.semaphore
+
+    def debit(self, tokens: int) -> None:
+        """Charge the tokens a reply reported (prompt and completion) to the running loop's token bucket."""
+        bucket = self.gates().tokens
+        if bucket is not None and tokens > 0:
+            bucket.debit(tokens)
 
 
 class ProcessLimits:
     """The owner of the process's :class:`Limits`: an ``LLMClient`` made without ``limits=`` takes them
-    from :data:`PROCESS_LIMITS`, so all of a process's clients share one concurrency limit and one rate.
+    from :data:`PROCESS_LIMITS`, so all of a process's clients share one concurrency limit and one pace.
 
     They are made from the first client's settings. Settings asking for other values (a test, a
     benchmark scenario) get new limits, shared from then on; clients made before keep the old ones.
@@ -295,7 +393,7 @@ class ProcessLimits:
     def get(self, settings: Settings) -> Limits:
         with self._lock:
             limits = self._limits
-            if limits is None or (limits.concurrency, limits.rpm) != (settings.llm_concurrency, settings.llm_rpm):
+            if limits is None or limits.key != Limits.key_of(settings):
                 limits = self._limits = Limits.from_settings(settings)
             return limits
 
@@ -578,6 +676,22 @@ class _Call:
     ends: float = 0.0  # loop time by which the current attempt must be over
     slot: asyncio.Semaphore | None = None  # held from a 2xx reply's headers until its body is read
     breaker: CircuitBreaker | None = None
+    sent: float | None = None  # time.monotonic() when the current HTTP request was sent, until it is over
+    request_time: float = 0.0  # seconds spent in HTTP requests: sent to failed or to the reply read
+
+    def sending(self) -> None:
+        """An HTTP request goes out now (its slot and rate token are held: their waits are not counted)."""
+        self.sent = time.monotonic()
+
+    def request_over(self) -> None:
+        """The current HTTP request failed or its reply was read: add its time (once)."""
+        sent, self.sent = self.sent, None
+        if sent is not None:
+            self.request_time += time.monotonic() - sent
+
+    def request_seconds(self) -> float:
+        """Mean seconds per HTTP request so far."""
+        return self.request_time / self.requests if self.requests else 0.0
 
     def failed(self, kind: str, problem: str, status: int | None = None) -> None:
         self.kind, self.problem, self.status = kind, problem, status
@@ -622,9 +736,10 @@ class _CircuitOpen(openai.OpenAIError):
 
 async def _attempt(call: _Call, request: httpx2.Request,
                    send: Callable[[], Awaitable[httpx2.Response]]) -> httpx2.Response:
-    """One HTTP attempt of ``call``: a slot and a rate token, counted, bounded by ``call.deadline``
-    (the SDK's timeouts apply per phase: a server trickling bytes would hold a slot forever), its failure
-    recorded. A 2xx reply keeps the slot until :meth:`LLMClient._post` has read its body."""
+    """One HTTP attempt of ``call``: a slot and the pace's go-ahead (:meth:`Limits.slot`), then counted,
+    timed from here (:meth:`_Call.sending`), bounded by ``call.deadline`` (the SDK's timeouts apply per
+    phase: a server trickling bytes would hold a slot forever), its failure recorded. A 2xx reply keeps
+    the slot, and its time runs, until :meth:`LLMClient._post` has read its body."""
     slot = await call.limits.slot()
     try:
         call.admit()
@@ -634,6 +749,7 @@ async def _attempt(call: _Call, request: httpx2.Request,
     call.requests += 1
     metrics.LLM_CALLS.labels(call.purpose).inc()
     call.ends = asyncio.get_running_loop().time() + call.deadline
+    call.sending()
     response: httpx2.Response | None = None
     try:
         async with asyncio.timeout_at(call.ends):
@@ -642,6 +758,7 @@ async def _attempt(call: _Call, request: httpx2.Request,
                 await response.aread()  # the error code decides whether it is retried (_SDKClient._should_retry)
     except BaseException as err:
         slot.release()
+        call.request_over()
         if response is not None:  # a 429 whose body did not arrive: the SDK never sees it, so close it here
             await response.aclose()
         if call.breaker is not None and not isinstance(err, Exception):  # cancelled: no verdict
@@ -654,6 +771,7 @@ async def _attempt(call: _Call, request: httpx2.Request,
         call.slot = slot
     else:
         slot.release()
+        call.request_over()
         call.failed(status_kind(response.status_code, _error_code(response)), _status_text(response.status_code),
                     response.status_code)
     return response
@@ -728,7 +846,7 @@ def instructions(schema: type[BaseModel]) -> str:
 
 
 class LLMClient:
-    """JSON-schema completions with retries and process-wide limits.
+    """JSON-schema completions with retries, paced by the process's share of the limits (:class:`Limits`).
 
     ``http_client`` is passed to the SDK; this SDK version (openai 3.x) is built on
     ``httpx2``, so it must be an ``httpx2.AsyncClient`` (a legacy ``httpx.AsyncClient``
@@ -856,6 +974,7 @@ class LLMClient:
         except httpx2.TransportError as err:
             raise _Unusable(f"connection error ({type(err).__name__})", kind="connection") from None
         finally:
+            call.request_over()
             call.release()
 
     def _parse(self, data: dict[str, Any], schema: type[T]) -> T:
@@ -938,6 +1057,7 @@ class LLMClient:
                            attempts=call.requests) from None
         data = _envelope(content)
         used_prompt, used_completion = _usage(data)  # a bad reply's tokens count too
+        call.limits.debit(used_prompt + used_completion)  # the tokens per minute are post-paid
         tally.prompt_tokens += used_prompt
         tally.completion_tokens += used_completion
         metrics.LLM_TOKENS.labels("prompt").inc(used_prompt)
@@ -951,6 +1071,7 @@ class LLMClient:
             model=clip(clean(model), 200) if isinstance(model, str) and model.strip() else self.model,
             attempts=call.requests,
             latency=time.monotonic() - tally.started,
+            request_seconds=call.request_seconds(),
         )
 
     @staticmethod
