@@ -71,6 +71,10 @@ TICK_DURATION = Histogram(
 )
 TICK_USERS_ENQUEUED = Counter("briefs_scheduler_enqueued_total", "Brief jobs enqueued by the scheduler")
 TICK_USERS_SKIPPED = Counter("briefs_scheduler_skipped_total", "Users skipped by the scheduler", ["reason"])
+TICK_EXPECTED_LATE = Gauge(
+    "briefs_scheduler_briefs_expected_late",
+    "Briefs of the scheduler's window that the LLM capacity cannot finish by their notify_at (last tick's plan)",
+)
 
 LLM_CALLS = Counter("briefs_llm_calls_total", "LLM requests sent", ["purpose"])
 LLM_ERRORS = Counter("briefs_llm_errors_total", "LLM requests that failed", ["purpose", "kind"])

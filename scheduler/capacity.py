@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 
 Key = str | int
 
@@ -144,11 +144,15 @@ class Overload:
 
     @property
     def message(self) -> str:
+        return self.describe()
+
+    def describe(self, zone: tzinfo | None = None, label: str = "") -> str:
+        """The warning an operator reads, its times in ``zone`` (named ``label``; UTC by default)."""
         rate = "unlimited" if math.isinf(self.calls_per_minute) else f"{self.calls_per_minute:,.0f}"
         return (
-            f"{_hhmm(self.notify_at)}: {self.briefs:,} briefs need {self.calls:,} calls "
+            f"{_hhmm(self.notify_at, zone, label)}: {self.briefs:,} briefs need {self.calls:,} calls "
             f"({self.tokens:,} tokens); at {rate} calls/min they need {_minutes(self.needed)}; "
-            f"starting {_hhmm(self.start)}, the last expected {_minutes(self.late_by)} late"
+            f"starting {_hhmm(self.start, zone)}, the last expected {_minutes(self.late_by)} late"
         )
 
 
@@ -159,8 +163,12 @@ class Plan:
     overloads: list[Overload] = field(default_factory=list)  # by notify_at
 
 
-def _hhmm(instant: datetime) -> str:
-    return instant.astimezone(UTC).strftime("%Y-%m-%d %H:%MZ")
+def _hhmm(instant: datetime, zone: tzinfo | None = None, label: str = "") -> str:
+    """``2026-12-01 07:00 America/New_York`` (with a label), ``07:00`` (a zone alone) or ``2026-12-01 07:00Z``."""
+    if zone is None:
+        return instant.astimezone(UTC).strftime("%Y-%m-%d %H:%MZ")
+    local = instant.astimezone(zone)
+    return f"{local:%Y-%m-%d %H:%M} {label}" if label else f"{local:%H:%M}"
 
 
 def _minutes(span: timedelta) -> str:

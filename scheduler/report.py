@@ -62,6 +62,10 @@ class TickReport:
     # (a worker killed on the last attempt: the rescuer fails the job in SQL, no brief code runs).
     briefs_failed: list[dict[str, Any]] = field(default_factory=list)
     user_id: int | None = None  # a one-user tick's user (run_tick(user_id=…)); None for a tick of every user
+    # Capacity-aware starts (scheduler.starts): the briefs planned, how many started earlier, how many are
+    # expected late, the capacity planned with, and ``overloads`` (one per notify_at, with its message).
+    # None when the step did not run (switched off, no LLM, a one-user tick).
+    capacity: dict[str, Any] | None = None
 
     def skip(self, user_id: int, reason: str) -> None:
         self.skipped.append({"user_id": user_id, "reason": reason})
@@ -95,6 +99,8 @@ class TickReport:
             "not_due_count": self.not_due_count,
             "not_due": [_jsonable(n) for n in self.not_due],
             "briefs_failed": [_jsonable(b) for b in self.briefs_failed],
+            "capacity": None if self.capacity is None else {
+                **self.capacity, "overloads": [_jsonable(o) for o in self.capacity.get("overloads", [])]},
         }
 
     def summary(self) -> str:
@@ -116,6 +122,7 @@ class TickReport:
         if self.briefs_failed:
             lines.append(f"  marked failed {len(self.briefs_failed)} brief(s) whose last job ended and left them "
                          "processing")
+        lines += self._capacity_lines()
         kinds = self.skipped_by_kind()
         if kinds:
             lines.append("  skipped: " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())))
@@ -136,6 +143,16 @@ class TickReport:
         if len(self.not_due) > 5:
             lines.append(f"  … and {len(self.not_due) - 5} more not due (use --json for all)")
         return "\n".join(lines)
+
+
+    def _capacity_lines(self) -> list[str]:
+        plan = self.capacity
+        if plan is None:
+            return []
+        lines = [f"  LLM capacity: {plan['briefs']} brief(s) in the window, {plan['started_earlier']} started "
+                 f"earlier, {plan['expected_late']} expected late"]
+        lines += [f"  ! {item['message']}" for item in plan.get("overloads", [])]
+        return lines
 
 
 def _reason_kind(reason: str) -> str:

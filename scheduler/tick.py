@@ -15,7 +15,8 @@ One transaction per tick
     crash mid-tick leaves nothing half done (the next tick redoes it). The price is
     that jobs become visible to workers at commit, i.e. up to one tick duration
     (about a second per 10,000 users due, see bench/README-scheduler.md) after they
-    were planned; jobs are planned ``generation_buffer`` ahead, so that is slack.
+    were planned. That is slack, not lateness: a brief is seen ``lookahead`` ahead and starts at least
+    ``generation_buffer`` before its ``notify_at`` (earlier when the LLM capacity needs it, below).
     A dry run is the same transaction, with no writes, rolled back. The unique
     index on live dedup keys remains the guarantee if two ticks ever overlap.
 
@@ -79,7 +80,9 @@ Per page of preferences (``settings.scheduler_page_size``)
     4. at most one UPDATE that moves or cancels pending jobs (see below);
     5. one batched engagement query (only for users inactive 4+ days who need a
        new job), then the engagement decisions, isolated per user;
-    6. one ``enqueue_many`` (a multi-row INSERT … ON CONFLICT DO NOTHING).
+    6. one ``enqueue_many`` (a multi-row INSERT … ON CONFLICT DO NOTHING), each job starting
+       ``generation_buffer`` ahead and carrying its expected LLM calls (``llm_calls``: the user's active
+       projects, counted by the page query for the rows that may be due, plus the summary).
     Five statements per page at most, whatever the page size. One NOTIFY per tick
     (notifications are delivered at commit anyway). The last page's next_due_at values ride on the
     orphaned-briefs sweep (a one-user tick, which has no sweep, stores them with one UPDATE).
@@ -98,6 +101,15 @@ Hostile rows
     job with an unusable ``notify_at`` is moved to its planned instant; a dedup key the
     scheduler would not write is left alone. Reasons and log lines show hostile values
     clipped (:func:`briefs.contract.shown`).
+
+Capacity-aware starts (:mod:`scheduler.starts`)
+    When ``capacity_planning`` is on and an LLM is configured, the periodic tick ends by planning every
+    pending brief job in its window together (:func:`scheduler.capacity.plan_starts`: deadline first, from
+    the LLM's limits, concurrency and measured request time) and moving earlier the scheduler's jobs that
+    must start sooner than ``generation_buffer`` ahead, never before ``max_lead`` ahead and never later than
+    they were; briefs the capacity cannot finish in time are reported before it happens (``capacity`` in the
+    report). Two statements: a SELECT, and an UPDATE when starts move. A one-user tick leaves its job at the
+    fixed start; the next periodic tick plans it with the others.
 
 The report
     A real tick lists what it enqueued, moved, cancelled and skipped, and counts the
@@ -166,6 +178,7 @@ from briefs.contract import (
 )
 from briefs.db import Database
 from briefs.settings import Settings
+from scheduler import starts
 from scheduler.plan import Occurrence, Preference, local_to_utc, next_occurrence, plan
 from scheduler.report import TickReport, iso
 from worker import queue
@@ -255,6 +268,7 @@ class _User:
     schedule: _Schedule
     email: bool
     last_visit_at: datetime | None
+    llm_calls: int | None = None  # the brief's expected LLM calls (scheduler.starts), when counted
 
 
 @dataclass(slots=True)
@@ -295,6 +309,7 @@ class _Planner:
 
     def __init__(self, now: datetime, settings: Settings, *, track: bool = False) -> None:
         self.now = now
+        self.settings = settings
         self.lookahead = timedelta(seconds=settings.lookahead)
         self.catch_up = timedelta(seconds=settings.catch_up)
         self.buffer = timedelta(seconds=settings.generation_buffer)
@@ -303,6 +318,12 @@ class _Planner:
         self.after_cache: dict[tuple[_ScheduleKey, datetime], datetime | None] = {}
         self.track = track  # work out each planned user's next_due_at (a real tick; a dry run writes nothing)
         self.warned = 0
+        # What every page statement is given to count each due user's active projects (see _PageRow).
+        self.page_params = {
+            "count_projects": starts.enabled(settings),
+            "until": now + self.lookahead,
+            "max_projects": settings.brief_max_projects,
+        }
 
     def plan(self, key: _Schedule, user_id: int) -> list[Occurrence] | Exception:
         """The occurrences of a schedule (timezone, frequency, weekday, time), or the exception that rejects it.
@@ -485,7 +506,11 @@ SELECT p.user_id,
        CASE WHEN octet_length(u.timezone) > 255 THEN length(u.timezone) || ' ' || left(u.timezone, 40) END
          AS long_timezone,
        {_instant("p.next_due_at")} AS next_due_at,
-       p.xmin::text::bigint AS version
+       p.xmin::text::bigint AS version,
+       CASE WHEN %(count_projects)s AND (p.next_due_at IS NULL OR p.next_due_at < %(until)s)
+            THEN (SELECT count(*) FROM (SELECT FROM projects pr WHERE pr.user_id = p.user_id AND pr.status = 'active'
+                                        LIMIT %(max_projects)s) c)
+       END AS active_projects
 FROM brief_preferences p
 JOIN users u ON u.id = p.user_id
 WHERE p.is_active AND p.user_id > %(after)s
@@ -548,6 +573,9 @@ class _PageRow(NamedTuple):
     long_timezone: str | None  # "<length> <first 40 characters>" of a timezone over 255 bytes, else NULL
     next_due_at: datetime | None  # the stored next_due_at (NULL: unknown, or outside the instants Python holds)
     version: int  # the row's xmin: the version of the preference planned (see _WRITE)
+    # The user's active projects (at most brief_max_projects), counted only for a row that may be due and only
+    # when capacity-aware starts apply: the brief's expected LLM calls (scheduler.starts). NULL otherwise.
+    active_projects: int | None
 
 
 # Scheduler-made jobs say so in their payload; hand-made ones are never moved or cancelled.
@@ -744,8 +772,11 @@ async def _tick(conn: _Counted, settings: Settings, now: datetime, report: TickR
         await _fail_orphaned_briefs(conn, now, report, writer)
     elif writer.users:
         await conn.execute(_WRITE, writer.take())
-    if not report.dry_run and (report.enqueued or report.moved):
-        await conn.execute("SELECT pg_notify(%s, '')", (queue.NOTIFY_CHANNEL,))
+    if user_id is None and starts.enabled(settings):  # every brief in the window, planned together
+        await starts.plan_starts_of_tick(conn, settings, now, report)
+    started_earlier = report.capacity is not None and report.capacity["started_earlier"]
+    if not report.dry_run and (report.enqueued or report.moved or started_earlier):
+        await conn.execute("SELECT pg_notify(%s, '')", (queue.NOTIFY_CHANNEL,))  # workers re-arm their timers
 
 
 async def _scan_pages(
@@ -762,7 +793,7 @@ async def _scan_pages(
     page_size = settings.scheduler_page_size
     page_sql = _PAGE if user_id is None else _PAGE_USER
     while True:
-        params = {"after": after, "page": page_size, "user": user_id, **writer.take()}
+        params = {"after": after, "page": page_size, "user": user_id, **planner.page_params, **writer.take()}
         rows = await conn.fetch(page_sql, params, _rows_of(_PageRow))
         if not rows:
             break
@@ -786,7 +817,7 @@ async def _id_pages(
     """The preferences of ``ids`` (sorted), page by page; an id whose preference is not active has no row."""
     page_size = settings.scheduler_page_size
     for start in range(0, len(ids), page_size):
-        params = {"ids": ids[start : start + page_size], "page": page_size, **writer.take()}
+        params = {"ids": ids[start : start + page_size], "page": page_size, **planner.page_params, **writer.take()}
         rows = await conn.fetch(_PAGE_IDS, params, _rows_of(_PageRow))
         if not rows:
             continue
@@ -1020,7 +1051,9 @@ def _user_and_plan(
     except _BadRow as exc:
         planner.skip_bad(report, row.user_id, str(exc))
         return None
-    return _User(user_id=row.user_id, schedule=schedule, email=row.email_enabled, last_visit_at=last_visit), occurrences
+    user = _User(user_id=row.user_id, schedule=schedule, email=row.email_enabled, last_visit_at=last_visit,
+                 llm_calls=starts.expected_calls(row.active_projects, planner.settings))
+    return user, occurrences
 
 
 def _skip_unplanned(planner: _Planner, report: TickReport, user_id: int, error: Exception) -> None:
@@ -1247,11 +1280,14 @@ def _sends(
 
 def _new_job(settings: Settings, send: _Send) -> NewJob:
     user, occ = send.due.user, send.due.occ
+    payload = BriefRequest(
+        user.user_id, occ.brief_date, occ.notify_at, send.stage, email=user.email, catch_up=occ.catch_up
+    ).to_payload(source=SOURCE)
+    if user.llm_calls is not None:
+        payload[starts.CALLS_KEY] = user.llm_calls
     return NewJob(
         job_type=BRIEF_JOB,
-        payload=BriefRequest(
-            user.user_id, occ.brief_date, occ.notify_at, send.stage, email=user.email, catch_up=occ.catch_up
-        ).to_payload(source=SOURCE),
+        payload=payload,
         priority=PRIORITY,
         run_at=occ.run_at,
         max_attempts=settings.max_attempts,
