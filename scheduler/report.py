@@ -274,6 +274,31 @@ async def recent_ticks(conn: psycopg.AsyncConnection[Any], limit: int = 20) -> l
     ]
 
 
+# The capacity plan of the last periodic tick that ran (a one-user tick plans nothing).
+_LAST_CAPACITY = """
+SELECT date_part('epoch', tick_at) AS tick_epoch, report->'capacity' AS capacity
+FROM scheduler_ticks
+WHERE ok AND user_id IS NULL AND report IS NOT NULL AND NOT coalesce((report->>'skipped_locked')::boolean, false)
+ORDER BY finished_at DESC, id DESC
+LIMIT 1
+"""
+
+
+async def last_capacity(conn: psycopg.AsyncConnection[Any]) -> dict[str, Any]:
+    """What the last logged periodic tick planned: ``{"tick_at": ISO or None, "capacity": dict or None}``.
+
+    ``capacity`` is the report's (None: the step did not run, or no tick is logged yet; ``tick_at`` says which).
+    Read from ``scheduler_ticks``, so any process can show it (``briefs status``).
+    """
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(_LAST_CAPACITY)
+        row = await cur.fetchone()
+    if row is None:
+        return {"tick_at": None, "capacity": None}
+    capacity = row["capacity"] if isinstance(row["capacity"], dict) else None
+    return {"tick_at": _epoch_iso(row["tick_epoch"]), "capacity": capacity}
+
+
 def bounded(report: dict[str, Any], cap: int = LIST_CAP) -> dict[str, Any]:
     """``report`` (a TickReport.to_dict()) with each list cut to ``cap`` items; ``counts`` has every list's length.
 

@@ -41,6 +41,7 @@ from briefs.progress import Progress
 from briefs.service import enqueue_all, llm_cost, llm_health, queue_brief, show_brief
 from briefs.settings import MAX_COUNT, Settings
 from briefs.terminal import one_line, printable
+from scheduler.report import last_capacity
 from scheduler.tick import run_tick
 from worker import queue
 
@@ -255,6 +256,7 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         cost = await llm_cost(db, settings)
         async with db.raw() as conn:
             circuit = await read_status(conn, settings)
+            planned = await last_capacity(conn)
         if args.json:
             queue_rows = [
                 {
@@ -269,7 +271,7 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
                 for r in rows
             ]
             print(_json({"queue": queue_rows, "failures_last_hour": failures, "llm": llm, "llm_circuit": circuit,
-                         "llm_cost": cost}))
+                         "llm_cost": cost, "llm_capacity": planned}))
             return 0
         if not rows:
             print("queue is empty")
@@ -287,6 +289,7 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         print(_llm_text(llm))
         print(f"LLM circuit: {one_line(str(circuit['detail']), 300)}")
         print(_cost_text(cost))
+        print(_capacity_text(planned, settings))
         return 0
 
     return await _with_db(settings, go)
@@ -306,6 +309,25 @@ async def cmd_llm_reset(settings: Settings, args: argparse.Namespace) -> int:
         return 0
 
     return await _with_db(settings, go)
+
+
+def _capacity_text(planned: dict[str, Any], settings: Settings) -> str:
+    """The last periodic tick's capacity plan for ``briefs status``: what it planned, and each overload."""
+    plan = planned["capacity"]
+    if plan is None:
+        if planned["tick_at"] is None:
+            return "LLM capacity: no scheduler tick logged yet"
+        why = "BRIEFS_CAPACITY_PLANNING is off" if not settings.capacity_planning else "off or no LLM configured"
+        return f"LLM capacity (tick at {planned['tick_at']}): not planned ({why}): briefs start the buffer ahead"
+    rate = f"{plan['calls_per_minute']:,.0f} calls/min" if plan.get("calls_per_minute") else "no call limit"
+    measured = "measured" if plan.get("request_seconds_measured") else "expected"
+    lines = [
+        f"LLM capacity (tick at {planned['tick_at']}): {plan['briefs']:,} brief(s) in the window, "
+        f"{plan['started_earlier']:,} started earlier, {plan['expected_late']:,} expected late",
+        f"  planned at {rate}, {plan['concurrency']:,} in flight, {plan['request_seconds']} s a request ({measured})",
+    ]
+    lines += [f"  ! {one_line(str(item.get('message')), 400)}" for item in plan.get("overloads") or []]
+    return "\n".join(lines)
 
 
 def _cost_text(cost: dict[str, Any]) -> str:

@@ -467,3 +467,25 @@ def test_the_demo_signs_email_without_configuration(caplog: Any) -> None:
     assert any("BRIEFS_SECRET_KEY is unset" in r.getMessage() for r in caplog.records)
     configured = make_settings("postgresql://h/db", secret_key="operator-key-0123456789")
     assert demo_settings(configured) is configured
+
+
+def test_status_shows_the_last_ticks_capacity_plan_and_its_overloads(cli: Cli, clean_db: str) -> None:
+    code, out, _ = cli("status")
+    assert code == 0 and "LLM capacity: no scheduler tick logged yet" in out
+    message = ("2026-12-02 07:00 America/New_York: 3,000 briefs need 15,000 calls (30,000,000 tokens); at 2,400 "
+               "calls/min they need 6.2 min; starting 06:00, the last expected 1.5 min late")
+    capacity = {"briefs": 3000, "started_earlier": 2400, "expected_late": 120, "calls_per_minute": 3000.0,
+                "concurrency": 64, "request_seconds": 1.2, "request_seconds_measured": True,
+                "overloads": [{"notify_at": "2026-12-02T12:00:00Z", "message": message + "\x1b[2J"}]}
+    with psycopg.connect(clean_db, autocommit=True) as conn:
+        for user_id, report in ((None, {"capacity": capacity}), (7, {"capacity": None})):  # a one-user tick last
+            conn.execute("INSERT INTO scheduler_ticks (tick_at, ok, user_id, report) VALUES (now(), true, %s, %s)",
+                         (user_id, Jsonb(report)))
+    code, out, _ = cli("status")
+    assert code == 0
+    assert "brief(s) in the window, 2,400 started earlier, 120 expected late" in out
+    assert "planned at 3,000 calls/min, 64 in flight, 1.2 s a request (measured)" in out
+    assert f"  ! {message}" in out and "\x1b" not in out
+    code, out, _ = cli("status", "--json")
+    planned = json.loads(out)["llm_capacity"]
+    assert planned["capacity"]["expected_late"] == 120 and planned["tick_at"] is not None
