@@ -6,15 +6,18 @@ import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import psycopg
 import pytest
 from prometheus_client import REGISTRY
 from psycopg.types.json import Jsonb
 
 from briefs.db import Database
 from briefs.settings import Settings
+from scheduler import starts
 from scheduler.report import TickReport
 from scheduler.tick import run_tick
 from tests.conftest import SchedulerSeed, make_settings
+from worker import queue
 
 NOW = datetime(2026, 3, 10, 6, 0, tzinfo=UTC)
 NOTIFY = datetime(2026, 3, 10, 8, 0, tzinfo=UTC)
@@ -187,3 +190,29 @@ async def test_a_dry_run_plans_but_writes_nothing(
     report: TickReport = await run_tick(db, settings, NOW + timedelta(minutes=1), dry_run=True)
     assert report.capacity is not None and report.capacity["started_earlier"] > 0
     assert {job["run_at"] for job in brief_jobs(sched_seed)} == {NOTIFY - timedelta(minutes=5)}
+
+
+async def test_starts_moved_earlier_wake_the_workers(
+    db: Database, database_url: str, sched_seed: SchedulerSeed
+) -> None:
+    settings = planning(database_url)
+    users_with_projects(sched_seed, 30, 4)
+    await run_tick(db, settings, NOW)
+    sched_seed.execute("UPDATE queue_jobs SET run_at = %s", (NOTIFY - timedelta(minutes=5),))
+    with psycopg.connect(database_url, autocommit=True) as listener:
+        listener.execute(f"LISTEN {queue.NOTIFY_CHANNEL}")
+        report = await run_tick(db, settings, NOW + timedelta(minutes=1))
+        assert report.enqueued == [] and report.moved == []
+        assert report.capacity is not None and report.capacity["started_earlier"] > 0
+        # A worker's timer is set for the earliest run_at it saw: it must hear that one came sooner.
+        assert [n.channel for n in listener.notifies(timeout=5, stop_after=1)] == [queue.NOTIFY_CHANNEL]
+
+
+def test_expected_calls_and_capacity_follow_the_settings(database_url: str) -> None:
+    settings = planning(database_url, brief_max_projects=3, llm_concurrency=8, worker_concurrency=1,
+                        llm_brief_concurrency=4, workers_expected=3, llm_tpm=90_000)
+    assert [starts.expected_calls(n, settings) for n in (None, -1, 0, 1, 3, 50)] == [None, None, 0, 2, 4, 4]
+    capacity = starts.capacity_of(settings)
+    assert capacity.concurrency == 4 * 3  # one brief at a time per process, four calls each, three processes
+    assert (capacity.calls_per_minute, capacity.tokens_per_minute, capacity.call_latency_s) == (30, 90_000, 1.0)
+    assert starts.capacity_of(settings, 2.5).call_latency_s == 2.5
