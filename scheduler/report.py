@@ -149,6 +149,8 @@ class TickReport:
         plan = self.capacity
         if plan is None:
             return []
+        if "error" in plan:
+            return [f"  LLM capacity: planning the starts failed ({plan['error']}): briefs start the buffer ahead"]
         lines = [f"  LLM capacity: {plan['briefs']} brief(s) in the window, {plan['started_earlier']} started "
                  f"earlier, {plan['expected_late']} expected late"]
         lines += [f"  ! {item['message']}" for item in plan.get("overloads", [])]

@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 CALLS_KEY = "llm_calls"  # the payload field with a scheduler job's expected LLM calls
 MIN_SAMPLES = 20  # requests measured before the measurement replaces the settings' expectation
 RECENT_BRIEFS = 500  # the last hour's briefs measured, at most (the most recent)
+_YEAR = timedelta(days=365)
 _MOVE_AT_LEAST = timedelta(seconds=1)  # a start moves only when the plan is this much earlier (no churn)
 
 
@@ -168,7 +169,7 @@ async def plan_starts_of_tick(
     plannable = [row for row in rows if row.notify_at is not None]
     measured = _measured(rows, settings)
     capacity = capacity_of(settings, measured["request_seconds"])
-    demands = _demands(plannable, measured["tokens_per_call"])
+    demands = _demands(plannable, measured["tokens_per_call"], now)
     max_lead = timedelta(seconds=max(settings.max_lead, settings.generation_buffer))
     plan = plan_starts(demands, capacity, now=now, max_lead=max_lead,
                        min_lead=timedelta(seconds=settings.generation_buffer))
@@ -212,14 +213,16 @@ def _measured(rows: Sequence[_JobRow], settings: Settings) -> dict[str, Any]:
     }
 
 
-def _demands(rows: Sequence[_JobRow], tokens_per_call: float) -> list[Demand]:
+def _demands(rows: Sequence[_JobRow], tokens_per_call: float, now: datetime) -> list[Demand]:
+    """The planner's demands; a run_at more than a year from now (hostile, or hand-made) is not a plan to keep."""
     known = [row.calls for row in rows if row.calls is not None]
     default = int(statistics.median(known)) if known else 2
     demands = []
     for row in rows:
         calls = row.calls if row.calls is not None else default
         tokens = min(int(calls * tokens_per_call), 10**15)
-        demands.append(Demand(row.id, row.notify_at, calls, tokens, row.run_at))  # type: ignore[arg-type]
+        planned = row.run_at if row.run_at is not None and abs(row.run_at - now) < _YEAR else None
+        demands.append(Demand(row.id, row.notify_at, calls, tokens, planned))  # type: ignore[arg-type]
     return demands
 
 

@@ -773,10 +773,21 @@ async def _tick(conn: _Counted, settings: Settings, now: datetime, report: TickR
     elif writer.users:
         await conn.execute(_WRITE, writer.take())
     if user_id is None and starts.enabled(settings):  # every brief in the window, planned together
-        await starts.plan_starts_of_tick(conn, settings, now, report)
+        await _plan_starts(conn, settings, now, report)
     started_earlier = report.capacity is not None and report.capacity["started_earlier"]
     if not report.dry_run and (report.enqueued or report.moved or started_earlier):
         await conn.execute("SELECT pg_notify(%s, '')", (queue.NOTIFY_CHANNEL,))  # workers re-arm their timers
+
+
+async def _plan_starts(conn: _Counted, settings: Settings, now: datetime, report: TickReport) -> None:
+    """The capacity-aware starts, in a savepoint: if they fail, the tick's work stands (briefs start the buffer
+    ahead) and the failure is logged and reported, never the tick's."""
+    try:
+        async with conn.conn.transaction():
+            await starts.plan_starts_of_tick(conn, settings, now, report)
+    except Exception as exc:
+        log.exception("%s: planning the starts failed; briefs start generation_buffer ahead", _what(report))
+        report.capacity = {"error": f"{type(exc).__name__}: {_clip(str(exc))}", "started_earlier": 0}
 
 
 async def _scan_pages(

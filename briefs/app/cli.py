@@ -319,6 +319,9 @@ def _capacity_text(planned: dict[str, Any], settings: Settings) -> str:
             return "LLM capacity: no scheduler tick logged yet"
         why = "BRIEFS_CAPACITY_PLANNING is off" if not settings.capacity_planning else "off or no LLM configured"
         return f"LLM capacity (tick at {planned['tick_at']}): not planned ({why}): briefs start the buffer ahead"
+    if "error" in plan:
+        return (f"LLM capacity (tick at {planned['tick_at']}): planning the starts failed "
+                f"({one_line(str(plan['error']), 300)}): briefs start the buffer ahead")
     rate = f"{plan['calls_per_minute']:,.0f} calls/min" if plan.get("calls_per_minute") else "no call limit"
     measured = "measured" if plan.get("request_seconds_measured") else "expected"
     lines = [

@@ -216,3 +216,33 @@ def test_expected_calls_and_capacity_follow_the_settings(database_url: str) -> N
     assert capacity.concurrency == 4 * 3  # one brief at a time per process, four calls each, three processes
     assert (capacity.calls_per_minute, capacity.tokens_per_minute, capacity.call_latency_s) == (30, 90_000, 1.0)
     assert starts.capacity_of(settings, 2.5).call_latency_s == 2.5
+
+
+async def test_a_failure_of_the_planning_step_never_fails_the_tick(
+    db: Database, database_url: str, sched_seed: SchedulerSeed, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    users_with_projects(sched_seed, 30, 4)
+
+    async def broken(conn: Any, *args: Any) -> None:
+        await conn.execute("SELECT 1/0")  # a failed statement: the savepoint keeps the tick's transaction usable
+
+    monkeypatch.setattr(starts, "plan_starts_of_tick", broken)
+    with caplog.at_level(logging.ERROR, logger="scheduler.tick"):
+        report = await run_tick(db, planning(database_url), NOW)
+    assert len(report.enqueued) == 30 and report.capacity is not None
+    assert report.capacity["error"].startswith("DivisionByZero")
+    assert "planning the starts failed" in caplog.text and "planning the starts failed" in report.summary()
+    assert {job["run_at"] for job in brief_jobs(sched_seed)} == {NOTIFY - timedelta(minutes=5)}
+
+
+async def test_a_hostile_run_at_is_not_taken_for_a_plan(
+    db: Database, database_url: str, sched_seed: SchedulerSeed
+) -> None:
+    users_with_projects(sched_seed, 3, 1)
+    for when in ("0002-01-01 00:00Z", "9999-01-01 00:00Z", "-infinity", "infinity"):
+        job = sched_seed.job(sched_seed.user("UTC", "08:00"), "2026-03-10", "pending", notify_at=NOTIFY)
+        sched_seed.execute("UPDATE queue_jobs SET run_at = %s::timestamptz WHERE id = %s", (when, job))
+    report = await run_tick(db, planning(database_url), NOW)
+    assert report.capacity is not None and report.capacity["briefs"] == 7 and "error" not in report.capacity
+    assert len(report.enqueued) == 3
