@@ -17,11 +17,22 @@ How a request is answered, first match wins:
 3. a normal reply whose content comes from ``responder`` (default: :func:`default_responder`).
 
 ``latency`` is slept before every answer, faults included.
+
+A provider's rate limit, off by default, is checked before all three (after the API key):
+:meth:`FakeLLM.rate_limit` sets requests per minute (and optionally tokens per minute) as token
+buckets refilled continuously, like the provider's. A request that finds its bucket empty is
+answered at once, without ``latency``, with a 429 ``rate_limit_exceeded`` that says how long to
+wait (``Retry-After`` in whole seconds, ``retry-after-ms`` exactly), and is counted in
+:attr:`FakeLLM.refused`; it is one of :attr:`FakeLLM.calls` too (every HTTP request is)::
+
+    fake.rate_limit(120, burst=2)      # 2 requests at once, then one every 0.5 s
+    fake.rate_limit(None)              # unlimited again
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import threading
 import time
@@ -32,7 +43,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-__all__ = ["FakeLLM", "Fault", "count_tokens", "default_responder"]
+__all__ = ["FakeLLM", "Fault", "RateBucket", "count_tokens", "default_responder"]
 
 SCHEMA_NAME_RE = re.compile(r"schema name:\s*([A-Za-z_][A-Za-z0-9_]*)", re.IGNORECASE)
 PROJECT_RE = re.compile(r"^\s*Project:\s*(.+?)\s*$", re.MULTILINE)
@@ -172,6 +183,46 @@ def _error_body(message: str, error_type: str = "invalid_request_error", code: s
     return json.dumps({"error": error}).encode()
 
 
+class RateBucket:
+    """A provider's limit: ``capacity`` tokens, refilled continuously at ``rate`` tokens per second.
+
+    Not thread-safe by itself: :class:`FakeLLM` calls it under its lock. A request needs one whole
+    token; :meth:`debit` may leave the bucket in debt (tokens per minute are counted after the reply,
+    so one long reply can overdraw it), and then nothing passes until the debt is refilled.
+    """
+
+    def __init__(self, per_minute: float, capacity: float | None = None) -> None:
+        if not per_minute > 0 or not math.isfinite(per_minute):
+            raise ValueError(f"a rate limit must be a positive number per minute, got {per_minute!r}")
+        self.rate = per_minute / 60.0
+        # The provider's default burst: one second's worth, but never less than one request.
+        self.capacity = max(1.0, float(capacity if capacity is not None else self.rate))
+        self.per_minute = per_minute
+        self.tokens = self.capacity
+        self.updated = time.monotonic()
+
+    def _refill(self, now: float) -> None:
+        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+
+    def wait(self, now: float) -> float:
+        """Seconds until a whole token is there (0: there is one now). Takes nothing."""
+        self._refill(now)
+        missing = 1.0 - self.tokens
+        return 0.0 if missing <= 1e-9 else missing / self.rate
+
+    def take(self, amount: float, now: float) -> None:
+        self._refill(now)
+        self.tokens -= amount
+
+    def debit(self, amount: float, now: float) -> None:
+        """Spend ``amount`` after the fact; the bucket may go into debt."""
+        self.take(amount, now)
+
+    def refill(self) -> None:
+        self.tokens, self.updated = self.capacity, time.monotonic()
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -236,6 +287,9 @@ class FakeLLM:
         self.headers: list[dict[str, str]] = []  # request headers, parallel to ``requests``
         self.max_in_flight = 0
         self._in_flight = 0
+        self._requests_limit: RateBucket | None = None
+        self._tokens_limit: RateBucket | None = None
+        self._refused = 0
         self._faults: deque[Fault] = deque()
         self._rules: list[tuple[Callable[[dict[str, Any]], bool], Fault]] = []
         self._lock = threading.Lock()
@@ -290,18 +344,44 @@ class FakeLLM:
         with self._lock:
             self._rules.append((predicate, fault))
 
+    def rate_limit(self, rpm: float | None, *, burst: float | None = None, tpm: float | None = None,
+                   token_burst: float | None = None) -> None:
+        """Limit requests (and optionally tokens) per minute, as the provider does; ``rpm`` None or <= 0 (and
+        ``tpm`` None or <= 0) turns that limit off.
+
+        Each limit is a token bucket refilled continuously at ``per minute / 60`` per second, holding at most
+        ``burst`` requests (``token_burst`` tokens), by default one second's worth and at least 1, and full
+        when set. A request takes one request token when it arrives. Tokens per minute are debited after
+        the reply by the reply's counted ``usage`` (prompt and completion, the model's whole cost); a
+        request arriving while that bucket holds less than one token is refused as well.
+        """
+        with self._lock:
+            self._requests_limit = RateBucket(rpm, burst) if rpm is not None and rpm > 0 else None
+            self._tokens_limit = RateBucket(tpm, token_burst) if tpm is not None and tpm > 0 else None
+
     def reset(self) -> None:
+        """Forget requests, faults, rules and counters, and refill the rate limits (which stay set)."""
         with self._lock:
             self._faults.clear()
             self._rules.clear()
             self.requests.clear()
             self.headers.clear()
             self.max_in_flight = 0
+            self._refused = 0
+            for bucket in (self._requests_limit, self._tokens_limit):
+                if bucket is not None:
+                    bucket.refill()
 
     @property
     def calls(self) -> int:
         with self._lock:
             return len(self.requests)
+
+    @property
+    def refused(self) -> int:
+        """Requests answered 429 by the rate limit (they are counted in :attr:`calls` too)."""
+        with self._lock:
+            return self._refused
 
     @property
     def in_flight(self) -> int:
@@ -342,16 +422,43 @@ class FakeLLM:
         """Sleep unless the server is stopping; False if interrupted."""
         return seconds <= 0 or not self._stopping.wait(seconds)
 
+    def _authorised(self, handler: _Handler) -> bool:
+        return self.expected_key is None or handler.headers.get("Authorization", "") == f"Bearer {self.expected_key}"
+
+    def _admit(self, body: dict[str, Any]) -> Fault | None:
+        """Take a request token, or the 429 to answer when a limit's bucket is empty (counted as refused)."""
+        now = time.monotonic()
+        with self._lock:
+            limits = [(b, what) for b, what in ((self._requests_limit, "requests"), (self._tokens_limit, "tokens"))
+                      if b is not None]
+            waits = [(bucket.wait(now), bucket, what) for bucket, what in limits]
+            wait, bucket, what = max(waits, key=lambda item: item[0], default=(0.0, None, ""))
+            if bucket is None or wait <= 0:
+                if self._requests_limit is not None:
+                    self._requests_limit.take(1, now)
+                return None
+            self._refused += 1
+        wait_ms = math.ceil(wait * 1000)  # rounded up: waiting this long always finds the token there
+        model = str(body.get("model") or self.model)
+        message = (f"Rate limit reached for {model} on {what} per min: Limit {bucket.per_minute:g}. "
+                   f"Please try again in {wait_ms}ms.")
+        return Fault.status(429, retry_after=max(1, math.ceil(wait_ms / 1000)), retry_after_ms=wait_ms,
+                            message=message, error_code="rate_limit_exceeded")
+
     def _answer(self, handler: _Handler, body: dict[str, Any]) -> None:
+        # The provider refuses an over-limit request before doing any work: at once, no latency.
+        refusal = self._admit(body) if self._authorised(handler) else None
+        if refusal is not None:
+            self._send_error(handler, refusal)
+            return
+
         if not self._sleep(self.latency):
             handler.close_connection = True
             return
 
-        if self.expected_key is not None:
-            auth = handler.headers.get("Authorization", "")
-            if auth != f"Bearer {self.expected_key}":
-                self._send_error(handler, Fault.status(401))
-                return
+        if not self._authorised(handler):
+            self._send_error(handler, Fault.status(401))
+            return
 
         fault = self._pick_fault(body)
         if fault is None:
@@ -399,10 +506,14 @@ class FakeLLM:
         responder = self.responder or default_responder
         return responder(body)
 
-    def _completion_payload(self, body: dict[str, Any], content: str) -> bytes:
+    @staticmethod
+    def _counted_tokens(body: dict[str, Any], content: str) -> tuple[int, int]:
+        """(prompt, completion) tokens of a reply, counted with :func:`count_tokens`."""
         messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
-        prompt_tokens = sum(count_tokens(_message_text(m)) for m in messages)
-        completion_tokens = count_tokens(content)
+        return sum(count_tokens(_message_text(m)) for m in messages), count_tokens(content)
+
+    def _completion_payload(self, body: dict[str, Any], content: str) -> bytes:
+        prompt_tokens, completion_tokens = self._counted_tokens(body, content)
         with self._lock:
             number = len(self.requests)
         reply = {
@@ -428,6 +539,13 @@ class FakeLLM:
 
     def _send_completion(self, handler: _Handler, body: dict[str, Any], content: str) -> None:
         handler._send(200, self._completion_payload(body, content), {"x-request-id": "req-fake"})
+        with self._lock:
+            bucket = self._tokens_limit
+            if bucket is not None:
+                total = self.usage.get("total_tokens") if self.usage is not None else None
+                if not isinstance(total, int) or isinstance(total, bool):
+                    total = sum(self._counted_tokens(body, content))
+                bucket.debit(total, time.monotonic())
 
     def _send_error(self, handler: _Handler, fault: Fault) -> None:
         code = fault.status_code
