@@ -476,7 +476,13 @@ _CLAIMED_COLUMNS = (
 _OVERSIZED = "j.id = ANY(ARRAY(SELECT id FROM oversized))"
 
 # One statement: pick (lock) the runnable rows in claim order, skipping rows other
-# workers hold, then update them. MATERIALIZED keeps the LIMIT exact. A row whose
+# workers hold, then update them. Claim order is deadline first: priority, then the
+# deadline (notify_at; a job without one has its run_at), then id. A brief started early
+# (the scheduler does so when LLM capacity is short) is due before briefs that must be
+# delivered sooner and does not overtake them. The ORDER BY is the expression of the index
+# queue_jobs_claim_deadline (sql/0011_claim_deadline.sql), so the pick is an index scan that
+# stops after LIMIT rows; run_at is in that index too, so a future job it steps over costs no
+# heap visit. MATERIALIZED keeps the LIMIT exact. A row whose
 # payload is too big to read is failed here instead, and not returned. Its size is what
 # the worker would receive: pg_column_size() of a compressed value is its compressed size
 # (50 MB of repeated text is stored in about 0.6 MB), so a compressed payload is measured
@@ -485,7 +491,7 @@ _CLAIM_CTES = """
 picked AS MATERIALIZED (
     SELECT id FROM queue_jobs
     WHERE status = 'pending' AND run_at <= now()
-    ORDER BY priority, run_at, id
+    ORDER BY priority, coalesce(notify_at, run_at), id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 ),
@@ -544,7 +550,11 @@ async def claim(
     conn: Executor, limit: int, worker_id: str, lease_seconds: float, *,
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
 ) -> Claimed:
-    """Claim up to ``limit`` runnable jobs: lowest priority first, then run_at, then id.
+    """Claim up to ``limit`` runnable (due) jobs: lowest priority first, then earliest deadline, then id.
+
+    The deadline is ``notify_at`` (a brief's delivery), or ``run_at`` for a job without one: among
+    due jobs of a priority, a brief to deliver sooner runs first even if another became due earlier.
+    A job not yet due is never claimed, however early its deadline.
 
     A picked row whose payload is over ``PAYLOAD_READ_FACTOR * max_payload_bytes``
     is failed by the same statement (the reason in ``last_error``) and not returned, so
@@ -678,7 +688,8 @@ def _describe(exc: BaseException) -> str:
 
 
 def _claim_order(job: Job) -> tuple[int, datetime, int]:
-    return (job.priority, job.run_at, job.id)
+    """The claim's ORDER BY (priority, coalesce(notify_at, run_at), id): the UPDATE returns rows in no order."""
+    return (job.priority, job.notify_at or job.run_at, job.id)
 
 
 async def heartbeat(conn: Conn, jobs: Iterable[tuple[int, UUID]], lease_seconds: float) -> set[UUID]:
@@ -741,10 +752,11 @@ async def next_runnable_in(conn: Executor, horizon: datetime | None = None) -> f
     return None if seconds is None else float(seconds)
 
 
-# The earliest pending job due after a moment (the worker's last claim): the claim index leads with priority, so a plain
-# min(run_at) would read every pending row. A loose index scan instead: each priority in use
-# (one index probe per priority, skipping from one to the next), then the first future run_at
-# within it (one probe each). Times are the database's: the delay is computed against its now().
+# The earliest pending job due after a moment (the worker's last claim): the index queue_jobs_claim
+# (priority, run_at, id), kept for this query now that the claim reads queue_jobs_claim_deadline, leads
+# with priority, so a plain min(run_at) would read every pending row. A loose index scan instead: each
+# priority in use (one index probe per priority, skipping from one to the next), then the first future
+# run_at within it (one probe each). Times are the database's: the delay is computed against its now().
 _NEXT_DUE = """
 WITH RECURSIVE p AS (
     (SELECT priority FROM queue_jobs WHERE status = 'pending' ORDER BY priority LIMIT 1)

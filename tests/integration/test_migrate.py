@@ -94,6 +94,8 @@ TABLES = set(EXPECTED_COLUMNS) - VIEWS
 EXPECTED_INDEXES: dict[tuple[str, str], str] = {
     ("queue_jobs", "queue_jobs_pkey"): "UNIQUE (id)",
     ("queue_jobs", "queue_jobs_claim"): "(priority, run_at, id) WHERE (status = 'pending'::text)",
+    ("queue_jobs", "queue_jobs_claim_deadline"): "(priority, COALESCE(notify_at, run_at), id, run_at) "
+                                                 "WHERE (status = 'pending'::text)",
     ("queue_jobs", "queue_jobs_dedup_live"): "UNIQUE (dedup_key) WHERE ((dedup_key IS NOT NULL) AND "
                                              "(status = ANY (ARRAY['pending'::text, 'processing'::text])))",
     ("queue_jobs", "queue_jobs_dedup_key"): "(dedup_key) WHERE (dedup_key IS NOT NULL)",
