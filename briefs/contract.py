@@ -36,6 +36,7 @@ from briefs.errors import PermanentError
 
 __all__ = [
     "BRIEF_JOB",
+    "DELIVERY_PRIORITY",
     "DORMANT",
     "EMAIL_JOB",
     "FIRST_BRIEF_DATE",
@@ -69,6 +70,10 @@ log = logging.getLogger(__name__)
 
 BRIEF_JOB = "generate_daily_brief"
 EMAIL_JOB = "send_brief_email"
+# The queue priority of the brief jobs the scheduler makes and of every brief's email: one priority, so the
+# claim orders them by deadline (their notify_at) alone, and an email due now is never kept waiting behind
+# a brief started early for a later time (lower runs first; briefs queued by hand run at 10).
+DELIVERY_PRIORITY = 50
 JOB_TYPES = (BRIEF_JOB, EMAIL_JOB)
 
 # Engagement stages a brief job's payload may name (``briefs.engagement`` decides which one applies).

@@ -94,7 +94,7 @@ from pydantic import BaseModel
 
 from briefs import deterministic, metrics, render
 from briefs.circuit import HALF_OPEN, CircuitState
-from briefs.contract import EMAIL_JOB, BriefRequest, EmailRequest
+from briefs.contract import DELIVERY_PRIORITY, EMAIL_JOB, BriefRequest, EmailRequest
 from briefs.db import Database
 from briefs.errors import PermanentError
 from briefs.llm import (
@@ -1032,6 +1032,7 @@ class _Run:
             user_id=req.user_id,
             run_at=req.notify_at,
             notify_at=req.notify_at,
+            priority=DELIVERY_PRIORITY,  # ordered with the briefs by deadline: due now, it goes first
         )
 
     # ------------------------------------------------------------------ progress

@@ -165,6 +165,7 @@ from psycopg.types.json import Jsonb
 from briefs import engagement, metrics
 from briefs.contract import (
     BRIEF_JOB,
+    DELIVERY_PRIORITY,
     MAX_USER_ID,
     STANDARD,
     BriefRequest,
@@ -187,7 +188,7 @@ from worker.queue import NewJob
 log = logging.getLogger(__name__)
 
 LOCK_KEY = 0x6272696566_02  # "brief" + 2 (the migrator uses + 1): the scheduler's advisory lock
-PRIORITY = 50
+PRIORITY = DELIVERY_PRIORITY
 SOURCE = "scheduler"  # payload["source"] of the jobs this module makes (the only ones it moves or cancels)
 _MIN_ID = -(2**63)
 _LIVE_FIRST = {"pending": 0, "processing": 1, "completed": 2}

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from briefs.contract import DELIVERY_PRIORITY
 from tests.fakellm import FakeLLM, Fault
 
 NAMES = ["Atlas", "Beacon", "Comet", "Doomed", "Ember"]
@@ -361,6 +362,9 @@ async def test_crash_mid_generation_then_retry_gives_one_brief_and_one_email(
         ("send_brief_email", "completed"),
     ]
     assert jobs[0]["attempts"] == 2
+    # The email is ordered with the scheduler's briefs by deadline alone (one priority): due at notify_at, it
+    # is never kept behind briefs started early for later times.
+    assert jobs[1]["priority"] == DELIVERY_PRIORITY and jobs[1]["notify_at"] == jobs[1]["run_at"]
     assert len(smtp_server.wait_for(1)) == 1
 
     # Another email job for the same brief (a retry, a duplicate) does not send again.
