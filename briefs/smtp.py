@@ -140,9 +140,13 @@ class _SMTP_SSL(_BoundedReplies, smtplib.SMTP_SSL):
     pass
 
 
-def smtp_send(target: SmtpTarget, message: EmailMessage, from_addr: str, to_addr: str, *,
+def smtp_send(target: SmtpTarget, message: EmailMessage | bytes, from_addr: str, to_addr: str, *,
               budget: float = SEND_BUDGET, timeout: float = SMTP_TIMEOUT) -> None:
     """Send ``message`` to exactly ``to_addr`` (blocking: run it in a thread).
+
+    ``message`` may be the bytes already serialised for the wire (CRLF line ends): what ``send_message``
+    would make of it for ASCII addresses, which are the only ones briefs sends to or from (checked when
+    the addresses are read), without serialising it once more.
 
     TLS as ``target`` says (no fallback to plain); credentials only over TLS unless the target was
     parsed with ``allow_insecure``. Past ``budget`` seconds the socket is shut down and TimeoutError raised.
@@ -156,7 +160,10 @@ def smtp_send(target: SmtpTarget, message: EmailMessage, from_addr: str, to_addr
         holder.append(_connect(target, timeout))
         server = holder[0]
         _open_session(server, target)
-        server.send_message(message, from_addr=from_addr, to_addrs=[to_addr])
+        if isinstance(message, bytes):
+            server.sendmail(from_addr, [to_addr], message)
+        else:
+            server.send_message(message, from_addr=from_addr, to_addrs=[to_addr])
         try:
             server.quit()
         except (OSError, smtplib.SMTPException):

@@ -118,6 +118,8 @@ async def test_brief_email_is_received_with_headers_both_parts_and_escaped_html(
     email_job_row = (await h.jobs("send_brief_email"))[0]
     assert email_job_row["status"] == "completed" and email_job_row["result"]["sent"] is True
     assert email_job_row["dedup_key"] == f"email:{uid}:{today.isoformat()}"
+    # What arrived is the message as measured and checked (serialised once, sent as those bytes).
+    assert email_job_row["result"]["bytes"] == len(received.raw)
 
 
 async def test_unsubscribe_link_is_a_signed_token_with_rfc8058_headers(

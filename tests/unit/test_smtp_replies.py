@@ -73,3 +73,25 @@ def test_an_over_long_line_is_not_reported_as_the_servers_refusal(long_line: int
     outcome = _send(long_line)
     assert isinstance(outcome, RetryLater)
     assert "reply line over 8192 bytes" in str(outcome) and "refused" not in str(outcome)
+
+
+def test_a_message_sent_as_its_wire_bytes_arrives_as_send_message_would_send_it() -> None:
+    from email.message import EmailMessage
+
+    from briefs.email import POLICY, wire_bytes
+    from tests.smtp import SMTPServer
+
+    message = EmailMessage(policy=POLICY)
+    message["Subject"] = "Résumé of the day " + "long words " * 20
+    message["From"] = "Briefs <briefs@example.com>"
+    message["To"] = "Ada <ada@example.com>"
+    message.set_content("plain ✓\n.\n.. a line with dots\n")
+    message.add_alternative("<p>html ✓</p>", subtype="html")
+    wire = wire_bytes(message)  # serialising sets the multipart boundary, as build_email's measuring does
+    with SMTPServer() as server:
+        target = SmtpTarget.parse(server.url)
+        smtp_send(target, message, "briefs@example.com", "ada@example.com")
+        smtp_send(target, wire, "briefs@example.com", "ada@example.com")
+        server.wait_for(2)
+        first, second = server.received
+    assert first.raw == second.raw and first.rcpt_tos == second.rcpt_tos == ("ada@example.com",)
