@@ -172,7 +172,11 @@ def _hhmm(instant: datetime, zone: tzinfo | None = None, label: str = "") -> str
 
 
 def _minutes(span: timedelta) -> str:
-    minutes = span.total_seconds() / 60.0
+    """A span as an operator reads it: ``12 min``, ``6.2 min``, or seconds under a minute (``40 s``)."""
+    seconds = span.total_seconds()
+    if seconds < 59.5:
+        return f"{seconds:.0f} s" if seconds >= 1 else f"{seconds:.1f} s"
+    minutes = seconds / 60.0
     return f"{minutes:,.0f} min" if minutes >= 10 else f"{minutes:.1f} min"
 
 

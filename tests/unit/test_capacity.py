@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import pytest
 from hypothesis import given, settings
@@ -78,6 +79,12 @@ def test_an_overload_is_reported_with_its_numbers() -> None:
     assert overload.message == (
         "2026-12-02 07:00Z: 3,000 briefs need 15,000 calls (3,000,000 tokens); at 2,400 calls/min they need"
         " 6.2 min; starting 2026-12-02 06:57Z, the last expected 3.2 min late"
+    )
+    # In the zone of its users, and a small lateness in seconds (not "0.0 min").
+    small = dataclasses.replace(overload, late_by=timedelta(seconds=0.9), needed=timedelta(seconds=40))
+    assert small.describe(ZoneInfo("America/New_York"), "America/New_York") == (
+        "2026-12-02 02:00 America/New_York: 3,000 briefs need 15,000 calls (3,000,000 tokens); at 2,400 calls/min"
+        " they need 40 s; starting 01:57, the last expected 0.9 s late"
     )
 
 
