@@ -49,12 +49,16 @@ MAX_TOKENS = 10**15
 _LATEST_LATE = 366 * 86400.0  # a planned finish is shown at most this many seconds after its notify_at
 
 
+_LOWEST = datetime.min.replace(tzinfo=UTC) + _EDGE
+_HIGHEST = datetime.max.replace(tzinfo=UTC) - _EDGE
+
+
 def _aware(value: datetime, what: str) -> datetime:
     if not isinstance(value, datetime) or value.tzinfo is None or value.utcoffset() is None:
         raise ValueError(f"{what} must be an aware datetime, got {value!r}")
-    if not datetime.min.replace(tzinfo=UTC) + _EDGE <= value <= datetime.max.replace(tzinfo=UTC) - _EDGE:
+    if not _LOWEST <= value <= _HIGHEST:
         raise ValueError(f"{what} is too close to the ends of the calendar: {value.isoformat()}")
-    return value.astimezone(UTC)
+    return value if value.tzinfo is UTC else value.astimezone(UTC)
 
 
 def _count(value: object, what: str, high: int = MAX_COUNT) -> None:
@@ -210,32 +214,71 @@ def _deadline_order(demands: Iterable[Demand]) -> list[Demand]:
     return sorted(demands, key=lambda d: (d.notify_at, type(d.key).__name__, str(d.key)))
 
 
-def _start(demand: Demand, capacity: Capacity, now: datetime, leads: tuple[timedelta, timedelta],
-           frontier: float) -> tuple[datetime, float]:
+class _Costs:
+    """What the loops below compute per brief, memoised per distinct value: a brief's work and critical path
+    by its (calls, tokens), and the instants of its ``notify_at`` (briefs share a few of each: a handful of
+    project counts, the top of the hour in a few zones), so planning tens of thousands of briefs costs
+    little more than the loops themselves."""
+
+    def __init__(self, capacity: Capacity, now: datetime, leads: tuple[timedelta, timedelta]) -> None:
+        self.capacity = capacity
+        self.now = now
+        self.leads = leads
+        self.known: dict[tuple[int, int], tuple[float, float]] = {}
+        self.instants: dict[datetime, tuple[float, datetime, float, datetime]] = {}
+        self.offsets: dict[datetime, float] = {}
+
+    def around(self, notify_at: datetime) -> tuple[float, datetime, float, datetime]:
+        """(seconds until it, the earliest start and its seconds after now, the latest start: min_lead ahead)."""
+        found = self.instants.get(notify_at)
+        if found is None:
+            max_lead, min_lead = self.leads
+            floor_at = max(self.now, notify_at - max_lead)
+            found = (_seconds(notify_at - self.now), floor_at, _seconds(floor_at - self.now), notify_at - min_lead)
+            self.instants[notify_at] = found
+        return found
+
+    def after_now(self, instant: datetime) -> float:
+        """Seconds from now to ``instant``."""
+        found = self.offsets.get(instant)
+        if found is None:
+            found = self.offsets[instant] = _seconds(instant - self.now)
+        return found
+
+    def of(self, demand: Demand) -> tuple[float, float]:
+        pair = (demand.calls, demand.tokens)
+        found = self.known.get(pair)
+        if found is None:
+            found = self.known[pair] = (self.capacity.work_seconds(*pair), self.capacity.critical_seconds(pair[0]))
+        return found
+
+
+def _start(demand: Demand, costs: _Costs, frontier: float) -> tuple[datetime, float]:
     """One coming brief's run_at, and the frontier (seconds after ``now``) for the next-earlier one."""
-    max_lead, min_lead = leads
-    until = _seconds(demand.notify_at - now)
-    floor_at = max(now, demand.notify_at - max_lead)
-    floor = _seconds(floor_at - now)
-    slot_start = min(until, frontier) - capacity.work_seconds(demand.calls, demand.tokens)
-    latest = min(slot_start, until - capacity.critical_seconds(demand.calls))
-    run_at = _after(now, max(latest, floor)) if latest < until else demand.notify_at
-    run_at = min(run_at, demand.notify_at - min_lead)
+    until, floor_at, floor, last_start = costs.around(demand.notify_at)
+    work, critical = costs.of(demand)
+    slot_start = min(until, frontier) - work
+    latest = min(slot_start, until - critical)
+    if latest >= until:
+        run_at = last_start
+    else:
+        run_at = min(_after(costs.now, max(latest, floor)), last_start)
     if demand.already_planned_run_at is not None:
         run_at = min(run_at, demand.already_planned_run_at)
     return max(run_at, floor_at), max(slot_start, floor)
 
 
-def _finishes(ordered: Sequence[Demand], run_at: dict[Key, datetime], capacity: Capacity,
+def _finishes(ordered: Sequence[Demand], run_at: dict[Key, datetime], costs: _Costs,
               now: datetime) -> dict[Key, datetime]:
     """Run the briefs through the pipe in deadline order, each from its run_at: when each one is done."""
     finish: dict[Key, datetime] = {}
     pipe = 0.0  # seconds after now when the pipe is free
     for demand in ordered:
-        start = _seconds(run_at[demand.key] - now)
-        pipe = max(pipe, start) + capacity.work_seconds(demand.calls, demand.tokens)
-        done = max(pipe, start + capacity.critical_seconds(demand.calls))
-        latest = _seconds(demand.notify_at - now) + _LATEST_LATE
+        start = costs.after_now(run_at[demand.key])
+        work, critical = costs.of(demand)
+        pipe = max(pipe, start) + work
+        done = max(pipe, start + critical)
+        latest = costs.after_now(demand.notify_at) + _LATEST_LATE
         finish[demand.key] = now + timedelta(seconds=min(done, max(latest, 0.0)))
     return finish
 
@@ -271,11 +314,12 @@ def plan_starts(demands: Sequence[Demand], capacity: Capacity, *, now: datetime,
     ordered = _deadline_order(demands)
     run_at: dict[Key, datetime] = {}
     frontier = math.inf
+    costs = _Costs(capacity, now, (max_lead, min_lead))
     for demand in reversed(ordered):
         if demand.notify_at <= now:
             run_at[demand.key] = now
         else:
-            run_at[demand.key], frontier = _start(demand, capacity, now, (max_lead, min_lead), frontier)
-    plan = Plan(run_at, _finishes(ordered, run_at, capacity, now))
+            run_at[demand.key], frontier = _start(demand, costs, frontier)
+    plan = Plan(run_at, _finishes(ordered, run_at, costs, now))
     plan.overloads.extend(_overloads(ordered, plan, capacity, now))
     return plan
