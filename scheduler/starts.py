@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 CALLS_KEY = "llm_calls"  # the payload field with a scheduler job's expected LLM calls
 MIN_SAMPLES = 20  # requests measured before the measurement replaces the settings' expectation
 RECENT_BRIEFS = 500  # the last hour's briefs measured, at most (the most recent)
+WARN_OVERLOADS = 5  # overloaded brief times logged one by one per tick (all of them are in the report)
 _YEAR = timedelta(days=365)
 _MOVE_AT_LEAST = timedelta(seconds=1)  # a start moves only when the plan is this much earlier (no churn)
 
@@ -180,9 +181,9 @@ async def plan_starts_of_tick(
         moved = len(done)
     late = sum(1 for d in demands if plan.finish[d.key] > d.notify_at)
     report.capacity = _summary(capacity, measured, len(demands), moved if not report.dry_run else len(moves), late)
-    report.capacity["overloads"] = [_overload(o, plannable) for o in plan.overloads]
-    for item in report.capacity["overloads"]:
-        log.warning("LLM capacity: %s", item["message"])
+    zones = _zones_by_notify_at(plannable) if plan.overloads else {}
+    report.capacity["overloads"] = [_overload(o, zones.get(o.notify_at, Counter())) for o in plan.overloads]
+    _warn(report.capacity["overloads"])
     if not report.dry_run:
         metrics.TICK_EXPECTED_LATE.set(late)
 
@@ -252,9 +253,27 @@ def _summary(capacity: Capacity, measured: dict[str, Any], briefs: int, moved: i
     }
 
 
-def _overload(overload: Overload, rows: Sequence[_JobRow]) -> dict[str, Any]:
-    """An overload as the report keeps it, its message in the zone most of its users are in."""
-    zones = Counter(row.timezone for row in rows if row.notify_at == overload.notify_at and row.timezone)
+def _warn(overloads: Sequence[dict[str, Any]]) -> None:
+    """A warning per overload, the first :data:`WARN_OVERLOADS` of a tick, then one line for the rest."""
+    for item in overloads[:WARN_OVERLOADS]:
+        log.warning("LLM capacity: %s", item["message"])
+    if len(overloads) > WARN_OVERLOADS:
+        late = sum(item["briefs"] for item in overloads[WARN_OVERLOADS:])
+        log.warning("LLM capacity: %d more brief times are overloaded (%d briefs), the last at %s; see briefs status",
+                    len(overloads) - WARN_OVERLOADS, late, overloads[-1]["notify_at"].isoformat())
+
+
+def _zones_by_notify_at(rows: Sequence[_JobRow]) -> dict[datetime, Counter[str]]:
+    zones: dict[datetime, Counter[str]] = {}
+    for row in rows:
+        if row.timezone and row.notify_at is not None:
+            zones.setdefault(row.notify_at, Counter())[row.timezone] += 1
+    return zones
+
+
+def _overload(overload: Overload, zones: Counter[str]) -> dict[str, Any]:
+    """An overload as the report keeps it, its message in the zone most of its users are in (``zones``: the
+    users' zones at its notify_at, counted)."""
     zone, label = None, ""
     for name, _ in zones.most_common(3):
         try:

@@ -246,3 +246,17 @@ async def test_a_hostile_run_at_is_not_taken_for_a_plan(
     report = await run_tick(db, planning(database_url), NOW)
     assert report.capacity is not None and report.capacity["briefs"] == 7 and "error" not in report.capacity
     assert len(report.enqueued) == 3
+
+
+async def test_many_overloaded_times_log_a_few_lines_and_report_them_all(
+    db: Database, database_url: str, sched_seed: SchedulerSeed, caplog: pytest.LogCaptureFixture
+) -> None:
+    for minute in range(7):  # 07:00, 07:08, … 07:48
+        users_with_projects(sched_seed, 10, 4, at=f"07:{8 * minute:02d}")
+    with caplog.at_level(logging.WARNING, logger="scheduler.starts"):
+        report = await run_tick(db, planning(database_url, llm_rpm=1), NOW)
+    assert report.capacity is not None and len(report.capacity["overloads"]) == 7
+    lines = [r.getMessage() for r in caplog.records if r.name == "scheduler.starts"]
+    assert len(lines) == starts.WARN_OVERLOADS + 1
+    assert lines[-1].startswith(
+        "LLM capacity: 2 more brief times are overloaded (20 briefs), the last at 2026-03-10T07:48")
