@@ -42,6 +42,15 @@ def users_with_projects(seed: SchedulerSeed, n: int, projects: int, tz: str = "U
     return ids
 
 
+async def queued_at_the_buffer(db: Database, database_url: str, seed: SchedulerSeed) -> Settings:
+    """30 briefs of 4 projects queued and planned, then every start put back at the buffer (as if unplanned)."""
+    settings = planning(database_url)
+    users_with_projects(seed, 30, 4)
+    await run_tick(db, settings, NOW)
+    seed.execute("UPDATE queue_jobs SET run_at = %s", (NOTIFY - timedelta(minutes=5),))
+    return settings
+
+
 def brief_jobs(seed: SchedulerSeed) -> list[dict[str, Any]]:
     return seed.rows(
         """SELECT id, user_id, run_at, notify_at, payload FROM queue_jobs
@@ -183,10 +192,7 @@ async def test_the_plan_uses_what_the_last_hours_briefs_measured(
 async def test_a_dry_run_plans_but_writes_nothing(
     db: Database, database_url: str, sched_seed: SchedulerSeed
 ) -> None:
-    settings = planning(database_url)
-    users_with_projects(sched_seed, 30, 4)
-    await run_tick(db, settings, NOW)
-    sched_seed.execute("UPDATE queue_jobs SET run_at = %s", (NOTIFY - timedelta(minutes=5),))
+    settings = await queued_at_the_buffer(db, database_url, sched_seed)
     report: TickReport = await run_tick(db, settings, NOW + timedelta(minutes=1), dry_run=True)
     assert report.capacity is not None and report.capacity["started_earlier"] > 0
     assert {job["run_at"] for job in brief_jobs(sched_seed)} == {NOTIFY - timedelta(minutes=5)}
@@ -195,10 +201,7 @@ async def test_a_dry_run_plans_but_writes_nothing(
 async def test_starts_moved_earlier_wake_the_workers(
     db: Database, database_url: str, sched_seed: SchedulerSeed
 ) -> None:
-    settings = planning(database_url)
-    users_with_projects(sched_seed, 30, 4)
-    await run_tick(db, settings, NOW)
-    sched_seed.execute("UPDATE queue_jobs SET run_at = %s", (NOTIFY - timedelta(minutes=5),))
+    settings = await queued_at_the_buffer(db, database_url, sched_seed)
     with psycopg.connect(database_url, autocommit=True) as listener:
         listener.execute(f"LISTEN {queue.NOTIFY_CHANNEL}")
         report = await run_tick(db, settings, NOW + timedelta(minutes=1))
