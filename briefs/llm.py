@@ -372,10 +372,14 @@ class Limits:
         return gates.semaphore
 
     def debit(self, tokens: int) -> None:
-        """Charge the tokens a reply reported (prompt and completion) to the running loop's token bucket."""
+        """Charge the tokens a reply reported (prompt and completion) to the running loop's token bucket.
+
+        At most a minute's worth of this process's share: a reply's usage is the provider's word (or a
+        hostile server's), and one claiming two billion tokens must not stall every call of the process
+        for a day; no single request can use more than the provider's per-minute limit anyway."""
         bucket = self.gates().tokens
         if bucket is not None and tokens > 0:
-            bucket.debit(tokens)
+            bucket.debit(min(tokens, self.tpm_share))
 
 
 class ProcessLimits:

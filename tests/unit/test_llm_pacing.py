@@ -126,6 +126,17 @@ async def test_a_debit_into_debt_blocks_new_requests_until_the_refill_covers_it(
     assert await goes_through(limits)
 
 
+async def test_a_reply_claiming_billions_of_tokens_costs_at_most_a_minute(clock: FakeClock) -> None:
+    limits = Limits(8, tpm=6_000, workers_expected=2)  # this process: 3,000 a minute, 50 a second
+    tokens = limits.gates().tokens
+    assert tokens is not None
+    limits.debit(2**31 - 1)  # a hostile or broken usage report
+    assert tokens.balance == pytest.approx(50 - 3_000, abs=0.01)  # one minute's share, not 1.4 years of it
+    assert not await goes_through(limits)
+    clock.advance(59.0)  # 2,950 refilled: paid off
+    assert await goes_through(limits)
+
+
 async def test_waiters_for_the_debt_go_in_arrival_order(clock: FakeClock) -> None:
     limits = Limits(8, tpm=6_000)
     limits.debit(103)  # 3 in debt: each waiter sleeps 30 ms between readings of the (still) clock
