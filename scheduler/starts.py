@@ -25,9 +25,9 @@ What the LLM delivers (:func:`capacity_of`)
 
 Overloads
     When the capacity cannot finish every brief of a ``notify_at`` in time, the tick says so before it happens:
-    one warning per ``notify_at`` in the log and in the tick report (``capacity.overloads``, shown by
-    ``briefs status``), with the times in the zone most of those users are in, and the gauge
-    ``briefs_scheduler_briefs_expected_late``.
+    a warning per ``notify_at`` in the log (the first :data:`WARN_OVERLOADS` of a tick, then one line for the
+    rest), each one in the tick report (``capacity.overloads``, shown by ``briefs status``), with the times in
+    the zone most of those users are in, and the gauge ``briefs_scheduler_briefs_expected_late``.
 """
 
 from __future__ import annotations
@@ -39,11 +39,11 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
-import psycopg
-from psycopg.rows import AsyncRowFactory, RowMaker
+from psycopg.rows import dict_row
 
 from briefs import metrics
 from briefs.contract import BRIEF_JOB, InvalidTimezone, load_timezone
+from briefs.db import named_rows
 from briefs.settings import Settings
 from scheduler.capacity import Capacity, Demand, Overload, plan_starts
 from scheduler.report import TickReport
@@ -123,16 +123,6 @@ RETURNING j.id
 """
 
 
-def _rows(cursor: psycopg.AsyncCursor[Any]) -> RowMaker[_JobRow]:
-    names = tuple(column.name for column in cursor.description or ())
-    if names != _JobRow._fields:
-        raise TypeError(f"_JobRow reads the columns {_JobRow._fields}, the statement returns {names}")
-    return lambda values: _JobRow._make(values)
-
-
-_ROWS: AsyncRowFactory[_JobRow] = _rows
-
-
 def expected_calls(active_projects: int | None, settings: Settings) -> int | None:
     """A brief's LLM calls: a section per active project (at most ``brief_max_projects``) and the summary."""
     if active_projects is None or active_projects < 0:
@@ -166,7 +156,7 @@ async def plan_starts_of_tick(
     """Plan the starts of every pending brief job in the window and move the scheduler's ones that must start
     sooner; overloads go to the report, the log and the gauge. ``conn``: the tick's counted connection."""
     window = now + timedelta(seconds=settings.lookahead)
-    rows = await conn.fetch(_JOBS, _params(now, window, settings), _ROWS)
+    rows = await conn.fetch(_JOBS, _params(now, window, settings), named_rows(_JobRow))
     plannable = [row for row in rows if row.notify_at is not None]
     measured = _measured(rows, settings)
     capacity = capacity_of(settings, measured["request_seconds"])
@@ -177,7 +167,7 @@ async def plan_starts_of_tick(
     moves = _moves(plannable, plan.run_at)
     moved = 0
     if moves and not report.dry_run:
-        done = await conn.fetch(_MOVE, ([m[0] for m in moves], [m[1] for m in moves]), _id_rows)
+        done = await conn.fetch(_MOVE, ([m[0] for m in moves], [m[1] for m in moves]), dict_row)
         moved = len(done)
     late = sum(1 for d in demands if plan.finish[d.key] > d.notify_at)
     report.capacity = _summary(capacity, measured, len(demands), moved if not report.dry_run else len(moves), late)
@@ -195,10 +185,6 @@ def _params(now: datetime, window: datetime, settings: Settings) -> dict[str, An
         "since": now - timedelta(hours=1), "now": now, "until": window, "recent": RECENT_BRIEFS,
         "calls_key": CALLS_KEY, "max_calls": most, "source": "scheduler", "job_type": BRIEF_JOB,
     }
-
-
-def _id_rows(cursor: psycopg.AsyncCursor[Any]) -> RowMaker[int]:
-    return lambda values: int(values[0])
 
 
 def _measured(rows: Sequence[_JobRow], settings: Settings) -> dict[str, Any]:
