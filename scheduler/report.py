@@ -146,15 +146,19 @@ class TickReport:
 
 
     def _capacity_lines(self) -> list[str]:
-        plan = self.capacity
-        if plan is None:
-            return []
-        if "error" in plan:
-            return [f"  LLM capacity: planning the starts failed ({plan['error']}): briefs start the buffer ahead"]
-        lines = [f"  LLM capacity: {plan['briefs']} brief(s) in the window, {plan['started_earlier']} started "
-                 f"earlier, {plan['expected_late']} expected late"]
-        lines += [f"  ! {item['message']}" for item in plan.get("overloads", [])]
-        return lines
+        return [] if self.capacity is None else ["  " + line for line in capacity_lines(self.capacity)]
+
+
+def capacity_lines(plan: dict[str, Any], label: str = "LLM capacity") -> list[str]:
+    """A tick's capacity plan (``TickReport.capacity``, or its JSON from the tick log) as people read it: what
+    it planned, then a line per overload (each shown clipped, on one line)."""
+    if "error" in plan:
+        return [f"{label}: planning the starts failed ({one_line(str(plan['error']), 300)}): "
+                "briefs start the buffer ahead"]
+    lines = [f"{label}: {plan['briefs']:,} brief(s) in the window, {plan['started_earlier']:,} started earlier, "
+             f"{plan['expected_late']:,} expected late"]
+    lines += [f"  ! {one_line(str(item.get('message')), 400)}" for item in plan.get("overloads") or []]
+    return lines
 
 
 def _reason_kind(reason: str) -> str:

@@ -41,7 +41,7 @@ from briefs.progress import Progress
 from briefs.service import enqueue_all, llm_cost, llm_health, queue_brief, show_brief
 from briefs.settings import MAX_COUNT, Settings
 from briefs.terminal import one_line, printable
-from scheduler.report import last_capacity
+from scheduler.report import capacity_lines, last_capacity
 from scheduler.tick import run_tick
 from worker import queue
 
@@ -319,17 +319,12 @@ def _capacity_text(planned: dict[str, Any], settings: Settings) -> str:
             return "LLM capacity: no scheduler tick logged yet"
         why = "BRIEFS_CAPACITY_PLANNING is off" if not settings.capacity_planning else "off or no LLM configured"
         return f"LLM capacity (tick at {planned['tick_at']}): not planned ({why}): briefs start the buffer ahead"
-    if "error" in plan:
-        return (f"LLM capacity (tick at {planned['tick_at']}): planning the starts failed "
-                f"({one_line(str(plan['error']), 300)}): briefs start the buffer ahead")
-    rate = f"{plan['calls_per_minute']:,.0f} calls/min" if plan.get("calls_per_minute") else "no call limit"
-    measured = "measured" if plan.get("request_seconds_measured") else "expected"
-    lines = [
-        f"LLM capacity (tick at {planned['tick_at']}): {plan['briefs']:,} brief(s) in the window, "
-        f"{plan['started_earlier']:,} started earlier, {plan['expected_late']:,} expected late",
-        f"  planned at {rate}, {plan['concurrency']:,} in flight, {plan['request_seconds']} s a request ({measured})",
-    ]
-    lines += [f"  ! {one_line(str(item.get('message')), 400)}" for item in plan.get("overloads") or []]
+    lines = capacity_lines(plan, f"LLM capacity (tick at {planned['tick_at']})")
+    if "error" not in plan:
+        rate = f"{plan['calls_per_minute']:,.0f} calls/min" if plan.get("calls_per_minute") else "no call limit"
+        measured = "measured" if plan.get("request_seconds_measured") else "expected"
+        lines.insert(1, f"  planned at {rate}, {plan['concurrency']:,} in flight, {plan['request_seconds']} s a "
+                        f"request ({measured})")
     return "\n".join(lines)
 
 
