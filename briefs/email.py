@@ -490,7 +490,7 @@ async def _claim_send_record(db: Database, config: EmailConfig, request: EmailRe
             brief = await load_sections(conn, brief, config.limits)
         email = build_email(config, brief, now)
         await asyncio.get_running_loop().run_in_executor(
-            smtp_threads(), smtp_send, config.smtp, email.wire or email.message, config.sender.address, email.to)
+            smtp_threads(), smtp_send, config.smtp, email.wire, config.sender.address, email.to)
     except BaseException as exc:
         await _release(db, claimed)
         raise _classify(exc, config.smtp) from None
@@ -554,7 +554,7 @@ class Email:
     level: str  # how much was trimmed to fit
     to: str  # the one envelope recipient
     size: int  # bytes on the wire
-    wire: bytes = b""  # the message as sent (CRLF line ends); empty: serialise ``message`` when sending
+    wire: bytes  # the message as sent (CRLF line ends): serialised once, measured, checked and sent
 
     @property
     def html_bytes(self) -> int:
@@ -570,11 +570,6 @@ def wire_bytes(message: EmailMessage) -> bytes:
     out = io.BytesIO()
     BytesGenerator(out, policy=message.policy.clone(linesep="\r\n")).flatten(message)
     return out.getvalue()
-
-
-def wire_size(message: EmailMessage) -> int:
-    """Bytes of ``message`` as smtplib sends it (CRLF line ends)."""
-    return len(wire_bytes(message))
 
 
 class _Measured:
@@ -663,7 +658,7 @@ def build_email(config: EmailConfig, brief: LoadedBrief, now: datetime) -> Email
     measured = _Measured(headers)
     html, text, level = fit(view, [not s.quiet for s in shown], limits=config.limits, size=measured)
     message, wire = measured.message(html, text)
-    check_headers(message, address, wire)
+    check_headers(wire, address)
     return Email(message, html, text, level, address, len(wire), wire)
 
 
@@ -707,13 +702,9 @@ class _Headers:
         return msg
 
 
-def check_headers(message: EmailMessage, address: str, wire: bytes | None = None) -> None:
-    """Parse the serialised header block back (of ``wire``, the message's bytes, when given): only our headers,
-    and exactly one ``To`` address."""
-    if wire is None:
-        out = io.BytesIO()
-        BytesGenerator(out, policy=message.policy).flatten(message)
-        wire = out.getvalue()
+def check_headers(wire: bytes, address: str) -> None:
+    """Parse the header block of ``wire`` (a message's bytes) back: only our headers, and exactly one ``To``
+    address."""
     parsed = BytesHeaderParser(policy=email_policy.default).parsebytes(wire)
     names = {k.lower() for k in parsed}
     unexpected = names - {h.lower() for h in HEADERS}
