@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -20,6 +21,7 @@ import pytest
 
 from briefs.llm import LLMClient, ProjectBrief
 from briefs.settings import Settings
+from tests import fakellm
 from tests.fakellm import FakeLLM, Fault
 
 KEY = "test-key"
@@ -74,11 +76,11 @@ def test_ten_at_once_with_a_burst_of_two_refuses_exactly_eight(fake: FakeLLM) ->
 
 
 def test_a_refused_request_succeeds_after_waiting_its_retry_after(fake: FakeLLM) -> None:
-    fake.rate_limit(60, burst=1)
+    fake.rate_limit(30, burst=1)  # one every 2 s: the second request comes well before the next token
     assert post(fake).status_code == 200
     refused = post(fake)
     wait_ms = assert_refusal(refused)
-    assert refused.headers["Retry-After"] == "1"  # under a second, rounded up
+    assert refused.headers["Retry-After"] == str(math.ceil(wait_ms / 1000))  # whole seconds, rounded up
 
     time.sleep(wait_ms / 1000)
     answer = post(fake)
@@ -87,7 +89,11 @@ def test_a_refused_request_succeeds_after_waiting_its_retry_after(fake: FakeLLM)
     assert fake.refused == 1
 
 
-def test_the_default_burst_is_one_seconds_worth_and_at_least_one(fake: FakeLLM) -> None:
+def test_the_default_burst_is_one_seconds_worth_and_at_least_one(
+    fake: FakeLLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The fake's clock stands still, so nothing refills between the requests however slow the machine is.
+    monkeypatch.setattr(fakellm, "time", SimpleNamespace(monotonic=lambda: 1_000.0, time=time.time))
     fake.rate_limit(120)  # two per second: a burst of two
     assert [post(fake).status_code for _ in range(4)] == [200, 200, 429, 429]
     fake.rate_limit(6)  # a tenth per second: still one request may go

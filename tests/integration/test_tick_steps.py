@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from briefs.db import Database
+from briefs.db import Database, named_rows
 from briefs.settings import Settings
 from scheduler import tick as tick_mod
 from scheduler.report import TickReport
@@ -87,7 +87,7 @@ async def test_a_failing_check_of_a_pending_job_leaves_that_job_as_it_is(
 async def test_a_statement_whose_columns_drift_from_its_row_class_is_refused(database_url: str) -> None:
     async with await psycopg.AsyncConnection.connect(database_url) as conn:
         counted = tick_mod._Counted(conn)
-        factory = tick_mod._rows_of(tick_mod._PendingRow)
+        factory = named_rows(tick_mod._PendingRow)
         [row] = await counted.fetch(
             "SELECT 1 AS id, 2 AS user_id, 'brief:2:2026-03-10' AS dedup_key, NULL::timestamptz AS notify_at, "
             "true AS catch_up, false AS email",
