@@ -4,6 +4,7 @@ failures never kill it; stop() lets a tick finish."""
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -153,14 +154,20 @@ async def test_fire_times_missed_while_the_loop_was_busy_run_as_one_tick(
 async def test_a_tick_that_fires_late_still_runs(
     db: Database, database_url: str, fake_tick: FakeTick, job_events: list[JobEvent]
 ) -> None:
-    """The fire time 1.5 s after the start is seen over a second late: past APScheduler's default grace (1 s),
-    after which it would drop the run as missed. It runs."""
-    daemon = SchedulerDaemon(db, make_settings(database_url, scheduler_interval=1.5))
+    """The next fire time after the tick at start is seen over a second late: past APScheduler's default grace
+    (1 s), after which it would drop the run as missed. It runs. The loop is kept busy from now until 1.2 s
+    past that fire time, worked out from the first run's, so a slow tick at start cannot move it out."""
+    interval = 1.5
+    daemon = SchedulerDaemon(db, make_settings(database_url, scheduler_interval=interval))
     await daemon.start()
     try:
-        await wait_for_async(lambda: daemon.ticks, what="the tick at start")
+        [first] = await wait_for_async(
+            lambda: [e.scheduled_run_time for e in job_events if isinstance(e, JobExecutionEvent)][:1],
+            what="the tick at start")
         busy_from = datetime.now(UTC)
-        block_the_event_loop(2.6)
+        periods = math.floor((busy_from - first).total_seconds() / interval) + 1
+        next_fire = first + timedelta(seconds=periods * interval)
+        block_the_event_loop((next_fire - busy_from).total_seconds() + 1.2)
         busy_until = datetime.now(UTC)
         late = await wait_for_async(lambda: runs_between(job_events, busy_from, busy_until),
                                     what="the fire time of the busy spell to be handled")
